@@ -1,0 +1,160 @@
+"""A Hugging Face checkpoint folder: its config, its weight files, and its tensors by our names.
+
+Only safetensors are read. Pickle-based weights (``*.bin``, ``*.pt``) can run code when
+loaded and are refused, never opened; so is custom modeling code (``auto_map``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ConfigView, DecoderArgs
+from .errors import CheckpointError
+from .families import Family, family_for
+from .tensor_names import ROLES, role_of_path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters save that are recomputed, not learned.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    config: ConfigView
+    family: Family
+    weight_files: tuple[Path, ...]
+
+    @property
+    def args(self) -> DecoderArgs:
+        return self.family.args_from_config(self.config)
+
+    def hf_name(self, ours: str, expert: int | None = None) -> str:
+        """The Hugging Face name this family writes for one of our tensors."""
+        found = role_of_path(ours)
+        if found is None:
+            return ours
+        role, bid = found
+        names = self.family.hf_tensors.get(role, ours)
+        name = names if isinstance(names, str) else names[0]
+        return name.format(bid=bid, xid="N" if expert is None else expert)
+
+    def tensors(self) -> Iterator[tuple[str, mx.array, Path]]:
+        """(HF name, lazily loaded array, file) for every tensor in every weight file."""
+        for file in self.weight_files:
+            try:
+                arrays = mx.load(str(file))
+            except Exception as exc:  # MLX raises a bare RuntimeError/ValueError
+                raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+            for name, array in arrays.items():
+                yield name, array, file
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    raw = read_json(config_path)
+    if "auto_map" in raw:
+        raise CheckpointError(
+            f"{config_path}: declares auto_map {raw['auto_map']!r}, i.e. custom modeling code "
+            "inside the model folder; mlxmoe never runs code from a model folder"
+        )
+    config = ConfigView(raw, config_path)
+    family = family_for(raw.get("model_type"), str(config_path))
+    return Checkpoint(folder, config, family, _weight_files(folder))
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing key 'weight_map'")
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: lists {file.name}, which is not in {folder}")
+        return files
+    files = tuple(sorted(folder.glob("*.safetensors")))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); mlxmoe never unpickles "
+            "weights (loading a pickle can run arbitrary code). Convert them to safetensors."
+        )
+    raise CheckpointError(f"{folder}: no *.safetensors weight files")
+
+
+def read_weights(
+    ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: mx.Dtype
+) -> dict[str, mx.array]:
+    """Checkpoint tensors renamed to our module paths, experts stacked, shapes checked."""
+    found: dict[str, mx.array] = {}
+    experts: dict[str, dict[int, mx.array]] = defaultdict(dict)
+    tied = ckpt.args.tie_word_embeddings
+    for name, array, file in ckpt.tensors():
+        match = ckpt.family.match_hf(name)
+        if match is None:
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} for {ckpt.family.name}")
+        role, bid, xid = match
+        ours = ROLES[role].ours.format(bid=bid)
+        if role == "output" and tied:
+            continue  # some exporters store the tied head too
+        if ours not in expected:
+            raise CheckpointError(f"{file}: tensor {name!r} does not fit config.json ({ours})")
+        want = expected[ours][1:] if xid is not None else expected[ours]
+        if tuple(array.shape) != tuple(want):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
+                f"config.json implies {tuple(want)}"
+            )
+        if xid is not None:
+            if xid >= expected[ours][0]:
+                raise CheckpointError(f"{file}: tensor {name!r}: expert {xid} out of range")
+            experts[ours][xid] = array
+        else:
+            found[ours] = array
+    for ours, parts in experts.items():
+        missing = [x for x in range(expected[ours][0]) if x not in parts]
+        if missing:
+            raise CheckpointError(f"{ckpt.folder}: missing tensor {ckpt.hf_name(ours, missing[0])!r}")
+        found[ours] = mx.stack([parts[x] for x in range(len(parts))])
+    absent = [ours for ours in expected if ours not in found]
+    if absent:
+        names = ", ".join(repr(ckpt.hf_name(o)) for o in absent[:3])
+        more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+        raise CheckpointError(f"{ckpt.folder}: missing tensor {names}{more}")
+    # Routers stay float32: routing is the decision we must not perturb (see nn.moe.Router).
+    return {
+        k: v.astype(mx.float32 if role_is_router(k) else dtype) for k, v in found.items()
+    }
+
+
+def role_is_router(ours: str) -> bool:
+    found = role_of_path(ours)
+    return found is not None and found[0] == "ffn_gate_inp"

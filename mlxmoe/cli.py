@@ -1,0 +1,62 @@
+"""The ``mlxmoe`` command: parses options and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MlxMoeError
+
+console = Console()
+
+
+class Group(click.Group):
+    """Prints our own errors as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MlxMoeError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="mlxmoe")
+def main() -> None:
+    """Fine-tune Mixture-of-Experts LLMs in MLX; ship them to llama.cpp and Ollama."""
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--group-size", default=64, show_default=True, help="Quantization group size.")
+def info(model: str, group_size: int) -> None:
+    """Family, experts, parameters and weight memory of MODEL (folder, config.json or hub id)."""
+    from .info import model_info
+
+    i = model_info(model, group_size)
+    table = Table(title=f"{model}", show_header=False)
+    table.add_row("family", f"{i.family} (model_type {i.model_type})")
+    table.add_row("layers", f"{i.layers} ({i.moe_layers} mixture-of-experts)")
+    if i.experts:
+        shared = " + 1 shared" if i.shared_expert else ""
+        table.add_row("experts", f"{i.experts} routed{shared}, {i.experts_per_token} active per token")
+    table.add_row("parameters", f"{_params(i.total_params)} total, {_params(i.active_params)} active")
+    for bits, size in i.weight_bytes.items():
+        label = "16-bit (bf16)" if bits == 16 else f"{bits}-bit (group {group_size})"
+        table.add_row(f"weights at {label}", _bytes(size))
+    console.print(table)

@@ -1,0 +1,108 @@
+"""Reading ``config.json`` in both styles Hugging Face has written.
+
+Checkpoints on the hub use transformers-4 keys (``num_experts``, ``rope_theta``);
+``save_pretrained`` in transformers 5 writes ``num_local_experts`` and a
+``rope_parameters`` dict. Families ask for a value by its possible names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+_MISSING = object()
+
+
+class ConfigView:
+    def __init__(self, config: dict[str, Any], source: str | Path = "config.json"):
+        self.raw = config
+        self.source = str(source)
+
+    def get(self, *keys: str, default: Any = _MISSING) -> Any:
+        for key in keys:
+            if key in self.raw and self.raw[key] is not None:
+                return self.raw[key]
+        if default is _MISSING:
+            names = " or ".join(repr(k) for k in keys)
+            raise CheckpointError(f"{self.source}: missing key {names}")
+        return default
+
+    def rope(self) -> tuple[float, dict[str, Any] | None]:
+        """(theta, scaling config or None) from either style."""
+        params = self.raw.get("rope_parameters")
+        if isinstance(params, dict) and "rope_theta" in params:
+            kind = params.get("rope_type", params.get("type", "default"))
+            return float(params["rope_theta"]), (None if kind == "default" else dict(params))
+        scaling = self.raw.get("rope_scaling")
+        if isinstance(scaling, dict):
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            scaling = None if kind == "default" else scaling
+        return float(self.get("rope_theta", default=10000.0)), scaling
+
+
+@dataclass
+class DecoderArgs:
+    """What every decoder here shares; families add their feed-forward fields."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def base_fields(cls, cfg: ConfigView, *, qkv_bias_default: bool = False) -> dict[str, Any]:
+        hidden = int(cfg.get("hidden_size"))
+        heads = int(cfg.get("num_attention_heads"))
+        theta, scaling = cfg.rope()
+        return dict(
+            model_type=cfg.get("model_type"),
+            vocab_size=int(cfg.get("vocab_size")),
+            hidden_size=hidden,
+            num_layers=int(cfg.get("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads", default=heads)),
+            head_dim=int(cfg.get("head_dim", default=hidden // heads)),
+            intermediate_size=int(cfg.get("intermediate_size", default=0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", default=1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", default=4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", default=False)),
+            qkv_bias=bool(cfg.get("qkv_bias", "attention_bias", default=qkv_bias_default)),
+        )
+
+
+@dataclass
+class MoEArgs(DecoderArgs):
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]

@@ -1,0 +1,28 @@
+"""The model families mlxmoe knows, keyed by ``config.json``'s ``model_type``."""
+
+from __future__ import annotations
+
+from ..errors import CheckpointError
+from .base import Family
+from .llama import FAMILY as LLAMA
+from .mixtral import FAMILY as MIXTRAL
+from .qwen2_moe import FAMILY as QWEN2_MOE
+from .qwen3_moe import FAMILY as QWEN3_MOE
+
+FAMILIES: dict[str, Family] = {
+    model_type: family
+    for family in (LLAMA, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+    for model_type in family.model_types
+}
+
+
+def family_for(model_type: str | None, source: str = "config.json") -> Family:
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {supported})"
+        )
+    return FAMILIES[model_type]
+
+
+__all__ = ["FAMILIES", "Family", "family_for"]

@@ -1,0 +1,32 @@
+"""Mixtral: every layer sparse, top-2 of 8 renormalized, experts named w1 (gate), w3 (up), w2 (down)."""
+
+from __future__ import annotations
+
+from ..config import ConfigView, MoEArgs
+from ..tensor_names import HF_DECODER_TENSORS
+from .base import Family
+
+# transformers 5 renames block_sparse_moe to mlp in memory; read both.
+_MOE = ("model.layers.{bid}.block_sparse_moe", "model.layers.{bid}.mlp")
+
+HF_TENSORS = {
+    **HF_DECODER_TENSORS,
+    "ffn_gate_inp": tuple(f"{p}.gate.weight" for p in _MOE),
+    "ffn_gate_exps": tuple(f"{p}.experts.{{xid}}.w1.weight" for p in _MOE),
+    "ffn_up_exps": tuple(f"{p}.experts.{{xid}}.w3.weight" for p in _MOE),
+    "ffn_down_exps": tuple(f"{p}.experts.{{xid}}.w2.weight" for p in _MOE),
+}
+
+
+def args_from_config(cfg: ConfigView) -> MoEArgs:
+    base = MoEArgs.base_fields(cfg)
+    return MoEArgs(
+        **base,
+        num_experts=int(cfg.get("num_local_experts", "num_experts")),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok")),
+        moe_intermediate_size=base["intermediate_size"],
+        norm_topk_prob=True,
+    )
+
+
+FAMILY = Family("mixtral", ("mixtral",), "llama", HF_TENSORS, args_from_config)

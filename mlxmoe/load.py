@@ -1,0 +1,66 @@
+"""``mlxmoe.load``: a checkpoint folder or hub id -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .checkpoint import open_checkpoint, read_weights
+from .hub import resolve
+from .model import CausalLM
+from .quantize import Quantization, quantize_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU backend (its gather kernels are float32-only), bfloat16 on a GPU."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def load_model(
+    path_or_id: str | Path,
+    quantize: int | None = None,
+    group_size: int = 64,
+    dtype: mx.Dtype | None = None,
+    revision: str | None = None,
+) -> CausalLM:
+    folder = resolve(path_or_id, revision)
+    ckpt = open_checkpoint(folder)
+    model = ckpt.family.build(ckpt.args)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    weights = read_weights(ckpt, expected, dtype or default_dtype())
+    model.load_weights(list(weights.items()), strict=True)
+    if quantize:
+        quantize_model(model, quantize, group_size)
+    mx.eval(model.parameters())
+    model.source = ckpt.folder
+    model.quantization = Quantization(quantize, group_size) if quantize else None
+    return model
+
+
+def load_tokenizer(folder: str | Path) -> Any | None:
+    """mlx-lm's tokenizer wrapper (streaming detokenizer, chat template), or None if the
+    folder ships no tokenizer."""
+    folder = Path(folder)
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from mlx_lm.tokenizer_utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    return mlx_lm_load_tokenizer(folder)
+
+
+def load(
+    path_or_id: str | Path,
+    quantize: int | None = None,
+    group_size: int = 64,
+    dtype: mx.Dtype | None = None,
+    revision: str | None = None,
+) -> tuple[CausalLM, Any | None]:
+    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / Llama checkpoint, optionally quantized to
+    4 or 8 bits. Returns (model, tokenizer); the tokenizer is None if the folder has none."""
+    model = load_model(path_or_id, quantize, group_size, dtype, revision)
+    return model, load_tokenizer(model.source)

@@ -1,0 +1,84 @@
+"""The causal language model every family builds: embeddings, decoder layers, head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import DecoderArgs, MoEArgs
+from .nn import Attention, GatedMLP, SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention, then pre-norm feed-forward: dense ``mlp`` or sparse ``moe``."""
+
+    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE):
+        super().__init__()
+        self.input_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.attn = Attention(args)
+        self.post_attn_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if isinstance(ffn, SparseMoE):
+            self.moe = ffn
+        else:
+            self.mlp = ffn
+
+    @property
+    def is_moe(self) -> bool:
+        return "moe" in self
+
+    def __call__(self, x: mx.array, mask: Any = "causal") -> tuple[mx.array, mx.array | None]:
+        h = x + self.attn(self.input_norm(x), mask)
+        if self.is_moe:
+            out, router_logits = self.moe(self.post_attn_norm(h))
+            return h + out, router_logits
+        return h + self.mlp(self.post_attn_norm(h)), None
+
+
+class CausalLM(nn.Module):
+    def __init__(self, args: DecoderArgs, layers: list[DecoderLayer], family: str):
+        super().__init__()
+        self.args = args
+        self.family = family
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = layers
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.is_moe]
+
+    def hidden_states(self, tokens: mx.array) -> tuple[mx.array, list[mx.array]]:
+        """Final-norm hidden states [B, L, D] and the router logits of each MoE layer."""
+        x = self.embed_tokens(tokens)
+        router_logits = []
+        for layer in self.layers:
+            x, logits = layer(x)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.norm(x), router_logits
+
+    def project(self, h: mx.array) -> mx.array:
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.embed_tokens.as_linear(h)
+
+    def __call__(self, tokens: mx.array, return_router_logits: bool = False):
+        """tokens [B, L] int -> logits [B, L, vocab] (and router logits [B, L, E] per MoE layer)."""
+        h, router_logits = self.hidden_states(tokens)
+        logits = self.project(h)
+        return (logits, router_logits) if return_router_logits else logits
+
+
+def build_decoder(args: DecoderArgs, family: str) -> CausalLM:
+    """Dense layers, or sparse ones wherever the MoE config places them."""
+
+    def ffn(layer: int) -> GatedMLP | SparseMoE:
+        if isinstance(args, MoEArgs) and args.is_moe_layer(layer):
+            return SparseMoE(args)
+        return GatedMLP(args.hidden_size, args.intermediate_size)
+
+    return CausalLM(args, [DecoderLayer(args, ffn(i)) for i in range(args.num_layers)], family)

@@ -1,0 +1,42 @@
+"""Grouped-query attention with rotary embeddings (Hugging Face's rotate-half layout)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..config import DecoderArgs
+
+
+class Attention(nn.Module):
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        d, hd = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(d, args.num_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * hd, d, bias=False)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            hd, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings
+        )
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal") -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.transpose(0, 2, 1, 3))
+        k = self.rope(k.transpose(0, 2, 1, 3))
+        v = v.transpose(0, 2, 1, 3)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

@@ -1,0 +1,158 @@
+"""Sparse mixture-of-experts: a float32 router and stacked experts run by MLX's gather kernels.
+
+Expert weights are stacked [n_experts, out, in]. Tokens are dispatched with ``gather_mm``
+(``gather_qmm`` once quantized) in mlx-lm's SwitchGLU layout: activations [T, 1, 1, D]
+with indices [T, k], or flattened and sorted by expert. The tempting [T, 1, D] with
+[T, 1] indices broadcasts to a [T, T, 1, D] result on the CPU backend (256x the work
+at 256 tokens): never hand these kernels that shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import MoEArgs
+from .mlp import GatedMLP
+
+# Below this many (token, expert) pairs sorting costs more than it saves.
+SORT_THRESHOLD = 64
+
+
+class Router(nn.Module):
+    """Top-k softmax routing, computed in float32 whatever the model's dtype.
+
+    Half-precision routing flips near-tied expert choices; seed 001 lists it among
+    the causes of diverging MoE fine-tunes.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, hidden_size), dtype=mx.float32)
+        self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Returns (router logits [..., E] float32, expert indices [..., k], weights [..., k])."""
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        probs = mx.softmax(logits, axis=-1, precise=True)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        if self.normalize_top_k:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return logits, indices, weights
+
+
+class ExpertLinear(nn.Module):
+    """A bias-free linear layer per expert; ``weight`` is [n_experts, out, in]."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        bound = math.sqrt(1.0 / input_dims)
+        self.weight = mx.random.uniform(-bound, bound, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(
+            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    """Affine-quantized expert weights, run with ``gather_qmm``."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, self.biases = mx.quantize(weight, group_size, bits, mode=mode)
+        self.freeze()
+
+    @classmethod
+    def from_float(cls, layer: ExpertLinear, group_size: int, bits: int, mode: str = "affine"):
+        return cls(layer.weight, group_size, bits, mode)
+
+    def dequantized_weight(self) -> mx.array:
+        return mx.dequantize(
+            self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode
+        )
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+def sort_by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """[..., 1, 1, D] and [..., k] -> rows [N, 1, D] in expert order, their experts [N], and
+    the permutation that restores token order."""
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    return x.flatten(0, -3)[order // k], flat[order], mx.argsort(order)
+
+
+class SwitchExperts(nn.Module):
+    """SwiGLU experts: ``down(silu(gate(x)) * up(x))`` for each token's k chosen experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [..., D], indices [..., k] -> each chosen expert's output [..., k, D]."""
+        rows, experts, restore, do_sort = self.dispatch(x, indices)
+        h = nn.silu(self.gate_proj(rows, experts, do_sort)) * self.up_proj(rows, experts, do_sort)
+        y = self.down_proj(h, experts, do_sort)
+        return self.combine(y, indices, restore)
+
+    @staticmethod
+    def dispatch(x: mx.array, indices: mx.array):
+        x = mx.expand_dims(x, (-2, -3))
+        if indices.size >= SORT_THRESHOLD:
+            rows, experts, restore = sort_by_expert(x, indices)
+            return rows, experts, restore, True
+        return x, indices, None, False
+
+    @staticmethod
+    def combine(y: mx.array, indices: mx.array, restore: mx.array | None) -> mx.array:
+        if restore is not None:
+            y = mx.unflatten(y[restore], 0, indices.shape)
+        return y.squeeze(-2)
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts (+ Qwen2-MoE's shared expert behind a sigmoid gate)."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        d = args.hidden_size
+        self.router = Router(d, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)
+        self.experts = SwitchExperts(d, args.moe_intermediate_size, args.num_experts)
+        if args.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Returns (output, router logits [..., n_experts] in float32)."""
+        logits, indices, weights = self.router(x)
+        y = self.experts(x, indices)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y, logits

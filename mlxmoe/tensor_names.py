@@ -1,0 +1,100 @@
+"""The one table of tensor names.
+
+Every weight has a *role* (llama.cpp's name for it, e.g. ``attn_q``). A role maps to
+our module path (what ``model.parameters()`` calls it) and to its GGUF name. Each
+family module maps its Hugging Face names onto the same roles, so loading and
+exporting read one declaration. ``{bid}`` is the block (layer) index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Role:
+    ours: str
+    gguf: str
+    per_expert: bool = False  # HF stores one tensor per expert; we stack them
+
+
+ROLES: dict[str, Role] = {
+    "token_embd": Role("embed_tokens.weight", "token_embd.weight"),
+    "output_norm": Role("norm.weight", "output_norm.weight"),
+    "output": Role("lm_head.weight", "output.weight"),
+    "attn_norm": Role("layers.{bid}.input_norm.weight", "blk.{bid}.attn_norm.weight"),
+    "attn_q": Role("layers.{bid}.attn.q_proj.weight", "blk.{bid}.attn_q.weight"),
+    "attn_k": Role("layers.{bid}.attn.k_proj.weight", "blk.{bid}.attn_k.weight"),
+    "attn_v": Role("layers.{bid}.attn.v_proj.weight", "blk.{bid}.attn_v.weight"),
+    "attn_q.bias": Role("layers.{bid}.attn.q_proj.bias", "blk.{bid}.attn_q.bias"),
+    "attn_k.bias": Role("layers.{bid}.attn.k_proj.bias", "blk.{bid}.attn_k.bias"),
+    "attn_v.bias": Role("layers.{bid}.attn.v_proj.bias", "blk.{bid}.attn_v.bias"),
+    "attn_output": Role("layers.{bid}.attn.o_proj.weight", "blk.{bid}.attn_output.weight"),
+    "attn_q_norm": Role("layers.{bid}.attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
+    "attn_k_norm": Role("layers.{bid}.attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
+    "ffn_norm": Role("layers.{bid}.post_attn_norm.weight", "blk.{bid}.ffn_norm.weight"),
+    # dense feed-forward
+    "ffn_gate": Role("layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
+    "ffn_up": Role("layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight"),
+    "ffn_down": Role("layers.{bid}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+    # mixture of experts
+    "ffn_gate_inp": Role("layers.{bid}.moe.router.weight", "blk.{bid}.ffn_gate_inp.weight"),
+    "ffn_gate_exps": Role(
+        "layers.{bid}.moe.experts.gate_proj.weight", "blk.{bid}.ffn_gate_exps.weight", True
+    ),
+    "ffn_up_exps": Role(
+        "layers.{bid}.moe.experts.up_proj.weight", "blk.{bid}.ffn_up_exps.weight", True
+    ),
+    "ffn_down_exps": Role(
+        "layers.{bid}.moe.experts.down_proj.weight", "blk.{bid}.ffn_down_exps.weight", True
+    ),
+    "ffn_gate_shexp": Role(
+        "layers.{bid}.moe.shared_expert.gate_proj.weight", "blk.{bid}.ffn_gate_shexp.weight"
+    ),
+    "ffn_up_shexp": Role(
+        "layers.{bid}.moe.shared_expert.up_proj.weight", "blk.{bid}.ffn_up_shexp.weight"
+    ),
+    "ffn_down_shexp": Role(
+        "layers.{bid}.moe.shared_expert.down_proj.weight", "blk.{bid}.ffn_down_shexp.weight"
+    ),
+    "ffn_gate_inp_shexp": Role(
+        "layers.{bid}.moe.shared_expert_gate.weight", "blk.{bid}.ffn_gate_inp_shexp.weight"
+    ),
+}
+
+# Never quantized: routing decisions are sensitive to small errors, and these are tiny.
+UNQUANTIZED_ROLES = frozenset(
+    {"ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm", "output_norm",
+     "attn_q_norm", "attn_k_norm"}
+)
+
+# The decoder tensors every family here names the same way on the Hugging Face side.
+HF_DECODER_TENSORS: dict[str, str] = {
+    "token_embd": "model.embed_tokens.weight",
+    "output_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+    "attn_norm": "model.layers.{bid}.input_layernorm.weight",
+    "attn_q": "model.layers.{bid}.self_attn.q_proj.weight",
+    "attn_k": "model.layers.{bid}.self_attn.k_proj.weight",
+    "attn_v": "model.layers.{bid}.self_attn.v_proj.weight",
+    "attn_output": "model.layers.{bid}.self_attn.o_proj.weight",
+    "ffn_norm": "model.layers.{bid}.post_attention_layernorm.weight",
+}
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """``model.layers.{bid}.x.{xid}.w`` -> a regex with named integer groups."""
+    escaped = re.escape(pattern)
+    escaped = escaped.replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+    return re.compile(escaped + "$")
+
+
+def role_of_path(path: str) -> tuple[str, int | None] | None:
+    """Our module path -> (role, block index); None for a path no role names."""
+    for role, spec in ROLES.items():
+        m = compile_pattern(spec.ours).match(path)
+        if m:
+            bid = m.groupdict().get("bid")
+            return role, (int(bid) if bid is not None else None)
+    return None
