@@ -61,7 +61,8 @@ class DecoderArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
+    clip_qkv: float | None = None  # OLMoE clamps q, k and v to +-clip_qkv
 
     @classmethod
     def base_fields(cls, cfg: ConfigView, *, qkv_bias_default: bool = False) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def load_tokenizer(folder: str | Path) -> Any | None:
     folder = Path(folder)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         return None
-    from mlx_lm.tokenizer_utils import load_tokenizer as mlx_lm_load_tokenizer
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
 
     return mlx_lm_load_tokenizer(folder)
 

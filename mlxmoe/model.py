@@ -44,6 +44,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.grad_checkpoint = False  # recompute each layer's activations in the backward pass
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -56,7 +57,7 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(tokens)
         router_logits = []
         for layer in self.layers:
-            x, logits = layer(x)
+            x, logits = _checkpointed(layer, x) if self.grad_checkpoint else layer(x)
             if logits is not None:
                 router_logits.append(logits)
         return self.norm(x), router_logits
@@ -82,3 +83,15 @@ def build_decoder(args: DecoderArgs, family: str) -> CausalLM:
         return GatedMLP(args.hidden_size, args.intermediate_size)
 
     return CausalLM(args, [DecoderLayer(args, ffn(i)) for i in range(args.num_layers)], family)
+
+
+def _checkpointed(layer: DecoderLayer, x: mx.array) -> tuple[mx.array, mx.array | None]:
+    """Run a layer under ``mx.checkpoint``: its activations are recomputed, not stored."""
+
+    def run(params, x):
+        layer.update(params)
+        out, logits = layer(x)
+        return [out] if logits is None else [out, logits]
+
+    outs = mx.checkpoint(run)(layer.trainable_parameters(), x)
+    return outs[0], (outs[1] if len(outs) > 1 else None)

@@ -21,10 +21,12 @@ CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 @pytest.mark.parametrize(
     "config, total_b, active_b",
     [
-        # Published sizes: Mixtral 46.7B/12.9B, Qwen1.5-MoE 14.3B/2.7B, Qwen3 30.5B/3.3B.
+        # Published sizes: Mixtral 46.7B/12.9B, Qwen1.5-MoE 14.3B/2.7B, Qwen3 30.5B/3.3B,
+        # OLMoE 6.9B/1.3B.
         ("mixtral-8x7b.json", 46.7, 12.9),
         ("qwen1.5-moe-a2.7b.json", 14.3, 2.7),
         ("qwen3-30b-a3b.json", 30.5, 3.3),
+        ("olmoe-1b-7b.json", 6.9, 1.3),
     ],
 )
 def test_parameter_counts_match_the_published_sizes(config, total_b, active_b):

@@ -20,6 +20,12 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         "MixtralForCausalLM",
         dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
     ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
+             clip_qkv=0.5),
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
@@ -58,7 +64,8 @@ COMMON = dict(
 )
 
 # What transformers 5 writes -> what hub checkpoints (transformers 4) carry.
-T4_RENAMES = {"qwen2_moe": {"num_local_experts": "num_experts"},
+T4_RENAMES = {"olmoe": {"num_local_experts": "num_experts"},
+              "qwen2_moe": {"num_local_experts": "num_experts"},
               "qwen3_moe": {"num_local_experts": "num_experts"}}
 
 
@@ -106,3 +113,64 @@ def hf_forward(model: torch.nn.Module, tokens: np.ndarray) -> tuple[np.ndarray, 
     routers = [r.reshape(batch, length, -1).float().numpy() for r in (out.router_logits or [])] \
         if is_moe else []
     return out.logits.float().numpy(), routers
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "How do I reverse a list in Python? Use reversed(items) or items[::-1].",
+    "def add(a, b):\n    return a + b\n",
+    "Mixture-of-experts models route each token to a few experts.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+]
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 320):
+    """A small byte-level BPE trained here, with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, chat_template=CHATML,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_trainable_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random model with a real (small) tokenizer: what `mlxmoe train` needs."""
+    tokenizer = make_tokenizer(folder)
+    model = make_hf_model(family, seed=seed, vocab_size=len(tokenizer), **overrides)
+    save(model, folder)
+    return folder
+
+
+def write_qa_data(folder: Path, n_train: int = 48, n_valid: int = 8) -> Path:
+    """prompt/completion pairs with a pattern a tiny model can learn in a few steps."""
+    import random
+
+    rng = random.Random(0)
+    words = ["red", "green", "blue", "cat", "dog", "fox", "list", "tuple", "dict", "set"]
+
+    def sample() -> dict[str, str]:
+        word = rng.choice(words)
+        return {"prompt": f"Repeat the word {word}.", "completion": f"{word} {word} {word}"}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.jsonl", n_train), ("valid.jsonl", n_valid)):
+        (folder / name).write_text("".join(json.dumps(sample()) + "\n" for _ in range(n)))
+    return folder

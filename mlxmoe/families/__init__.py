@@ -6,12 +6,13 @@ from ..errors import CheckpointError
 from .base import Family
 from .llama import FAMILY as LLAMA
 from .mixtral import FAMILY as MIXTRAL
+from .olmoe import FAMILY as OLMOE
 from .qwen2_moe import FAMILY as QWEN2_MOE
 from .qwen3_moe import FAMILY as QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (LLAMA, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+    for family in (LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
     for model_type in family.model_types
 }
 

@@ -32,7 +32,7 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
         decoder_sparse_step=int(cfg.get("decoder_sparse_step", default=1)),
         mlp_only_layers=list(cfg.get("mlp_only_layers", default=[])),
     )
-    return replace(args, qk_norm=True)
+    return replace(args, qk_norm="head")
 
 
 FAMILY = Family("qwen3_moe", ("qwen3_moe",), "qwen3moe", HF_TENSORS, args_from_config)

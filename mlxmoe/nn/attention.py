@@ -21,19 +21,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * hd, d, bias=False)
-        if args.qk_norm:
+        self.qk_norm, self.clip_qkv = args.qk_norm, args.clip_qkv
+        if args.qk_norm == "head":
             self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        elif args.qk_norm == "full":
+            self.q_norm = nn.RMSNorm(args.num_heads * hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(args.num_kv_heads * hd, eps=args.rms_norm_eps)
         self.rope = initialize_rope(
             hd, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings
         )
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal") -> mx.array:
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        if "q_norm" in self:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (mx.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q = self.rope(q.transpose(0, 2, 1, 3))
         k = self.rope(k.transpose(0, 2, 1, 3))

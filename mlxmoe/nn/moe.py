@@ -25,7 +25,9 @@ class Router(nn.Module):
     """Top-k softmax routing, computed in float32 whatever the model's dtype.
 
     Half-precision routing flips near-tied expert choices; seed 001 lists it among
-    the causes of diverging MoE fine-tunes.
+    the causes of diverging MoE fine-tunes. ``temperature`` divides the logits;
+    ``jitter`` multiplies the router's input by uniform noise in [1 - j, 1 + j] while
+    training (Switch Transformer's router jitter, applied to the router input only).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool):
@@ -33,10 +35,20 @@ class Router(nn.Module):
         self.weight = mx.zeros((num_experts, hidden_size), dtype=mx.float32)
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
+        self.temperature = 1.0
+        self.jitter = 0.0
+
+    def raw_logits(self, x: mx.array) -> mx.array:
+        return x.astype(mx.float32) @ self.weight.astype(mx.float32).T
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Returns (router logits [..., E] float32, expert indices [..., k], weights [..., k])."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        x = x.astype(mx.float32)
+        if self.training and self.jitter > 0:
+            x = x * mx.random.uniform(1.0 - self.jitter, 1.0 + self.jitter, x.shape)
+        logits = self.raw_logits(x)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         probs = mx.softmax(logits, axis=-1, precise=True)
         k = self.top_k
         indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])

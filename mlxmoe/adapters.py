@@ -1,0 +1,119 @@
+"""Adapter files: ``adapters.safetensors`` (the trained tensors, by our module paths) and
+``adapter_config.json`` (what they were trained on and how to re-attach them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .adapt import AdapterSpec, apply_adapters
+from .atomic import atomic_file, write_text_atomic
+from .checkpoint import open_checkpoint
+from .errors import MlxMoeError
+from .model import CausalLM
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "mlxmoe-lora"
+_SAMPLES_PER_FILE = 64
+_SAMPLE_BYTES = 4096
+
+
+class AdapterError(MlxMoeError):
+    pass
+
+
+def weights_fingerprint(model_folder: str | Path) -> str:
+    """A cheap content hash of a checkpoint's weights: each file's safetensors header (names,
+    shapes, dtypes) plus 64 evenly spaced 4 KiB samples of its data. Two fine-tunes of one
+    architecture share headers, so the samples are what tells them apart."""
+    ckpt = open_checkpoint(model_folder)
+    digest = hashlib.sha256()
+    for file in ckpt.weight_files:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            data_start = 8 + header_len
+            span = max(size - data_start - _SAMPLE_BYTES, 0)
+            for i in range(_SAMPLES_PER_FILE):
+                f.seek(data_start + span * i // max(_SAMPLES_PER_FILE - 1, 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def adapter_tensors(model: CausalLM) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config(model: CausalLM, spec: AdapterSpec, adapted: list[str], base: str) -> dict[str, Any]:
+    quant = model.quantization
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "base_model": base,
+        "base_fingerprint": weights_fingerprint(model.source),
+        "family": model.family,
+        "strategy": spec.strategy,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "router_mode": spec.router_mode,
+        "targets": adapted,
+        "quantization": dataclasses.asdict(quant) if quant else None,
+        "lora": dataclasses.asdict(spec),
+    }
+
+
+def save_adapters(model: CausalLM, folder: str | Path, config: dict[str, Any]) -> None:
+    folder = Path(folder)
+    with atomic_file(folder / ADAPTER_FILE) as tmp:
+        mx.save_safetensors(str(tmp), adapter_tensors(model), metadata={"format": FORMAT})
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterError(f"{folder}: no {ADAPTER_CONFIG} (is this an mlxmoe adapter folder?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if config.get("format") != FORMAT:
+        raise AdapterError(f"{path}: not an mlxmoe adapter (format {config.get('format')!r})")
+    return config
+
+
+def load_adapters(model: CausalLM, folder: str | Path, check_base: bool = True) -> dict[str, Any]:
+    """Attach the adapters saved in ``folder`` to ``model`` (as trained). Refuses an adapter
+    trained on other base weights unless ``check_base`` is False."""
+    config = read_adapter_config(folder)
+    if config["family"] != model.family:
+        raise AdapterError(f"{folder}: adapter is for {config['family']}, model is {model.family}")
+    if check_base and config["base_fingerprint"] != weights_fingerprint(model.source):
+        raise AdapterError(
+            f"{folder}: adapter was trained on different base weights than {model.source} "
+            f"(fingerprint {config['base_fingerprint']} vs {weights_fingerprint(model.source)}); "
+            "use the base it was trained on, or force"
+        )
+    spec = AdapterSpec(**config["lora"])
+    apply_adapters(model, spec)
+    weights = mx.load(str(Path(folder) / ADAPTER_FILE))
+    expected = adapter_tensors(model)
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise AdapterError(f"{folder}/{ADAPTER_FILE}: tensor {unknown[0]!r} fits no adapter")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise AdapterError(
+                f"{folder}/{ADAPTER_FILE}: tensor {name!r} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+    return config

