@@ -19,6 +19,12 @@ from .errors import CheckpointError
 from .families import Family, family_for
 from .tensor_names import ROLES, role_of_path
 
+# Files that make up a tokenizer (and its chat template), copied along with weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "generation_config.json",
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters save that are recomputed, not learned.

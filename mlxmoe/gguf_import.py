@@ -17,8 +17,8 @@ import numpy as np
 from .atomic import atomic_dir
 from .errors import CheckpointError
 from .families.llama import FAMILY as LLAMA
+from .safetensors_io import TensorOut, fresh_output, write_safetensors
 from .tensor_names import ROLES, compile_pattern
-from .upcycle import TensorOut, fresh_output, write_safetensors
 
 GGML_CONTROL, GGML_USER_DEFINED = 3, 4  # llama.cpp's token types
 
@@ -158,7 +158,14 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def hf_tokenizer(meta: Metadata, config: dict) -> tuple[Any, dict]:
     """A byte-level BPE ``tokenizers.Tokenizer`` and its tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":

@@ -13,8 +13,6 @@ from .hub import resolve
 from .model import CausalLM
 from .quantize import Quantization, quantize_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
 
 def default_dtype() -> mx.Dtype:
     """float32 on the CPU backend (its gather kernels are float32-only), bfloat16 on a GPU."""
@@ -46,7 +44,7 @@ def load_tokenizer(folder: str | Path) -> Any | None:
     """mlx-lm's tokenizer wrapper (streaming detokenizer, chat template), or None if the
     folder ships no tokenizer."""
     folder = Path(folder)
-    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         return None
     from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
 

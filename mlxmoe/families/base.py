@@ -6,8 +6,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
-from ..config import ConfigView, DecoderArgs
+from ..config import ConfigView, DecoderArgs, MoEArgs
+from ..errors import MlxMoeError
 from ..model import CausalLM, build_decoder
 from ..tensor_names import compile_pattern
 
@@ -20,6 +22,10 @@ class Family:
     # role -> Hugging Face name pattern(s); the first is what we write, all are read.
     hf_tensors: dict[str, str | tuple[str, ...]]
     args_from_config: Callable[[ConfigView], DecoderArgs]
+    # Writes the llama.cpp hyper-parameters only this family has (after the common ones),
+    # and refuses a config llama.cpp's graph for gguf_arch cannot compute.
+    gguf_hparams: Callable[[DecoderArgs, Any], None]
+    permute_qk: bool = False  # llama.cpp's "llama" arch stores q/k rows interleaved per head
 
     def build(self, args: DecoderArgs) -> CausalLM:
         return build_decoder(args, self.name)
@@ -40,3 +46,17 @@ class Family:
                 groups = {k: int(v) for k, v in m.groupdict().items() if v is not None}
                 return role, groups.get("bid"), groups.get("xid")
         return None
+
+
+def require_llama_cpp_routing(args: MoEArgs, arch: str, normalized: bool) -> None:
+    """llama.cpp hard-codes each arch's routing; refuse configs it would compute differently."""
+    if len(args.moe_layers) != args.num_layers:
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's {arch} has no dense layers inside the MoE "
+            f"(this config's dense layers: {sorted(set(range(args.num_layers)) - set(args.moe_layers))})"
+        )
+    if args.norm_topk_prob != normalized:
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's {arch} {'renormalizes' if normalized else 'does not renormalize'} "
+            f"the top-k routing weights, this config has norm_topk_prob={args.norm_topk_prob}"
+        )

@@ -22,4 +22,10 @@ def args_from_config(cfg: ConfigView) -> DecoderArgs:
     return DecoderArgs(**DecoderArgs.base_fields(cfg))
 
 
-FAMILY = Family("llama", ("llama",), "llama", HF_TENSORS, args_from_config)
+def gguf_hparams(args: DecoderArgs, writer) -> None:
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_rope_dimension_count(args.head_dim)
+
+
+FAMILY = Family("llama", ("llama",), "llama", HF_TENSORS, args_from_config, gguf_hparams,
+                permute_qk=True)

@@ -6,6 +6,9 @@ from ..config import ConfigView, MoEArgs
 from ..tensor_names import HF_DECODER_TENSORS
 from .base import Family
 
+# llama.cpp runs Mixtral as its "llama" arch, renormalizing the top-k weights as Mixtral does.
+from .llama import gguf_hparams
+
 # transformers 5 renames block_sparse_moe to mlp in memory; read both.
 _MOE = ("model.layers.{bid}.block_sparse_moe", "model.layers.{bid}.mlp")
 
@@ -29,4 +32,5 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
 
 
-FAMILY = Family("mixtral", ("mixtral",), "llama", HF_TENSORS, args_from_config)
+FAMILY = Family("mixtral", ("mixtral",), "llama", HF_TENSORS, args_from_config, gguf_hparams,
+                permute_qk=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..config import ConfigView, MoEArgs
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MlxMoeError
 from ..tensor_names import HF_DECODER_TENSORS
-from .base import Family
+from .base import Family, require_llama_cpp_routing
 from .qwen2_moe import HF_FFN_TENSORS
 
 _L = "model.layers.{bid}"
@@ -35,4 +35,11 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     return replace(args, qk_norm="full", clip_qkv=None if clip is None else float(clip))
 
 
-FAMILY = Family("olmoe", ("olmoe",), "olmoe", HF_TENSORS, args_from_config)
+def gguf_hparams(args: MoEArgs, writer) -> None:
+    # llama.cpp's olmoe graph: top-k weights not renormalized, no q/k/v clamping.
+    require_llama_cpp_routing(args, "olmoe", normalized=False)
+    if args.clip_qkv is not None:
+        raise MlxMoeError("olmoe with clip_qkv cannot be exported: llama.cpp's olmoe graph does not clamp")
+
+
+FAMILY = Family("olmoe", ("olmoe",), "olmoe", HF_TENSORS, args_from_config, gguf_hparams)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import ConfigView, MoEArgs
 from ..tensor_names import HF_DECODER_TENSORS
-from .base import Family
+from .base import Family, require_llama_cpp_routing
 
 _L = "model.layers.{bid}"
 
@@ -46,4 +46,13 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
 
 
-FAMILY = Family("qwen2_moe", ("qwen2_moe",), "qwen2moe", HF_TENSORS, args_from_config)
+def gguf_hparams(args: MoEArgs, writer) -> None:
+    # llama.cpp's qwen2moe graph: every layer sparse, top-k weights not renormalized.
+    require_llama_cpp_routing(args, "qwen2moe", normalized=False)
+    writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+    writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
+
+
+FAMILY = Family(
+    "qwen2_moe", ("qwen2_moe",), "qwen2moe", HF_TENSORS, args_from_config, gguf_hparams
+)

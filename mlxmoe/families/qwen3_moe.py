@@ -7,7 +7,7 @@ from dataclasses import replace
 from ..config import ConfigView, MoEArgs
 from ..errors import CheckpointError
 from ..tensor_names import HF_DECODER_TENSORS
-from .base import Family
+from .base import Family, require_llama_cpp_routing
 from .qwen2_moe import HF_FFN_TENSORS
 
 _L = "model.layers.{bid}"
@@ -35,4 +35,12 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     return replace(args, qk_norm="head")
 
 
-FAMILY = Family("qwen3_moe", ("qwen3_moe",), "qwen3moe", HF_TENSORS, args_from_config)
+def gguf_hparams(args: MoEArgs, writer) -> None:
+    # llama.cpp's qwen3moe graph: every layer sparse, top-k weights renormalized.
+    require_llama_cpp_routing(args, "qwen3moe", normalized=True)
+    writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+
+
+FAMILY = Family(
+    "qwen3_moe", ("qwen3_moe",), "qwen3moe", HF_TENSORS, args_from_config, gguf_hparams
+)

@@ -16,7 +16,13 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from ..data import Batch
-from ..losses import cross_entropy, expert_counts, load_balancing_loss, router_entropy, router_z_loss
+from ..losses import (
+    cross_entropy,
+    expert_counts,
+    load_balancing_loss,
+    router_entropy,
+    router_z_loss,
+)
 from ..model import CausalLM
 from ..recipe import LossConfig
 

@@ -1,0 +1,78 @@
+"""Adapter-only GGUF: the LoRA tensors llama.cpp applies on top of a base GGUF at load time
+(``llama-cli -m base.gguf --lora adapter.gguf``, Ollama's ``ADAPTER``).
+
+Layout as llama.cpp's convert_lora_to_gguf.py writes it: ``general.type = adapter``,
+``adapter.type = lora``, ``adapter.lora.alpha``, and for each adapted weight ``W`` the pair
+``W.lora_a`` [r, in] and ``W.lora_b`` [out, r] (stacked experts: [E, r, in], [E, out, r]);
+llama.cpp scales each pair by alpha / r, r read from the tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..atomic import atomic_file
+from ..merge import MergedWeights
+from ..tensor_names import ROLES
+from .export import ExportError, ExportReport, TensorPlan, permute_qk, validate
+
+
+def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:
+    adapter = weights.adapter
+    args = weights.args
+    alpha = float(adapter.config["alpha"])
+    out: list[tuple[str, np.ndarray]] = []
+    for module, (a, b) in adapter.pairs.items():
+        ours = f"{module}.weight"
+        role, bid = weights.role(ours)
+        name = ROLES[role].gguf.format(bid=bid)
+        if weights.family.permute_qk and role in ("attn_q", "attn_k"):
+            # delta = B A: permuting the delta's rows is permuting B's rows
+            b = permute_qk(b, args.num_heads if role == "attn_q" else args.num_kv_heads)
+        # our scale is alpha / our rank, llama.cpp's alpha / (rows of A): the same rank
+        out.append((f"{name}.lora_a", a))
+        out.append((f"{name}.lora_b", b))
+    for ours, trained in adapter.replacements.items():
+        # A router trained in full is the exact rank-E update: B = I, A = delta * E / alpha.
+        role, bid = weights.role(ours)
+        name = ROLES[role].gguf.format(bid=bid)
+        delta = trained - weights.base(ours)
+        rank = delta.shape[0]
+        out.append((f"{name}.lora_a", delta * (rank / alpha)))
+        out.append((f"{name}.lora_b", np.eye(rank, dtype=np.float32)))
+    return out
+
+
+def export_adapter_gguf(model: str | Path, adapter: str | Path, out: str | Path,
+                        force: bool = False) -> ExportReport:
+    started = time.perf_counter()
+    weights = MergedWeights(model, adapter, force)
+    tensors = adapter_tensors(weights)
+    if not tensors:
+        raise ExportError(f"{adapter}: the adapter holds no trained tensors")
+    writer = gguf.GGUFWriter(None, weights.family.gguf_arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(weights.adapter.config["alpha"]))
+    writer.add_name(f"{weights.ckpt.folder.name} LoRA")
+    plans = []
+    for name, data in tensors:
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+        plans.append(TensorPlan(name, name, data.shape, gguf.GGMLQuantizationType.F32))
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data in tensors:
+            writer.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
+        writer.close()
+        validate(tmp, plans)
+    return ExportReport(out, "lora-f32", out.stat().st_size, time.perf_counter() - started,
+                        len(plans), Counter({"F32": len(plans)}))

@@ -1,0 +1,200 @@
+"""Merged-model GGUF: tensors read, merged, quantized and written one at a time.
+
+Names, metadata keys and per-tensor types follow llama.cpp's own converter
+(convert_hf_to_gguf.py) so that llama.cpp loads the file as if it had written it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..atomic import atomic_file
+from ..config import MoEArgs
+from ..errors import MlxMoeError
+from ..merge import MergedWeights
+from ..tensor_names import ROLES
+from .vocab import add_tokenizer
+
+Q = gguf.GGMLQuantizationType
+FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, Q.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0),
+    "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, None),  # per tensor, as llama-quantize picks
+}
+ALWAYS_F32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers, as the converter keeps them
+
+
+class ExportError(MlxMoeError):
+    pass
+
+
+@dataclass
+class TensorPlan:
+    ours: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: Q
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    file_type: str
+    bytes: int
+    seconds: float
+    tensors: int
+    types: Counter = field(default_factory=Counter)
+
+
+def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's "llama" arch wants each head's rotary halves interleaved (the converter's
+    LlamaModel.permute): rows [h, 2, d/2] -> [h, d/2, 2]."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def tensor_type(gguf_name: str, role: str, shape: tuple[int, ...], file_type: str,
+                n_layers: int, n_experts: int) -> Q:
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or role in ALWAYS_F32_ROLES \
+            or not gguf_name.endswith(".weight"):
+        return Q.F32
+    if file_type == "q4_k_m":
+        from .kquants import q4_k_m_type
+
+        qtype = q4_k_m_type(gguf_name, n_layers, n_experts or None)
+    else:
+        qtype = FILE_TYPES[file_type][1]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        return Q.F16  # the converter's fallback when a row does not split into blocks
+    return qtype
+
+
+def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return data.astype(np.float32)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        from . import kquants
+
+        fn = kquants.quantize_q4_k if qtype == Q.Q4_K else kquants.quantize_q6_k
+        return fn(data.astype(np.float32))
+    return gguf.quants.quantize(data.astype(np.float32), qtype)
+
+
+def encoded_info(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype]:
+    if plan.qtype == Q.F32:
+        return plan.shape, np.dtype(np.float32)
+    if plan.qtype == Q.F16:
+        return plan.shape, np.dtype(np.float16)
+    return gguf.quant_shape_to_byte_shape(plan.shape, plan.qtype), np.dtype(np.uint8)
+
+
+def write_hparams(writer: gguf.GGUFWriter, weights: MergedWeights, file_type: str) -> None:
+    """The keys the converter's TextModel.set_gguf_parameters writes, then the family's own."""
+    args, raw = weights.args, weights.ckpt.config.raw
+    if args.rope_scaling is not None:
+        raise ExportError(f"cannot export rope scaling {args.rope_scaling!r} to GGUF yet")
+    writer.add_name(weights.ckpt.folder.name)
+    writer.add_block_count(args.num_layers)
+    writer.add_context_length(args.max_position_embeddings)
+    writer.add_embedding_length(args.hidden_size)
+    if args.intermediate_size:
+        writer.add_feed_forward_length(args.intermediate_size)
+    writer.add_head_count(args.num_heads)
+    writer.add_head_count_kv(args.num_kv_heads)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+    if isinstance(args, MoEArgs):
+        writer.add_expert_count(args.num_experts)
+        writer.add_expert_used_count(args.num_experts_per_tok)
+    if raw.get("head_dim") is not None:
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+    writer.add_file_type(FILE_TYPES[file_type][0])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    weights.family.gguf_hparams(args, writer)
+
+
+def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
+    args = weights.args
+    n_experts = getattr(args, "num_experts", 0)
+    plans = []
+    for ours in weights.names():
+        role, bid = weights.role(ours)
+        name = ROLES[role].gguf.format(bid=bid)
+        shape = weights.shapes[ours]
+        plans.append(TensorPlan(ours, name, shape,
+                                tensor_type(name, role, shape, file_type, args.num_layers, n_experts)))
+    return plans
+
+
+def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
+    data = weights.tensor(plan.ours)
+    args = weights.args
+    if weights.family.permute_qk:
+        if plan.ours.endswith("attn.q_proj.weight"):
+            data = permute_qk(data, args.num_heads)
+        elif plan.ours.endswith("attn.k_proj.weight"):
+            data = permute_qk(data, args.num_kv_heads)
+    return encode(data, plan.qtype)
+
+
+def export_gguf(
+    model: str | Path, out: str | Path, file_type: str = "f16", adapter: str | Path | None = None,
+    force: bool = False, on_tensor: Callable[[int, int, str], None] | None = None,
+) -> ExportReport:
+    """Merge ``adapter`` (if any) into ``model`` and write a GGUF of ``file_type`` to ``out``.
+
+    The file is written under a temporary name, read back with gguf-py, then renamed:
+    an interrupted export leaves nothing at ``out``."""
+    if file_type not in FILE_TYPES:
+        raise ExportError(f"GGUF type {file_type!r} is unknown (choose from: {', '.join(FILE_TYPES)})")
+    started = time.perf_counter()
+    weights = MergedWeights(model, adapter, force)
+    plans = plan_tensors(weights, file_type)
+    writer = gguf.GGUFWriter(None, weights.family.gguf_arch)
+    write_hparams(writer, weights, file_type)
+    add_tokenizer(writer, weights.ckpt.folder)
+    for plan in plans:
+        shape, dtype = encoded_info(plan)
+        writer.add_tensor_info(plan.gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize,
+                               raw_dtype=plan.qtype)
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, plan in enumerate(plans):
+            writer.write_tensor_data(produce(weights, plan))
+            if on_tensor:
+                on_tensor(i + 1, len(plans), plan.gguf_name)
+        writer.close()
+        validate(tmp, plans)
+    return ExportReport(out, file_type, out.stat().st_size, time.perf_counter() - started,
+                        len(plans), Counter(p.qtype.name for p in plans))
+
+
+def validate(path: Path, plans: list[TensorPlan]) -> None:
+    """Read the file back: every planned tensor is there with its type and shape."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:
+        raise ExportError(f"{path}: the written GGUF does not read back ({exc})") from exc
+    found = {t.name: t for t in reader.tensors}
+    for plan in plans:
+        t = found.get(plan.gguf_name)
+        if t is None or t.tensor_type != plan.qtype or tuple(reversed(t.shape.tolist())) != plan.shape:
+            raise ExportError(f"{path}: tensor {plan.gguf_name} did not read back as written")

