@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 
 from .config import DecoderArgs, MoEArgs
 from .nn import Attention, GatedMLP, SparseMoE
@@ -28,8 +29,8 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return "moe" in self
 
-    def __call__(self, x: mx.array, mask: Any = "causal") -> tuple[mx.array, mx.array | None]:
-        h = x + self.attn(self.input_norm(x), mask)
+    def __call__(self, x: mx.array, mask: Any = "causal", cache=None) -> tuple[mx.array, mx.array | None]:
+        h = x + self.attn(self.input_norm(x), mask, cache)
         if self.is_moe:
             out, router_logits = self.moe(self.post_attn_norm(h))
             return h + out, router_logits
@@ -52,10 +53,17 @@ class CausalLM(nn.Module):
     def moe_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.is_moe]
 
-    def hidden_states(self, tokens: mx.array) -> tuple[mx.array, list[mx.array]]:
+    def hidden_states(self, tokens: mx.array, cache=None) -> tuple[mx.array, list[mx.array]]:
         """Final-norm hidden states [B, L, D] and the router logits of each MoE layer."""
         x = self.embed_tokens(tokens)
         router_logits = []
+        if cache is not None:
+            mask = create_attention_mask(x, cache[0])
+            for layer, layer_cache in zip(self.layers, cache):
+                x, logits = layer(x, mask, layer_cache)
+                if logits is not None:
+                    router_logits.append(logits)
+            return self.norm(x), router_logits
         for layer in self.layers:
             x, logits = _checkpointed(layer, x) if self.grad_checkpoint else layer(x)
             if logits is not None:
@@ -67,9 +75,12 @@ class CausalLM(nn.Module):
             return self.lm_head(h)
         return self.embed_tokens.as_linear(h)
 
-    def __call__(self, tokens: mx.array, return_router_logits: bool = False):
-        """tokens [B, L] int -> logits [B, L, vocab] (and router logits [B, L, E] per MoE layer)."""
-        h, router_logits = self.hidden_states(tokens)
+    def __call__(self, tokens: mx.array, return_router_logits: bool = False, cache=None):
+        """tokens [B, L] int -> logits [B, L, vocab] (and router logits [B, L, E] per MoE layer).
+
+        ``cache`` (mlx-lm's ``make_prompt_cache(model)``) makes the model usable by mlx-lm's
+        generation utilities."""
+        h, router_logits = self.hidden_states(tokens, cache)
         logits = self.project(h)
         return (logits, router_logits) if return_router_logits else logits
 

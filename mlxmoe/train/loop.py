@@ -231,6 +231,7 @@ class _Window:
             "learning_rate": float(optimizer.learning_rate.item()),
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
             "peak_memory_gb": peak_memory_gb(),
+            "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
             "trained_tokens": state.trained_tokens,
             "skipped_steps": state.skipped_steps,
         }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_map
 
 from ..data import Batch
@@ -45,9 +46,14 @@ def make_loss(model: CausalLM, cfg: LossConfig) -> Callable:
     top_k = getattr(model.args, "num_experts_per_tok", 0)
     has_moe = bool(model.moe_layers)
 
-    def loss_fn(model, inputs, targets, loss_mask, token_mask, ce_weight, router_weight):
-        logits, routers = model(inputs, return_router_logits=True)
-        ce = cross_entropy(logits, targets, loss_mask)
+    def loss_fn(model, inputs, target_index, target_tokens, target_weight, token_mask,
+                ce_weight, router_weight):
+        h, routers = model.hidden_states(inputs)
+        # Logits only where the loss counts (answer tokens): prompt and padding positions
+        # would cost a vocab-sized matmul each and contribute nothing.
+        h = h.reshape(-1, h.shape[-1])[target_index]
+        logits = model.project(h)[None]
+        ce = cross_entropy(logits, target_tokens[None], target_weight[None])
         if has_moe:
             aux = load_balancing_loss(routers, top_k, token_mask)
             z = router_z_loss(routers, token_mask)
@@ -85,9 +91,9 @@ class Stepper:
         for batch in batches:
             ce_weight = mx.array(batch.num_target_tokens / max(total_targets, 1), mx.float32)
             router_weight = mx.array(1.0 / len(batches), mx.float32)
+            index, tokens, weight = answer_positions(batch)
             (loss, aux_out), g = self.micro(
-                batch.inputs, batch.targets, batch.loss_mask, batch.token_mask,
-                ce_weight, router_weight,
+                batch.inputs, index, tokens, weight, batch.token_mask, ce_weight, router_weight,
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             parts.append((loss, ce_weight, *aux_out))
@@ -110,6 +116,19 @@ class Stepper:
             grad_norm=grad_norm.item(), finite=finite, counts=counts, entropy=entropy,
             target_tokens=total_targets, tokens=sum(b.num_tokens for b in batches),
         )
+
+
+def answer_positions(batch: Batch, multiple: int = 64) -> tuple[mx.array, mx.array, mx.array]:
+    """Flat indices, target tokens and weights of the positions the loss counts, padded to a
+    multiple of ``multiple`` (weight 0) so that compiled steps see few distinct shapes."""
+    mask = np.asarray(batch.loss_mask).reshape(-1) > 0
+    index = np.flatnonzero(mask).astype(np.int32)
+    padded = max(multiple, -(-len(index) // multiple) * multiple)
+    weight = np.zeros(padded, np.float32)
+    weight[: len(index)] = 1.0
+    index = np.concatenate([index, np.zeros(padded - len(index), np.int32)])
+    tokens = np.asarray(batch.targets).reshape(-1)[index]
+    return mx.array(index), mx.array(tokens.astype(np.int32)), mx.array(weight)
 
 
 def optim_grad_norm(grads) -> mx.array:

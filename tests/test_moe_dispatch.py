@@ -1,0 +1,239 @@
+"""How SwitchExperts hands tokens to MLX's gather kernels, and what comes back.
+
+The CPU ``gather_mm`` broadcasts activations [T, 1, D] against indices [T, 1] into a
+[T, T, 1, F] result: T times the work, silently. These tests pin the two layouts we use
+instead, and check outputs and gradients against naive per-token loops (numpy for outputs,
+plain MLX matmuls for gradients).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxmoe.config import MoEArgs
+from mlxmoe.nn.moe import SORT_THRESHOLD, SparseMoE, SwitchExperts
+
+HIDDEN, FFN, EXPERTS, TOP_K = 64, 32, 6, 2
+GROUP = 32  # the smallest group size MLX quantizes with; divides HIDDEN and FFN
+FEW_TOKENS = 5  # T * k below SORT_THRESHOLD: tokens stay in place
+MANY_TOKENS = 40  # T * k at or above it: rows sorted by expert
+assert FEW_TOKENS * TOP_K < SORT_THRESHOLD <= MANY_TOKENS * TOP_K
+
+
+def routing(tokens: int, seed: int = 0, experts: int = EXPERTS) -> np.ndarray:
+    """top-k distinct experts per token, leaving the last expert unused."""
+    scores = np.random.default_rng(seed).random((tokens, experts))
+    scores[:, -1] = -1.0
+    return np.argsort(-scores, axis=1)[:, :TOP_K].astype(np.uint32)
+
+
+def activations(tokens: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((tokens, HIDDEN)).astype(np.float32)
+
+
+def experts_layer(seed: int = 2) -> SwitchExperts:
+    mx.random.seed(seed)
+    layer = SwitchExperts(HIDDEN, FFN, EXPERTS)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def naive_experts(layer: SwitchExperts, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """One token and one chosen expert at a time, in float64."""
+    wg, wu, wd = (np.array(layer[n].weight, dtype=np.float64)
+                  for n in ("gate_proj", "up_proj", "down_proj"))
+    out = np.zeros(indices.shape + (HIDDEN,))
+    for t, chosen in enumerate(indices):
+        for j, e in enumerate(chosen):
+            g, u = wg[e] @ x[t], wu[e] @ x[t]
+            out[t, j] = wd[e] @ (g / (1 + np.exp(-g)) * u)
+    return out
+
+
+@pytest.fixture
+def gather_calls(monkeypatch):
+    """Every gather_mm / gather_qmm call: (activation shape, index shape, output shape)."""
+    calls = []
+    for name in ("gather_mm", "gather_qmm"):
+        original = getattr(mx, name)
+
+        def spy(a, *args, _original=original, **kwargs):
+            out = _original(a, *args, **kwargs)
+            calls.append((a.shape, kwargs["rhs_indices"].shape, out.shape))
+            return out
+
+        monkeypatch.setattr(mx, name, spy)
+    return calls
+
+
+def test_the_gather_kernel_broadcasts_tokens_against_tokens_given_t_1_d_and_t_1():
+    # The trap itself, so the shape assertions below guard against something real.
+    t = 4
+    out = mx.gather_mm(
+        mx.zeros((t, 1, HIDDEN)), mx.zeros((EXPERTS, HIDDEN, FFN)),
+        rhs_indices=mx.zeros((t, 1), dtype=mx.uint32),
+    )
+    assert out.shape == (t, t, 1, FFN)
+
+
+def test_many_tokens_are_dispatched_as_one_row_per_token_expert_pair_sorted_by_expert():
+    x, indices = activations(MANY_TOKENS), routing(MANY_TOKENS)
+    rows, experts, restore, do_sort = SwitchExperts.dispatch(mx.array(x), mx.array(indices))
+
+    n = MANY_TOKENS * TOP_K
+    assert do_sort
+    assert rows.shape == (n, 1, HIDDEN)
+    assert experts.shape == (n,)
+    assert np.all(np.diff(np.array(experts).astype(np.int64)) >= 0)
+    # row i is the token whose pair landed at position i; restore undoes the sort
+    pair_of_row = np.argsort(np.array(restore))
+    np.testing.assert_array_equal(np.array(rows)[:, 0], x[pair_of_row // TOP_K])
+    np.testing.assert_array_equal(np.array(experts), indices.flatten()[pair_of_row])
+
+
+def test_few_tokens_stay_in_place_as_t_1_1_d_with_t_k_indices():
+    x, indices = activations(FEW_TOKENS), routing(FEW_TOKENS)
+    rows, experts, restore, do_sort = SwitchExperts.dispatch(mx.array(x), mx.array(indices))
+
+    assert not do_sort and restore is None
+    assert rows.shape == (FEW_TOKENS, 1, 1, HIDDEN)
+    assert experts.shape == (FEW_TOKENS, TOP_K)
+    np.testing.assert_array_equal(np.array(rows)[:, 0, 0], x)
+
+
+@pytest.mark.parametrize(
+    "batch, tokens",
+    [((), FEW_TOKENS), ((), MANY_TOKENS), ((2,), FEW_TOKENS // 2 + 1), ((2,), MANY_TOKENS)],
+)
+@pytest.mark.parametrize("bits", [None, 4])
+def test_projections_never_carry_a_token_by_token_factor(gather_calls, batch, tokens, bits):
+    layer = experts_layer()
+    if bits:
+        nn.quantize(layer, group_size=GROUP, bits=bits)
+    n_tokens = int(np.prod(batch, dtype=int)) * tokens
+    x = mx.array(activations(n_tokens)).reshape(*batch, tokens, HIDDEN)
+    indices = mx.array(routing(x.size // HIDDEN)).reshape(*batch, tokens, TOP_K)
+    mx.eval(layer(x, indices))
+
+    gate, up, down = gather_calls
+    pairs = indices.size
+    sorted_path = pairs >= SORT_THRESHOLD
+    expected_rows = (pairs,) if sorted_path else (*batch, tokens, TOP_K)
+    assert gate[1] == expected_rows
+    assert gate[2] == (*expected_rows, 1, FFN)
+    assert up[2] == (*expected_rows, 1, FFN)
+    assert down[2] == (*expected_rows, 1, HIDDEN)
+    for a_shape, _, out_shape in gather_calls:
+        assert a_shape[-2] == 1
+        assert np.prod(out_shape) == pairs * out_shape[-1]  # one row per (token, expert)
+
+
+@pytest.mark.parametrize("tokens", [FEW_TOKENS, MANY_TOKENS], ids=["in-place", "sorted"])
+def test_output_equals_a_per_token_loop_over_the_chosen_experts(tokens):
+    layer, x, indices = experts_layer(), activations(tokens), routing(tokens)
+    out = layer(mx.array(x), mx.array(indices))
+    assert out.shape == (tokens, TOP_K, HIDDEN)
+    want = naive_experts(layer, x, indices)
+    np.testing.assert_allclose(np.array(out), want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_input_gives_the_same_rows_as_flattened_input():
+    layer, x, indices = experts_layer(), activations(MANY_TOKENS), routing(MANY_TOKENS)
+    flat = layer(mx.array(x), mx.array(indices))
+    batched = layer(mx.array(x).reshape(2, -1, HIDDEN), mx.array(indices).reshape(2, -1, TOP_K))
+    np.testing.assert_allclose(np.array(batched).reshape(flat.shape), np.array(flat), atol=1e-6)
+
+
+def naive_experts_mx(params: dict, x: mx.array, indices: np.ndarray) -> mx.array:
+    """The same loop in MLX with plain matmuls, so MLX can differentiate it."""
+    rows = []
+    for t, chosen in enumerate(indices):
+        for e in chosen.tolist():
+            xt = x[t]
+            g = params["gate_proj"]["weight"][e] @ xt
+            u = params["up_proj"]["weight"][e] @ xt
+            rows.append(params["down_proj"]["weight"][e] @ (nn.silu(g) * u))
+    return mx.stack(rows).reshape(*indices.shape, HIDDEN)
+
+
+@pytest.mark.parametrize("tokens", [FEW_TOKENS, MANY_TOKENS], ids=["in-place", "sorted"])
+def test_gradients_reach_chosen_expert_weights_and_activations(tokens):
+    layer, indices = experts_layer(), routing(tokens)
+    x = mx.array(activations(tokens))
+    cotangent = mx.array(np.random.default_rng(3).standard_normal((tokens, TOP_K, HIDDEN)),
+                         dtype=mx.float32)
+
+    def loss(params, x):
+        layer.update(params)
+        return (layer(x, mx.array(indices)) * cotangent).sum()
+
+    def reference(params, x):
+        return (naive_experts_mx(params, x, indices) * cotangent).sum()
+
+    params = layer.trainable_parameters()
+    grads, dx = mx.grad(loss, argnums=(0, 1))(params, x)
+    ref_grads, ref_dx = mx.grad(reference, argnums=(0, 1))(params, x)
+
+    np.testing.assert_allclose(np.array(dx), np.array(ref_dx), atol=1e-5, rtol=1e-4)
+    unused = EXPERTS - 1
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        g, ref = np.array(grads[name]["weight"]), np.array(ref_grads[name]["weight"])
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-4)
+        assert np.all(np.abs(g[:unused]).max(axis=(1, 2)) > 0), f"{name}: a chosen expert got none"
+        assert np.all(g[unused] == 0), f"{name}: an expert nobody chose got a gradient"
+
+
+def moe_args(norm_topk_prob: bool) -> MoEArgs:
+    return MoEArgs(
+        model_type="qwen3_moe", vocab_size=32, hidden_size=HIDDEN, num_layers=1, num_heads=2,
+        num_kv_heads=2, head_dim=HIDDEN // 2, intermediate_size=0, rms_norm_eps=1e-6,
+        rope_theta=1e4, rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False,
+        num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=FFN,
+        norm_topk_prob=norm_topk_prob,
+    )
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_router_gradient_comes_through_the_routing_weights_only(norm_topk_prob):
+    """The expert choice is a constant of the backward pass: differentiating the whole layer
+    gives the same router gradient as differentiating it with the choice fixed beforehand."""
+    mx.random.seed(4)
+    moe = SparseMoE(moe_args(norm_topk_prob))
+    moe.router.weight = mx.random.normal((EXPERTS, HIDDEN)) * 0.5
+    x = mx.array(activations(MANY_TOKENS))
+    _, chosen, _ = moe.router(x)
+    chosen = np.array(chosen)
+
+    def loss(params):
+        moe.update(params)
+        return moe(x)[0].sum()
+
+    def fixed_choice(params):
+        probs = mx.softmax(x @ params["router"]["weight"].T, axis=-1)
+        weights = mx.take_along_axis(probs, mx.array(chosen), axis=-1)
+        if norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        ys = naive_experts_mx(params["experts"], x, chosen)
+        return (ys * weights[..., None]).sum()
+
+    params = moe.trainable_parameters()
+    got = mx.grad(loss)(params)["router"]["weight"]
+    want = mx.grad(fixed_choice)(params)["router"]["weight"]
+    assert np.abs(np.array(want)).max() > 0
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [FEW_TOKENS, MANY_TOKENS], ids=["in-place", "sorted"])
+# Affine steps are 1/15 (4-bit) or 1/255 (8-bit) of each group's range: on these uniform
+# random weights that is ~11% and ~0.6% relative error in the output.
+@pytest.mark.parametrize("bits, max_rel_err", [(4, 0.15), (8, 0.01)])
+def test_quantized_experts_stay_close_to_float(tokens, bits, max_rel_err):
+    layer, x, indices = experts_layer(), mx.array(activations(tokens)), mx.array(routing(tokens))
+    want = np.array(layer(x, indices))
+    nn.quantize(layer, group_size=GROUP, bits=bits)
+    got = np.array(layer(x, indices))
+    rel_err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel_err < max_rel_err
