@@ -20,6 +20,7 @@ from ..config import MoEArgs
 from ..errors import MlxMoeError
 from ..merge import MergedWeights
 from ..tensor_names import ROLES
+from .kquants import QUANTIZERS, q4_k_m_type
 from .vocab import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -65,16 +66,14 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def tensor_type(gguf_name: str, role: str, shape: tuple[int, ...], file_type: str,
-                n_layers: int, n_experts: int) -> Q:
+                n_layers: int, n_experts: int, tied_embeddings: bool = False) -> Q:
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or role in ALWAYS_F32_ROLES \
             or not gguf_name.endswith(".weight"):
         return Q.F32
-    if file_type == "q4_k_m":
-        from .kquants import q4_k_m_type
-
-        qtype = q4_k_m_type(gguf_name, n_layers, n_experts or None)
-    else:
-        qtype = FILE_TYPES[file_type][1]
+    if file_type == "q4_k_m":  # llama-quantize's own per-tensor choices and fallbacks
+        return q4_k_m_type(gguf_name, n_layers, n_experts or None, row_length=shape[-1],
+                           tied_embeddings=tied_embeddings)
+    qtype = FILE_TYPES[file_type][1]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         return Q.F16  # the converter's fallback when a row does not split into blocks
@@ -86,11 +85,8 @@ def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
         return data.astype(np.float32)
     if qtype == Q.F16:
         return data.astype(np.float16)
-    if qtype in (Q.Q4_K, Q.Q6_K):
-        from . import kquants
-
-        fn = kquants.quantize_q4_k if qtype == Q.Q4_K else kquants.quantize_q6_k
-        return fn(data.astype(np.float32))
+    if qtype in QUANTIZERS:  # K-quants: gguf-py cannot encode them
+        return QUANTIZERS[qtype](data.astype(np.float32))
     return gguf.quants.quantize(data.astype(np.float32), qtype)
 
 
@@ -136,8 +132,8 @@ def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
         role, bid = weights.role(ours)
         name = ROLES[role].gguf.format(bid=bid)
         shape = weights.shapes[ours]
-        plans.append(TensorPlan(ours, name, shape,
-                                tensor_type(name, role, shape, file_type, args.num_layers, n_experts)))
+        plans.append(TensorPlan(ours, name, shape, tensor_type(
+            name, role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings)))
     return plans
 
 
