@@ -147,7 +147,11 @@ def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, 
         from pathlib import Path
 
         from .hub import resolve
-        from .ollama import create_model, detect_chat_format, write_modelfile
+
+        try:
+            from .ollama import create_model, detect_chat_format, write_modelfile
+        except ImportError as exc:
+            raise MlxMoeError("Ollama Modelfile export is not available in this version yet") from exc
 
         if adapter_only:
             raise click.UsageError("--ollama with --adapter-only: export the base GGUF first")
