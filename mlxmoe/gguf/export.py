@@ -21,7 +21,7 @@ from ..errors import MlxMoeError
 from ..merge import MergedWeights
 from ..tensor_names import ROLES
 from .kquants import QUANTIZERS, q4_k_m_type
-from .tokenizer import add_tokenizer
+from .vocab import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
