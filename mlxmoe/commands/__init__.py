@@ -1,0 +1,1 @@
+"""One module per ``mlxmoe`` subcommand; each defines a click command named like the module."""

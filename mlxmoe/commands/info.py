@@ -1,0 +1,29 @@
+"""`mlxmoe info`: what a model is and what its weights weigh."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ._ui import console, human_bytes, human_params
+
+
+@click.command()
+@click.argument("model")
+@click.option("--group-size", default=64, show_default=True, help="Quantization group size.")
+def info(model: str, group_size: int) -> None:
+    """Family, experts, parameters and weight memory of MODEL (folder, config.json or hub id)."""
+    from ..info import model_info
+
+    i = model_info(model, group_size)
+    table = Table(title=f"{model}", show_header=False)
+    table.add_row("family", f"{i.family} (model_type {i.model_type})")
+    table.add_row("layers", f"{i.layers} ({i.moe_layers} mixture-of-experts)")
+    if i.experts:
+        shared = " + 1 shared" if i.shared_expert else ""
+        table.add_row("experts", f"{i.experts} routed{shared}, {i.experts_per_token} active per token")
+    table.add_row("parameters", f"{human_params(i.total_params)} total, {human_params(i.active_params)} active")
+    for bits, size in i.weight_bytes.items():
+        label = "16-bit (bf16)" if bits == 16 else f"{bits}-bit (group {group_size})"
+        table.add_row(f"weights at {label}", human_bytes(size))
+    console.print(table)

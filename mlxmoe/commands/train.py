@@ -1,0 +1,59 @@
+"""`mlxmoe train`: fine-tune adapters with a router-aware loss."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.table import Table
+
+from ._ui import console
+
+
+@click.command()
+@click.option("--model", help="Model folder or hub id (overrides the recipe).")
+@click.option("--data", help="Folder with train.jsonl [valid.jsonl], or a JSONL file.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
+@click.option("--strategy", help="attention | experts | shared | experts+router | all")
+@click.option("--iters", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--learning-rate", type=float)
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
+@click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
+def train(model, data, out, recipe_file, strategy, iters, batch_size, grad_accum, max_seq_len,
+          learning_rate, rank, quantize, resume) -> None:
+    """Fine-tune MODEL's adapters on DATA with a router-aware loss."""
+    from ..recipe import load_recipe
+    from ..train import train as run_training
+
+    recipe = load_recipe(
+        recipe_file,
+        lora={"strategy": strategy, "rank": rank},
+        train={
+            "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
+            "max_seq_len": max_seq_len, "learning_rate": learning_rate,
+            "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize)),
+        },
+    )
+    if model:
+        recipe.model = model
+    if data:
+        recipe.data = data
+    result = run_training(recipe, out, resume=resume)
+    summary = Table(title="training summary", show_header=False)
+    summary.add_row("steps", str(result.steps))
+    summary.add_row("final loss", f"{result.loss:.4f}" if result.loss is not None else "-")
+    if result.val_loss is not None:
+        summary.add_row("validation loss", f"{result.val_loss:.4f}")
+    summary.add_row("trainable", f"{result.trainable['trainable']:,} ({result.trainable['percent']:.2f}%)")
+    summary.add_row("truncated samples", str(result.truncated))
+    summary.add_row("adapters", str(result.out_dir / "adapters.safetensors"))
+    if result.stopped:
+        summary.add_row("stopped early", result.stopped)
+    console.print(summary)
+    if result.stopped:
+        sys.exit(1)
