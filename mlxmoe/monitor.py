@@ -38,13 +38,16 @@ class CollapseRuleError(MlxMoeError, ValueError):
 class CollapseRule:
     """When to raise the router-collapse alarm (the recipe's ``collapse`` section)."""
 
-    max_expert_share: float = 0.5  # alarm when one expert sees more than this fraction of tokens
+    # Alarm when one expert sees more than this fraction of a layer's tokens. None: halfway
+    # between the balanced share k/E and 1, so the default means the same for top-2 of 4
+    # (balanced 0.5) and top-8 of 128 (balanced 0.0625).
+    max_expert_share: float | None = None
     max_spread: float = 1.5  # alarm when a layer's spread exceeds this
     patience: int = 3  # consecutive reports over a threshold before the alarm fires
     action: str = "warn"  # "warn" or "stop"
 
     def __post_init__(self):
-        if not 0.0 < self.max_expert_share <= 1.0:
+        if self.max_expert_share is not None and not 0.0 < self.max_expert_share <= 1.0:
             raise CollapseRuleError(
                 f"collapse max_expert_share must be in (0, 1], got {self.max_expert_share}"
             )
@@ -159,12 +162,20 @@ class ExpertMonitor:
             entry["entropy"] = float(self._entropy_weighted[i] / self._entropy_tokens[i])
         return entry
 
+    @property
+    def max_expert_share(self) -> float:
+        """The rule's share threshold, or its default for this model's k and E."""
+        if self.rule.max_expert_share is not None:
+            return self.rule.max_expert_share
+        balanced = self.top_k / self.num_experts
+        return balanced + (1.0 - balanced) / 2
+
     def _check_rule(self, layers: list[dict]) -> str | None:
         rule = self.rule
         for i, entry in enumerate(layers):
             if entry["tokens"] == 0:
                 continue
-            too_busy = entry["max_share"] > rule.max_expert_share
+            too_busy = entry["max_share"] > self.max_expert_share
             breached = too_busy or entry["spread"] > rule.max_spread
             self._streaks[i] = self._streaks[i] + 1 if breached else 0
         fired = [
@@ -180,10 +191,10 @@ class ExpertMonitor:
     def _alarm_message(self, entry: dict, streak: int) -> str:
         rule = self.rule
         reasons = []
-        if entry["max_share"] > rule.max_expert_share:
+        if entry["max_share"] > self.max_expert_share:
             reasons.append(
                 f"expert {entry['busiest_expert']} saw {entry['max_share']:.0%} of the layer's "
-                f"tokens (max_expert_share {rule.max_expert_share:g})"
+                f"tokens (max_expert_share {self.max_expert_share:g})"
             )
         if entry["spread"] > rule.max_spread:
             reasons.append(f"spread {entry['spread']:.2f} (max_spread {rule.max_spread:g})")

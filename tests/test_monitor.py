@@ -91,10 +91,20 @@ def test_alarm_fires_only_after_patience_consecutive_bad_reports():
         alarms.append(m.report()["alarm"])
     assert alarms[:5] == [None] * 5  # the balanced report reset the streak
     assert alarms[5] is not None
-    for named in ["layer 3", "expert 0", "max_expert_share 0.5", "max_spread 1.5"]:
+    # the default share threshold is halfway between balanced (2/8) and 1
+    for named in ["layer 3", "expert 0", "max_expert_share 0.625", "max_spread 1.5"]:
         assert named in alarms[5]
     m.update(balanced())
     assert m.report()["alarm"] is None
+
+
+def test_default_share_threshold_lets_a_balanced_top_2_of_4_router_pass():
+    # balanced top-2 of 4 gives every expert half the tokens: a fixed 0.5 threshold would fire
+    m = ExpertMonitor(moe_layers=[0], num_experts=4, top_k=2, rule=CollapseRule(patience=1))
+    m.update(np.array([[21.0, 19.0, 20.0, 20.0]]))
+    assert m.report()["alarm"] is None
+    m.update(np.array([[40.0, 31.0, 5.0, 4.0]]))
+    assert "max_expert_share 0.75" in m.report()["alarm"]
 
 
 def test_spread_alone_can_fire_the_alarm():
