@@ -1,0 +1,316 @@
+"""Evaluate a model, with or without adapters, on a JSONL file of questions and answers.
+
+What is measured, and how it relates to training:
+
+- perplexity = exp(mean cross-entropy over answer tokens), token-weighted over the whole file:
+  the same samples -> tokens -> loss mask as training (``data``), the same shift into a
+  ``Batch`` (``BatchSchedule``), the same ``losses.cross_entropy``. So exp(validation loss)
+  of a training run on that file is this perplexity (up to truncation: ``max_seq_len``).
+- ROUGE-L F1 (``rouge``) of a greedy answer against the reference answer: the completion,
+  or the content of the last assistant message. The prompt is every token before the
+  answer, i.e. what the chat template renders before the assistant turn. Generation runs
+  through mlx-lm's ``stream_generate`` (argmax sampling, stops at an end-of-turn token or
+  after ``max_new_tokens``). Samples in the ``text`` format have no reference: they count
+  for perplexity only.
+- expert load per MoE layer, with ``monitor.ExpertMonitor``'s definitions (the training
+  monitor's): top-k assignments of every real token of the teacher-forced pass (prompt and
+  answer), one report window over the whole file. ``spread`` 0 is perfectly balanced.
+- prompt and generation tokens/s as mlx-lm reports them per sample, pooled as total tokens
+  over total time; peak memory is MLX's peak allocation over the whole run, model included.
+
+Adapters are attached as trained (``adapters.load_adapters``), never merged, on a base
+loaded with the quantization recorded in their ``adapter_config.json`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .adapters import load_adapters, read_adapter_config
+from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
+from .errors import MlxMoeError
+from .load import load
+from .losses import cross_entropy, expert_counts, router_entropy
+from .monitor import CollapseRule, ExpertMonitor
+from .rouge import RougeL, rouge_l
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_SEQ_LEN = 2048
+LAYER_FIELDS = ("layer", "tokens", "spread", "max_share", "busiest_expert", "dead_experts",
+                "entropy", "load")
+
+
+@dataclass
+class SampleResult:
+    where: str  # file:line
+    answer_tokens: int  # answer tokens scored for perplexity (0: none within max_seq_len)
+    cross_entropy: float | None  # mean over this sample's answer tokens
+    reference: str | None = None
+    generated: str | None = None
+    rouge_l: float | None = None
+    finish_reason: str | None = None  # "stop" (end of turn) or "length" (max_new_tokens)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    adapter: str | None
+    data: str
+    samples: int
+    answer_tokens: int
+    cross_entropy: float
+    perplexity: float
+    rouge_l: float | None  # mean F1 over the samples with a reference
+    rouge_l_precision: float | None
+    rouge_l_recall: float | None
+    generated_samples: int
+    prompt_tokens: int
+    prompt_tps: float | None
+    generation_tokens: int
+    generation_tps: float | None
+    peak_memory_gb: float
+    experts: dict[str, Any] | None  # overall spread and max_share, and per-layer entries
+    truncated: int  # samples cut to max_seq_len for perplexity
+    per_sample: list[SampleResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def eval_file(data: str | Path) -> Path:
+    """A JSONL file, or a folder: its test.jsonl, else its valid.jsonl."""
+    path = Path(data)
+    if path.is_dir():
+        for name in ("test.jsonl", "valid.jsonl"):
+            if (path / name).is_file():
+                return path / name
+        raise MlxMoeError(f"{path}: no test.jsonl or valid.jsonl")
+    if not path.is_file():
+        raise MlxMoeError(f"{path}: no such data file or folder")
+    return path
+
+
+def evaluate(
+    model_path: str | Path,
+    data_path: str | Path,
+    adapter: str | Path | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    limit: int | None = None,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    quantize: int | None = None,
+    group_size: int = 64,
+    generate: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Perplexity, ROUGE-L, expert load, speed and memory of a model on ``data_path``.
+
+    ``quantize`` None loads the base as the adapter was trained (or unquantized without an
+    adapter); 0 forces float weights, 4 or 8 those bits. ``limit`` keeps the first samples of
+    the file. ``generate`` False skips generation (perplexity and experts only). ``progress``
+    is called with (samples done, samples in all) after each sample.
+    """
+    if max_new_tokens < 1:
+        raise MlxMoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise MlxMoeError(f"limit must be at least 1, got {limit}")
+    path = eval_file(data_path)
+    mx.reset_peak_memory()
+    bits, group_size = _quantization(adapter, quantize, group_size)
+    model, tokenizer = load(model_path, quantize=bits or None, group_size=group_size)
+    if tokenizer is None:
+        raise MlxMoeError(f"{model_path}: the model folder ships no tokenizer")
+    if adapter is not None:
+        load_adapters(model, adapter)
+    model.eval()
+
+    encoder = _Encoder(tokenizer)
+    samples = list(_read_jsonl(path))[:limit]
+    if not samples:
+        raise MlxMoeError(f"{path}: no samples")
+    results: list[SampleResult] = []
+    examples: list[Example] = []
+    owners: list[int] = []  # the sample of each example
+    prompts: list[np.ndarray | None] = []
+    truncated = 0
+    for where, sample in samples:
+        tokens, mask = encoder.encode(sample, where)
+        prompts.append(_generation_prompt(sample, tokens, mask))
+        truncated += int(len(tokens) > max_seq_len)
+        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+        results.append(SampleResult(where, int(mask[1:].sum()), None, _reference(sample)))
+        if mask[1:].any():
+            owners.append(len(results) - 1)
+            examples.append(Example(tokens.astype(np.int32), mask))
+    if not examples:
+        raise MlxMoeError(f"{path}: no sample has an answer token within max_seq_len={max_seq_len}")
+
+    monitor = None
+    if model.moe_layers:
+        monitor = ExpertMonitor(model.moe_layers, model.args.num_experts,
+                                model.args.num_experts_per_tok, CollapseRule())
+    total = len(examples) + (sum(p is not None for p in prompts) if generate else 0)
+    tick = _Ticker(progress, total)
+    ce_sum = _score_answers(model, Dataset(examples, path, truncated, 0), owners, results,
+                            monitor, tick)
+    answer_tokens = sum(r.answer_tokens for r in results if r.cross_entropy is not None)
+    speed, scored = _Speed(), []
+    if generate:
+        scored = _generate_answers(model, tokenizer, prompts, results, max_new_tokens, speed, tick)
+
+    ce_mean = ce_sum / max(answer_tokens, 1)
+    return EvalReport(
+        model=str(model_path),
+        adapter=str(adapter) if adapter is not None else None,
+        data=str(path),
+        samples=len(results),
+        answer_tokens=answer_tokens,
+        cross_entropy=ce_mean,
+        perplexity=math.exp(ce_mean),
+        rouge_l=_mean([s.f1 for s in scored]),
+        rouge_l_precision=_mean([s.precision for s in scored]),
+        rouge_l_recall=_mean([s.recall for s in scored]),
+        generated_samples=len(scored),
+        prompt_tokens=speed.prompt_tokens,
+        prompt_tps=speed.prompt_tps,
+        generation_tokens=speed.generation_tokens,
+        generation_tps=speed.generation_tps,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        experts=_expert_summary(monitor),
+        truncated=truncated,
+        per_sample=results,
+    )
+
+
+def _score_answers(model, dataset: Dataset, owners: list[int], results: list[SampleResult],
+                   monitor: ExpertMonitor | None, tick) -> float:
+    """Teacher-forced pass: each sample's answer cross-entropy (into ``results``) and expert
+    counts (into ``monitor``); returns the sum of cross-entropy over all answer tokens."""
+    # Batch size 1: every sample once, unpadded, shifted into inputs/targets as in training.
+    schedule = BatchSchedule(dataset, batch_size=1, pad_multiple=1)
+    ce_sum = 0.0
+    for index in range(len(dataset.examples)):
+        (row,), _ = schedule.samples(index)
+        batch = schedule.batch(index)
+        logits, routers = model(batch.inputs, return_router_logits=True)
+        ce = cross_entropy(logits, batch.targets, batch.loss_mask)
+        if monitor is not None:
+            counts = expert_counts(routers, monitor.top_k, batch.token_mask)
+            entropy = router_entropy(routers, batch.token_mask)
+            mx.eval(ce, counts, entropy)
+            monitor.update(np.array(counts), np.array(entropy))
+        results[owners[row]].cross_entropy = ce.item()
+        ce_sum += ce.item() * batch.num_target_tokens
+        tick()
+    return ce_sum
+
+
+def _generate_answers(model, tokenizer, prompts: list[np.ndarray | None],
+                      results: list[SampleResult], max_new_tokens: int, speed: _Speed,
+                      tick) -> list[RougeL]:
+    """Greedy answers for the samples with a prompt, scored against their references."""
+    from mlx_lm.generate import stream_generate
+
+    scored = []
+    for result, prompt in zip(results, prompts):
+        if prompt is None:
+            continue
+        text, last = "", None
+        for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_new_tokens):
+            text += last.text
+        speed.add(last)
+        result.generated = text.strip()
+        result.finish_reason = last.finish_reason
+        scored.append(rouge_l(result.reference, result.generated))
+        result.rouge_l = scored[-1].f1
+        tick()
+    return scored
+
+
+class _Ticker:
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
+def _quantization(adapter, quantize: int | None, group_size: int) -> tuple[int, int]:
+    if quantize is not None:
+        if quantize not in (0, 4, 8):
+            raise MlxMoeError(f"quantize must be 0, 4 or 8 bits, got {quantize}")
+        return quantize, group_size
+    if adapter is not None:
+        trained = read_adapter_config(adapter).get("quantization")
+        if trained:
+            return int(trained["bits"]), int(trained["group_size"])
+    return 0, group_size
+
+
+def _reference(sample: dict) -> str | None:
+    if "completion" in sample:
+        return sample["completion"]
+    messages = sample.get("messages")
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[-1]["content"]
+    return None
+
+
+def _generation_prompt(sample: dict, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The tokens before the reference answer (the last run of answer tokens), or None."""
+    if _reference(sample) is None or not mask.any():
+        return None
+    end = int(np.flatnonzero(mask)[-1])
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return tokens[:start].astype(np.int32) if start > 0 else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+class _Speed:
+    """Pools mlx-lm's per-sample rates into total tokens over total seconds."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.generation_tokens = 0
+        self.prompt_seconds = self.generation_seconds = 0.0
+
+    def add(self, response) -> None:
+        self.prompt_tokens += response.prompt_tokens
+        self.prompt_seconds += response.prompt_tokens / response.prompt_tps
+        self.generation_tokens += response.generation_tokens
+        self.generation_seconds += response.generation_tokens / response.generation_tps
+
+    @property
+    def prompt_tps(self) -> float | None:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else None
+
+    @property
+    def generation_tps(self) -> float | None:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds else None
+
+
+def _expert_summary(monitor: ExpertMonitor | None) -> dict[str, Any] | None:
+    if monitor is None:
+        return None
+    report = monitor.report()
+    return {
+        "num_experts": monitor.num_experts,
+        "top_k": monitor.top_k,
+        "spread": report["spread"],
+        "max_share": report["max_share"],
+        "max_entropy": report["max_entropy"],
+        "layers": [{k: layer[k] for k in LAYER_FIELDS} for layer in report["layers"]],
+    }
