@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import MlxMoeError
 from ._ui import console, human_bytes
 
 
@@ -29,6 +28,8 @@ def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, 
     if adapter_only:
         if not adapter:
             raise click.UsageError("--adapter-only needs --adapter")
+        if ollama_dir is not None:  # ADAPTER needs a base GGUF, which this run does not write
+            raise click.UsageError("--ollama needs a full GGUF: export without --adapter-only")
         report = export_adapter_gguf(model, adapter, gguf_out, force=force)
     else:
         with Progress(console=console, transient=True) as progress:
@@ -44,15 +45,18 @@ def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, 
         from pathlib import Path
 
         from ..hub import resolve
+        from ..ollama import (
+            create_model,
+            default_system_prompt,
+            detect_chat_format,
+            model_parameters,
+            write_modelfile,
+        )
 
-        try:
-            from ..ollama import create_model, detect_chat_format, write_modelfile
-        except ImportError as exc:
-            raise MlxMoeError("Ollama Modelfile export is not available in this version yet") from exc
-
-        if adapter_only:
-            raise click.UsageError("--ollama with --adapter-only: export the base GGUF first")
+        model_dir = resolve(model)
         folder = Path(gguf_out).parent if ollama_dir == "." else Path(ollama_dir)
-        modelfile = write_modelfile(folder, Path(gguf_out), detect_chat_format(resolve(model)))
+        modelfile = write_modelfile(folder, Path(gguf_out), detect_chat_format(model_dir),
+                                    system=default_system_prompt(model_dir),
+                                    params=model_parameters(model_dir))
         console.print(f"wrote {modelfile}")
         console.print(create_model(modelfile, name or Path(gguf_out).stem))
