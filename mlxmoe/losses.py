@@ -84,6 +84,34 @@ def load_balancing_loss(
     return num_experts * mx.sum((assignments / rows) * (prob_sum / rows))
 
 
+def load_balancing_share(
+    router_logits: list[mx.array], top_k: int, token_mask: mx.array | None,
+    total_assignments: mx.array, total_tokens: mx.array,
+) -> mx.array:
+    """One shard's share of ``load_balancing_loss`` over a batch split into shards (the ranks
+    of a data-parallel run): summed over the shards, value and gradient both equal
+    ``load_balancing_loss`` of the concatenated batch.
+
+    ``total_assignments`` [E]: top-k assignments summed over layers and over every shard
+    (``expert_counts(...).sum(0)`` all-summed); ``total_tokens``: real tokens of every shard.
+    With R = n_layers x total_tokens, F_e = total_assignments_e / R and p_e this shard's
+    softmax probability of e summed over its (layer, real token) pairs:
+
+        share = E * sum_e F_e * p_e / R
+
+    Why the sum is exact: the whole-batch loss is E * sum_e F_e * P_e with P_e = (sum over
+    shards of p_e) / R. F holds counts of top-k choices, which carry no gradient, so once F
+    and R are known the loss is linear in each shard's p, and the gradient of the loss with
+    respect to a shard's router logits is the gradient of that shard's share.
+    """
+    layers, mask = _layers_and_mask(router_logits, token_mask)
+    num_experts = layers[0].shape[-1]
+    _check_top_k(top_k, num_experts)
+    prob_sum = sum(_masked_token_sum(mx.softmax(x, axis=-1, precise=True), mask) for x in layers)
+    rows = mx.maximum(len(layers) * total_tokens.astype(mx.float32), 1.0)
+    return num_experts * mx.sum((mx.stop_gradient(total_assignments) / rows) * (prob_sum / rows))
+
+
 def router_z_loss(router_logits: list[mx.array], token_mask: mx.array | None = None) -> mx.array:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5), averaged over layers and real tokens.
 
@@ -96,6 +124,18 @@ def router_z_loss(router_logits: list[mx.array], token_mask: mx.array | None = N
     layers, mask = _layers_and_mask(router_logits, token_mask)
     total = sum(_masked_token_sum(mx.logsumexp(x, axis=-1) ** 2, mask) for x in layers)
     return total / mx.maximum(len(layers) * _real_tokens(mask), 1.0)
+
+
+def router_z_share(
+    router_logits: list[mx.array], token_mask: mx.array | None, total_tokens: mx.array
+) -> mx.array:
+    """One shard's share of ``router_z_loss`` over a batch split into shards: this shard's sum
+    of logsumexp^2 over its (layer, real token) pairs, divided by n_layers x ``total_tokens``
+    (real tokens of every shard). The shares add up, value and gradient, to ``router_z_loss``
+    of the concatenated batch: the denominator counts tokens, which carry no gradient."""
+    layers, mask = _layers_and_mask(router_logits, token_mask)
+    total = sum(_masked_token_sum(mx.logsumexp(x, axis=-1) ** 2, mask) for x in layers)
+    return total / mx.maximum(len(layers) * total_tokens.astype(mx.float32), 1.0)
 
 
 def expert_counts(

@@ -24,6 +24,9 @@ class RecipeError(MlxMoeError):
     pass
 
 
+BALANCE_SCOPES = ("global", "micro")
+
+
 @dataclass
 class LossConfig:
     mask_prompt: bool = True  # cross-entropy on answer tokens only
@@ -31,6 +34,20 @@ class LossConfig:
     z_coef: float = DEFAULT_Z_COEF  # router z-loss (ST-MoE)
     router_temperature: float = 1.0
     router_jitter: float = 0.0
+    # Tokens the load-balancing (and z) loss pools when training on several ranks: "global",
+    # the micro-batch of every rank together, or "micro", each rank's own. Global is the
+    # default because balance is a property of the whole batch: a rank's few sequences are
+    # legitimately skewed (all code, say), and penalizing that pushes experts towards uniform
+    # routing within every small batch, against specialization (Qiu et al., "Demons in the
+    # Detail", ACL 2025, arXiv 2501.11873: global-batch balancing gave more specialized experts
+    # and lower perplexity). It also makes N ranks of B train exactly like one process of N*B.
+    # In one process both scopes are the same.
+    balance_scope: str = "global"
+
+    def __post_init__(self):
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise RecipeError(f"loss.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, "
+                              f"got {self.balance_scope!r}")
 
 
 @dataclass

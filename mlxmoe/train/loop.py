@@ -1,10 +1,14 @@
 """The training loop, top to bottom: model, adapters, data, optimizer, steps, reports,
-checkpoints."""
+checkpoints.
+
+Started by ``mlx.launch``, every rank runs this same loop on its shard of each global batch
+(see ``distributed``); rank 0 alone reads and writes the run folder and reports progress."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -16,13 +20,14 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..adapt import apply_adapters, trainable_report
-from ..adapters import adapter_config, save_adapters
+from ..adapters import adapter_config, adapter_tensors, save_adapters
 from ..data import BatchSchedule, Dataset, load_dataset
 from ..errors import MlxMoeError
 from ..load import load
 from ..monitor import ExpertMonitor
 from ..nn.moe import Router
 from ..recipe import Recipe
+from .distributed import World, share_run
 from .progress import TrainProgress
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import Stepper, evaluate_loss
@@ -40,6 +45,8 @@ class TrainResult:
     trainable: dict[str, Any]
     truncated: int
     stopped: str | None  # why the run ended early, or None
+    rank: int = 0  # of a distributed run: only rank 0 wrote out_dir
+    world_size: int = 1
 
 
 def data_files(data: str | Path) -> tuple[Path, Path | None]:
@@ -65,9 +72,10 @@ def learning_rate_schedule(cfg) -> optim.schedulers.Callable:
     return optim.join_schedules([warm, decay], [cfg.warmup])
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The RNG seed of one step: a resumed run draws the same dropout masks."""
-    return (seed * 1_000_003 + step) % 2**32
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of one step: a resumed run draws the same dropout masks. Ranks draw
+    different masks (their shards are different data), rank 0 those of a lone process."""
+    return (seed * 1_000_003 + step + rank * 0x9E3779B9) % 2**32
 
 
 def peak_memory_gb() -> float:
@@ -91,11 +99,17 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         raise MlxMoeError("no model: pass --model or set 'model' in the recipe")
     if not recipe.data:
         raise MlxMoeError("no data: pass --data or set 'data' in the recipe")
+    world = World.init()
+    if cfg.batch_size % world.size:
+        raise MlxMoeError(
+            f"batch_size {cfg.batch_size} does not split over {world.size} ranks: it is the global "
+            f"batch, of which each rank takes batch_size / {world.size} sequences (e.g. double "
+            "batch_size and halve grad_accum: the same sequences per step)")
     out = Path(out_dir)
-    previous = latest_checkpoint(out)
-    if previous is not None and not resume:
+    previous = latest_checkpoint(out) if world.is_main else None  # only rank 0 sees the run
+    if world.is_main and previous is not None and not resume:
         raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
-    if resume and previous is None:
+    if world.is_main and resume and previous is None:
         raise MlxMoeError(f"{out}: nothing to resume (no checkpoint)")
     train_file, valid_file = data_files(recipe.data)
 
@@ -119,7 +133,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     schedule = BatchSchedule(train_set, cfg.batch_size, seed=cfg.seed)
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    stepper = Stepper(model, optimizer, recipe.loss, cfg.grad_clip, cfg.compile)
+    stepper = Stepper(model, optimizer, recipe.loss, cfg.grad_clip, cfg.compile, world)
 
     monitor = None
     if model.moe_layers:
@@ -127,32 +141,49 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                                 model.args.num_experts_per_tok, recipe.collapse)
     state = RunState()
     recipe_dict = recipe.to_dict()
-    if resume:
+    if resume and world.is_main:
         state, saved_recipe = load_checkpoint(previous, model, optimizer)
         if saved_recipe["lora"] != recipe_dict["lora"]:
             raise MlxMoeError(f"{previous}: was trained with other LoRA settings than this recipe")
-        if monitor is not None and state.lora_update_counts:
-            monitor.lora_update_counts = np.array(state.lora_update_counts["counts"], np.int64)
         _rewind_metrics(out / METRICS_FILE, state.step)
-    out.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, recipe.lora, adapted, str(recipe.model))
 
     def checkpoint() -> None:
+        world.check_same(f"adapters at step {state.step}", adapter_tensors(model))
         if monitor is not None:
             state.lora_update_counts = {"counts": monitor.lora_update_counts.tolist()}
-        save_checkpoint(out, model, optimizer, state, recipe_dict)
+        if world.is_main:
+            save_checkpoint(out, model, optimizer, state, recipe_dict)
 
     window = _Window()
     last_loss = val_loss = None
     stopped = None
-    progress = TrainProgress(cfg.iters, state.step, enabled=show_progress)
-    with progress, (out / METRICS_FILE).open("a") as metrics:
+    progress = TrainProgress(cfg.iters, state.step, enabled=show_progress and world.is_main)
+
+    def lost_rank() -> str:
+        return _lost_rank_hint(out, state.step, world)
+
+    with world.stop_together(lost_rank), progress, _metrics_log(out, world) as metrics:
+        # Every rank takes the same steps on the same model and data (paths may differ between
+        # machines, contents not), from rank 0's adapters, optimizer and run state.
+        world.check_same("the base model, data or recipe", config["base_fingerprint"],
+                         {k: v for k, v in recipe_dict.items() if k not in ("model", "data")},
+                         [(e.tokens, e.loss_mask) for e in train_set.examples],
+                         [(e.tokens, e.loss_mask) for e in valid_set.examples] if valid_set else None)
+        state = share_run(world, model, optimizer, state)
+        if monitor is not None and state.lora_update_counts:
+            monitor.lora_update_counts = np.array(state.lora_update_counts["counts"], np.int64)
         progress.note(f"trainable {trainable['trainable']:,} of {trainable['total']:,} parameters "
                       f"({trainable['percent']:.2f}%): {trainable['groups']}")
+        if world.size > 1:
+            progress.note(f"data-parallel on {world.size} ranks: each trains on "
+                          f"{cfg.batch_size // world.size} of the {cfg.batch_size} sequences "
+                          f"of every batch (balance scope: {recipe.loss.balance_scope})")
         while state.step < cfg.iters:
-            mx.random.seed(step_seed(cfg.seed, state.step))
+            mx.random.seed(step_seed(cfg.seed, state.step, world.rank))
             first = state.step * cfg.grad_accum
-            batches = [schedule.batch(first + j) for j in range(cfg.grad_accum)]
+            batches = [schedule.batch(first + j, world.rank, world.size)
+                       for j in range(cfg.grad_accum)]
             result = stepper.step(batches)
             state.step += 1
             if result.finite:
@@ -172,10 +203,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             at_end = state.step == cfg.iters
             if valid_set and cfg.val_every and (state.step % cfg.val_every == 0 or at_end):
                 vs = BatchSchedule(valid_set, cfg.batch_size, seed=cfg.seed)
-                val_loss = evaluate_loss(model, [vs.batch(i) for i in range(
-                    min(cfg.val_batches, vs.batches_per_epoch()))])
+                val_loss = evaluate_loss(model, [vs.batch(i, world.rank, world.size) for i in range(
+                    min(cfg.val_batches, vs.batches_per_epoch()))], world)
             if state.step % cfg.report_every == 0 or at_end:
-                row = window.close(state, optimizer, val_loss)
+                row = window.close(state, optimizer, val_loss, world)
                 if monitor is not None:
                     row["experts"] = monitor.report()
                 last_loss = row.get("loss", last_loss)
@@ -194,9 +225,27 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             progress.advance(state.step)
         else:
             checkpoint()
-    save_adapters(model, out, {**config, "steps": state.step,
-                               "truncated": train_set.truncated})
-    return TrainResult(out, state.step, last_loss, val_loss, trainable, train_set.truncated, stopped)
+    if world.is_main:
+        save_adapters(model, out, {**config, "steps": state.step,
+                                   "truncated": train_set.truncated})
+    return TrainResult(out, state.step, last_loss, val_loss, trainable, train_set.truncated,
+                       stopped, world.rank, world.size)
+
+
+def _metrics_log(out: Path, world: World):
+    """metrics.jsonl, appended to by rank 0; the other ranks write their rows nowhere."""
+    if not world.is_main:
+        return open(os.devnull, "w")
+    out.mkdir(parents=True, exist_ok=True)
+    return (out / METRICS_FILE).open("a")
+
+
+def _lost_rank_hint(out: Path, step: int, world: World) -> str:
+    if not world.is_main:
+        return f"after {step} steps; rank 0 holds the checkpoints"
+    last = latest_checkpoint(out)
+    where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+    return f"after {step} steps; {where}. Run the same command with --resume to continue."
 
 
 class _Window:
@@ -207,7 +256,8 @@ class _Window:
 
     def reset(self) -> None:
         self.steps, self.loss, self.ce, self.aux, self.z, self.grad_norm = 0, 0.0, 0.0, 0.0, 0.0, 0.0
-        self.tokens, self.started = 0, time.perf_counter()
+        self.tokens, self.rank_tokens, self.comm_s = 0, 0, 0.0
+        self.started = time.perf_counter()
 
     def add(self, r) -> None:
         self.steps += 1
@@ -217,8 +267,11 @@ class _Window:
         self.z += r.z
         self.grad_norm += r.grad_norm
         self.tokens += r.tokens
+        self.rank_tokens += r.rank_tokens
+        self.comm_s += r.comm_s
 
-    def close(self, state: RunState, optimizer, val_loss: float | None) -> dict[str, Any]:
+    def close(self, state: RunState, optimizer, val_loss: float | None,
+              world: World) -> dict[str, Any]:
         n = max(self.steps, 1)
         elapsed = time.perf_counter() - self.started
         row = {
@@ -230,6 +283,7 @@ class _Window:
             "grad_norm": self.grad_norm / n,
             "learning_rate": float(optimizer.learning_rate.item()),
             "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+            "step_s": elapsed / n,
             "peak_memory_gb": peak_memory_gb(),
             "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
             "trained_tokens": state.trained_tokens,
@@ -237,5 +291,12 @@ class _Window:
         }
         if val_loss is not None:
             row["val_loss"] = val_loss
+        if world.size > 1:  # tokens_per_s above counts every rank's tokens
+            row["comm_s"] = self.comm_s / n
+            per_rank = world.gather([self.rank_tokens / elapsed if elapsed > 0 else 0.0,
+                                     peak_memory_gb(), mx.get_peak_memory() / 1e9])
+            row["ranks"] = [{"rank": r, "tokens_per_s": float(tps), "peak_memory_gb": float(mem),
+                             "mlx_peak_memory_gb": float(mlx_mem)}
+                            for r, (tps, mem, mlx_mem) in enumerate(per_rank)]
         self.reset()
         return row

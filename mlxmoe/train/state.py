@@ -82,12 +82,12 @@ def load_checkpoint(
     model.load_weights(list(adapters.items()), strict=False)
     optimizer.init(model.trainable_parameters())
     for path, value in opt.items():
-        _set_path(optimizer.state, path, value)
+        set_path(optimizer.state, path, value)
     mx.eval(model.parameters(), optimizer.state)
     return RunState(**saved["state"]), saved["recipe"]
 
 
-def _set_path(tree: Any, path: str, value: mx.array) -> None:
+def set_path(tree: Any, path: str, value: mx.array) -> None:
     *parents, last = path.split(".")
     node = tree
     for key in parents:

@@ -1,12 +1,22 @@
 """One optimizer step: micro-batches, the router-aware loss, accumulation, clipping.
 
 Cross-entropy is token-weighted over the whole step (each micro-batch's mean scaled by its
-share of the step's answer tokens), so accumulating K micro-batches of B equals one batch
-of K*B. The router losses are averaged over micro-batches (their scope is a micro-batch).
+share of the step's answer tokens, on all ranks), so accumulating K micro-batches of B equals
+one batch of K*B, and N ranks of B equal one process of N*B. The router losses are averaged
+over the K micro-steps; within a micro-step their scope is ``loss.balance_scope``: "global"
+pools the micro-batches of every rank (exactly: see ``losses.load_balancing_share``), "micro"
+averages each rank's own.
+
+Why not pool over the K micro-steps too: the balance loss needs the step's expert counts
+before the first micro-step's backward pass, which means a routing pre-pass (one more forward
+of every micro-batch, about a third more compute) or keeping every micro-step's activations,
+which accumulation exists to avoid. Across ranks the counts cost one all_sum of E numbers
+inside the micro-step. The reported expert load counts the whole step on every rank.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +31,14 @@ from ..losses import (
     cross_entropy,
     expert_counts,
     load_balancing_loss,
+    load_balancing_share,
     router_entropy,
     router_z_loss,
+    router_z_share,
 )
 from ..model import CausalLM
 from ..recipe import LossConfig
+from .distributed import World
 
 
 @dataclass
@@ -39,15 +52,34 @@ class StepOutput:
     counts: mx.array  # [moe layers, E] routed real tokens
     entropy: mx.array  # [moe layers]
     target_tokens: int
-    tokens: int
+    tokens: int  # real tokens of the step, all ranks
+    rank_tokens: int = 0  # real tokens this rank trained on
+    comm_s: float = 0.0  # seconds in the gradient all_sum, waiting for the slowest rank included
 
 
-def make_loss(model: CausalLM, cfg: LossConfig) -> Callable:
+def make_loss(model: CausalLM, cfg: LossConfig, world: World | None = None) -> Callable:
+    world = world or World()
     top_k = getattr(model.args, "num_experts_per_tok", 0)
     has_moe = bool(model.moe_layers)
 
+    def router_terms(routers, token_mask, total_tokens):
+        """(aux, z, counts, entropy) as this rank's shares: summed over ranks, the values of
+        the micro-step (alone, they are the values)."""
+        counts = expert_counts(routers, top_k, token_mask)
+        if world.size == 1:
+            return (load_balancing_loss(routers, top_k, token_mask),
+                    router_z_loss(routers, token_mask), counts,
+                    router_entropy(routers, token_mask))
+        entropy = router_entropy(routers, token_mask) * (token_mask.sum() / total_tokens)
+        if cfg.balance_scope == "micro":
+            aux = load_balancing_loss(routers, top_k, token_mask) / world.size
+            return aux, router_z_loss(routers, token_mask) / world.size, counts, entropy
+        total_assignments = world.all_sum(counts.sum(axis=0))
+        aux = load_balancing_share(routers, top_k, token_mask, total_assignments, total_tokens)
+        return aux, router_z_share(routers, token_mask, total_tokens), counts, entropy
+
     def loss_fn(model, inputs, target_index, target_tokens, target_weight, token_mask,
-                ce_weight, router_weight):
+                ce_weight, router_weight, total_tokens):
         h, routers = model.hidden_states(inputs)
         # Logits only where the loss counts (answer tokens): prompt and padding positions
         # would cost a vocab-sized matmul each and contribute nothing.
@@ -55,10 +87,7 @@ def make_loss(model: CausalLM, cfg: LossConfig) -> Callable:
         logits = model.project(h)[None]
         ce = cross_entropy(logits, target_tokens[None], target_weight[None])
         if has_moe:
-            aux = load_balancing_loss(routers, top_k, token_mask)
-            z = router_z_loss(routers, token_mask)
-            counts = expert_counts(routers, top_k, token_mask)
-            entropy = router_entropy(routers, token_mask)
+            aux, z, counts, entropy = router_terms(routers, token_mask, total_tokens)
         else:
             aux = z = mx.array(0.0)
             counts = entropy = mx.zeros((0,))
@@ -69,12 +98,14 @@ def make_loss(model: CausalLM, cfg: LossConfig) -> Callable:
 
 
 class Stepper:
-    """Owns the (optionally compiled) loss-and-gradient function and applies updates."""
+    """Owns the (optionally compiled) loss-and-gradient function and applies updates. With
+    several ranks, ``step`` takes this rank's shards and every rank applies the same update."""
 
     def __init__(self, model: CausalLM, optimizer: optim.Optimizer, cfg: LossConfig,
-                 grad_clip: float, compile: bool):
+                 grad_clip: float, compile: bool, world: World | None = None):
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
-        value_and_grad = nn.value_and_grad(model, make_loss(model, cfg))
+        self.world = world or World()
+        value_and_grad = nn.value_and_grad(model, make_loss(model, cfg, self.world))
 
         def micro(*arrays):
             return value_and_grad(model, *arrays)
@@ -86,18 +117,30 @@ class Stepper:
         )
 
     def step(self, batches: list[Batch]) -> StepOutput:
-        total_targets = sum(b.num_target_tokens for b in batches)
+        world = self.world
+        # [micro-batch, (answer tokens, real tokens)] of the step, all ranks
+        sizes = [[b.num_target_tokens, b.num_tokens] for b in batches]
+        if world.size > 1:
+            sizes = np.array(world.all_sum(mx.array(sizes, mx.int32))).tolist()
+        total_targets = sum(n for n, _ in sizes)
         grads, parts = None, []
-        for batch in batches:
+        for batch, (_, real_tokens) in zip(batches, sizes):
             ce_weight = mx.array(batch.num_target_tokens / max(total_targets, 1), mx.float32)
             router_weight = mx.array(1.0 / len(batches), mx.float32)
             index, tokens, weight = answer_positions(batch)
             (loss, aux_out), g = self.micro(
                 batch.inputs, index, tokens, weight, batch.token_mask, ce_weight, router_weight,
+                mx.array(real_tokens, mx.float32),
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
             parts.append((loss, ce_weight, *aux_out))
             mx.eval(grads, loss)
+        comm_s = 0.0
+        if world.size > 1:
+            started = time.perf_counter()
+            grads = world.sum_tree(grads)
+            mx.eval(grads)
+            comm_s = time.perf_counter() - started
         grads, grad_norm = optim.clip_grad_norm(grads, self.grad_clip) if self.grad_clip > 0 \
             else (grads, optim_grad_norm(grads))
         loss = sum(p[0] for p in parts)
@@ -106,6 +149,8 @@ class Stepper:
         z = sum(p[4] for p in parts) / len(parts)
         counts = sum(p[5] for p in parts)
         entropy = sum(p[6] for p in parts) / len(parts)
+        if world.size > 1:  # every term is this rank's share: the sums are the step's values
+            loss, ce, aux, z, counts, entropy = world.sum_tree((loss, ce, aux, z, counts, entropy))
         mx.eval(loss, ce, aux, z, grad_norm, counts, entropy)
         finite = bool(mx.isfinite(loss).item() and mx.isfinite(grad_norm).item())
         if finite:
@@ -114,7 +159,8 @@ class Stepper:
         return StepOutput(
             loss=loss.item(), ce=ce.item(), aux=aux.item(), z=z.item(),
             grad_norm=grad_norm.item(), finite=finite, counts=counts, entropy=entropy,
-            target_tokens=total_targets, tokens=sum(b.num_tokens for b in batches),
+            target_tokens=total_targets, tokens=sum(n for _, n in sizes),
+            rank_tokens=sum(b.num_tokens for b in batches), comm_s=comm_s,
         )
 
 
@@ -137,8 +183,9 @@ def optim_grad_norm(grads) -> mx.array:
     return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
 
 
-def evaluate_loss(model: CausalLM, batches: list[Batch]) -> float:
-    """Token-weighted cross-entropy on answer tokens, no dropout or jitter."""
+def evaluate_loss(model: CausalLM, batches: list[Batch], world: World | None = None) -> float:
+    """Token-weighted cross-entropy on answer tokens, no dropout or jitter. With several
+    ranks, ``batches`` are this rank's shards and the result is that of the whole batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -148,4 +195,6 @@ def evaluate_loss(model: CausalLM, batches: list[Batch]) -> float:
         total += ce.item() * batch.num_target_tokens
         count += batch.num_target_tokens
     model.train(was_training)
+    if world is not None and world.size > 1:
+        total, count = np.array(world.all_sum(mx.array([total, count], mx.float32))).tolist()
     return total / max(count, 1)
