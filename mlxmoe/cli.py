@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import commands
+from . import blas, commands
 from .commands._ui import console
 from .errors import MlxMoeError
 
@@ -31,6 +31,24 @@ class Group(click.Group):
 @click.version_option(package_name="mlxmoe")
 def main() -> None:
     """Fine-tune Mixture-of-Experts LLMs in MLX; ship them to llama.cpp and Ollama."""
+
+
+# The commands that spend their time in MLX matmuls: worth a faster BLAS (see blas.py).
+COMPUTE_COMMANDS = frozenset({"train", "eval", "ablate", "demo"})
+
+
+def run() -> None:
+    """The ``mlxmoe`` program: re-executes a compute command once with a fast BLAS
+    preloaded (Linux), checks it, then runs ``main``."""
+    if len(sys.argv) > 1 and sys.argv[1] in COMPUTE_COMMANDS:
+        try:
+            blas.reexec_with_blas()
+            if blas.loaded_blas() != "bundled":
+                blas.check_matmul()
+        except MlxMoeError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+    main()
 
 
 for _module in pkgutil.iter_modules(commands.__path__):

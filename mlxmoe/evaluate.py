@@ -109,13 +109,15 @@ def evaluate(
     group_size: int = 64,
     generate: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    generate_limit: int | None = None,
 ) -> EvalReport:
     """Perplexity, ROUGE-L, expert load, speed and memory of a model on ``data_path``.
 
     ``quantize`` None loads the base as the adapter was trained (or unquantized without an
     adapter); 0 forces float weights, 4 or 8 those bits. ``limit`` keeps the first samples of
     the file. ``generate`` False skips generation (perplexity and experts only). ``progress``
-    is called with (samples done, samples in all) after each sample.
+    is called with (samples done, samples in all) after each sample. ``generate_limit``
+    generates answers for the first N samples only (perplexity still covers all).
     """
     if max_new_tokens < 1:
         raise MlxMoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -151,6 +153,8 @@ def evaluate(
             examples.append(Example(tokens.astype(np.int32), mask))
     if not examples:
         raise MlxMoeError(f"{path}: no sample has an answer token within max_seq_len={max_seq_len}")
+    if generate_limit is not None:
+        prompts = [p if i < generate_limit else None for i, p in enumerate(prompts)]
 
     monitor = None
     if model.moe_layers:

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import open_checkpoint, read_weights
 from .hub import resolve
 from .model import CausalLM
+from .nn.moe import set_dispatch
 from .quantize import Quantization, quantize_model
 
 
@@ -35,6 +36,7 @@ def load_model(
     if quantize:
         quantize_model(model, quantize, group_size)
     mx.eval(model.parameters())
+    set_dispatch(model, "auto")
     model.source = ckpt.folder
     model.quantization = Quantization(quantize, group_size) if quantize else None
     return model

@@ -88,6 +88,7 @@ class ExpertMonitor:
         self._streaks = np.zeros(len(self.moe_layers), dtype=np.int64)
         self._reports = 0
         self._stopped = False
+        self.alarmed_layers: list[int] = []  # the layers the last report's alarm names
 
     def update(self, counts: mx.array | np.ndarray, entropy: mx.array | np.ndarray | None = None):
         """Adds one micro-batch: counts [n_layers, E] from ``expert_counts``, and optionally the
@@ -182,6 +183,7 @@ class ExpertMonitor:
             i for i, entry in enumerate(layers)
             if entry["tokens"] > 0 and self._streaks[i] >= rule.patience
         ]
+        self.alarmed_layers = [layers[i]["layer"] for i in fired]
         if not fired:
             return None
         if rule.action == "stop":

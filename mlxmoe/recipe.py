@@ -71,6 +71,9 @@ class TrainConfig:
     val_batches: int = 8
     save_every: int = 100
     nan_patience: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
+    # How MoE layers run their experts: gather (the chosen experts only), dense (every expert,
+    # weighted by the routing: faster on a CPU with a fast BLAS) or auto (see nn.moe).
+    moe_dispatch: str = "auto"
 
 
 @dataclass
@@ -120,6 +123,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
     names = "/".join(getattr(k, "__name__", str(k)) for k in allowed)
     raise RecipeError(f"{where}: expected {names}, got {value!r}")
+
+
+def recipes_dir() -> Path:
+    """The installed package's recipes, or recipes/ itself in a source checkout."""
+    installed = Path(__file__).with_name("recipes")
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 def load_recipe(path: str | Path | None = None, **sections: dict[str, Any]) -> Recipe:

@@ -237,3 +237,123 @@ def test_quantized_experts_stay_close_to_float(tokens, bits, max_rel_err):
     got = np.array(layer(x, indices))
     rel_err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel_err < max_rel_err
+
+
+# --- the dense dispatch: every expert on every token, weighted by the routing ---------------
+
+
+def dense_and_gather_grads(moe: SparseMoE, x: mx.array, cotangent: mx.array) -> dict:
+    """{dispatch: (output, gradients of every trainable parameter)}."""
+    out = {}
+    for dispatch in ("gather", "dense"):
+        moe.dispatch = dispatch
+
+        def loss(params):
+            moe.update(params)
+            return (moe(x)[0] * cotangent).sum()
+
+        params = moe.trainable_parameters()
+        _, grads = mx.value_and_grad(loss)(params)
+        out[dispatch] = (moe(x)[0], grads)
+    moe.dispatch = "gather"
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_dense_dispatch_computes_the_chosen_experts_only_with_their_gradients(norm_topk_prob):
+    mx.random.seed(5)
+    moe = SparseMoE(moe_args(norm_topk_prob))
+    # Feature 0 is large in every token and pushes the last expert's logit far down: no
+    # token chooses it, so its weights must get exactly no gradient.
+    router = np.array(mx.random.normal((EXPERTS, HIDDEN))) * 0.5
+    router[:, 0], router[-1, 0] = 1.0, -5.0
+    moe.router.weight = mx.array(router)
+    x_np = activations(MANY_TOKENS)
+    x_np[:, 0] = 4.0
+    x = mx.array(x_np)
+    _, chosen, weights = moe.router(x)
+    chosen = np.array(chosen)
+    assert not (chosen == EXPERTS - 1).any()
+    moe.dispatch = "dense"
+    want = (naive_experts(moe.experts, np.array(x), chosen) * np.array(weights)[..., None]).sum(1)
+    np.testing.assert_allclose(np.array(moe(x)[0]), want, atol=1e-5, rtol=1e-5)
+
+    def fixed_choice(params):
+        probs = mx.softmax(x @ params["router"]["weight"].T, axis=-1)
+        w = mx.take_along_axis(probs, mx.array(chosen), axis=-1)
+        if norm_topk_prob:
+            w = w / w.sum(axis=-1, keepdims=True)
+        return (naive_experts_mx(params["experts"], x, chosen) * w[..., None]).sum()
+
+    def loss(params):
+        moe.update(params)
+        return moe(x)[0].sum()
+
+    params = moe.trainable_parameters()
+    got, ref = mx.grad(loss)(params), mx.grad(fixed_choice)(params)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        g = np.array(got["experts"][name]["weight"])
+        np.testing.assert_allclose(g, np.array(ref["experts"][name]["weight"]), atol=1e-5, rtol=1e-4)
+        unchosen = sorted(set(range(EXPERTS)) - set(chosen.flatten().tolist()))
+        assert all(np.all(g[e] == 0) for e in unchosen), f"{name}: an unchosen expert got a gradient"
+    np.testing.assert_allclose(np.array(got["router"]["weight"]), np.array(ref["router"]["weight"]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_dense_dispatch_equals_gather_with_expert_lora_and_a_shared_expert():
+    from mlxmoe.adapt.lora import LoRAExperts
+
+    mx.random.seed(6)
+    args = moe_args(True)
+    args.shared_expert_intermediate_size = FFN
+    moe = SparseMoE(args)
+    moe.router.weight = mx.random.normal((EXPERTS, HIDDEN)) * 0.5
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lora = LoRAExperts(moe.experts[name], rank=4, alpha=8)
+        lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.1
+        setattr(moe.experts, name, lora)
+    moe.router.freeze()
+    x = mx.array(activations(MANY_TOKENS))
+    cotangent = mx.array(np.random.default_rng(7).standard_normal((MANY_TOKENS, HIDDEN)), mx.float32)
+    runs = dense_and_gather_grads(moe, x, cotangent)
+    (y_gather, g_gather), (y_dense, g_dense) = runs["gather"], runs["dense"]
+    np.testing.assert_allclose(np.array(y_dense), np.array(y_gather), atol=1e-5, rtol=1e-5)
+    from mlx.utils import tree_flatten
+
+    flat_gather, flat_dense = dict(tree_flatten(g_gather)), dict(tree_flatten(g_dense))
+    assert any("lora_a" in k for k in flat_gather) and flat_gather.keys() == flat_dense.keys()
+    for key, value in flat_gather.items():
+        np.testing.assert_allclose(np.array(flat_dense[key]), np.array(value), atol=1e-5, rtol=1e-4,
+                                   err_msg=key)
+
+
+def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_and_float_experts(monkeypatch):
+    from mlxmoe import blas
+    from mlxmoe.nn.moe import set_dispatch
+
+    moe = SparseMoE(moe_args(True))
+    monkeypatch.setattr(blas, "loaded_blas", lambda: "bundled")
+    assert set_dispatch(moe, "auto") == "gather" and moe.dispatch == "gather"
+    monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
+    assert set_dispatch(moe, "auto") == "dense" and moe.dispatch == "dense"
+    many = moe_args(True)
+    many.num_experts, many.num_experts_per_tok = 64, 2  # 32x the work of gather: not worth it
+    assert set_dispatch(SparseMoE(many), "auto") == "gather"
+    quantized = SparseMoE(moe_args(True))
+    nn.quantize(quantized.experts, group_size=GROUP, bits=4)
+    assert set_dispatch(quantized, "auto") == "gather"
+    with pytest.raises(ValueError, match="needs float experts"):
+        set_dispatch(quantized, "dense")
+    with pytest.raises(ValueError, match="auto, gather or dense"):
+        set_dispatch(moe, "sparse")
+
+
+def test_dense_dispatch_decodes_a_few_tokens_with_gather(gather_calls):
+    """Decoding reads weights for a token or two: dense would read all E experts' weights."""
+    moe = SparseMoE(moe_args(True))
+    moe.dispatch = "dense"
+    moe(mx.array(activations(FEW_TOKENS)))
+    assert len(gather_calls) == 3  # gate, up, down through gather_mm
+    gather_calls.clear()
+    moe(mx.array(activations(MANY_TOKENS)))
+    assert gather_calls == []

@@ -384,13 +384,13 @@ PRINT_TEMPLATES = ("import json, mlxmoe.ollama as o; "
                    "print(json.dumps([str(o.templates_dir()), sorted(o.chat_formats())]))")
 
 
-def test_an_installed_package_ships_the_templates_and_every_subpackage(tmp_path):
+def test_an_installed_package_ships_the_templates_recipes_and_every_subpackage(tmp_path):
     pytest.importorskip("setuptools", reason="builds the package with the installed setuptools")
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("mlxmoe", "export"):
+    for name in ("mlxmoe", "export", "recipes"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
@@ -398,6 +398,8 @@ def test_an_installed_package_ships_the_templates_and_every_subpackage(tmp_path)
                    check=True, capture_output=True)
     shipped = {p.name for p in (target / "mlxmoe" / "templates").iterdir()}
     assert shipped == {p.name for p in (REPO / "export").iterdir()}
+    recipes = {p.name for p in (target / "mlxmoe" / "recipes").iterdir()}
+    assert recipes == {p.name for p in (REPO / "recipes").glob("*.yaml")}  # `mlxmoe demo` reads one
     packages = {p.parent.relative_to(REPO) for p in (REPO / "mlxmoe").rglob("__init__.py")}
     assert all((target / p / "__init__.py").is_file() for p in packages), packages
     proc = subprocess.run([sys.executable, "-c", PRINT_TEMPLATES], cwd=tmp_path, check=True,

@@ -64,8 +64,11 @@ class LoRAExperts(nn.Module):
         self.lora_a = _init_a((num_experts, rank, in_dims), in_dims)
         self.lora_b = mx.zeros((num_experts, out_dims, rank))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         y = self.base(x, indices, sorted_indices)
+        if indices is None:  # the dense dispatch: every expert on every row
+            z = (self.dropout(x) @ self.lora_a.swapaxes(-1, -2)) @ self.lora_b.swapaxes(-1, -2)
+            return y + self.scale * z
         h = mx.gather_mm(
             self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
             sorted_indices=sorted_indices,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -27,8 +28,11 @@ def _num(value, spec: str) -> str:
               help="Bits of the base (default: as the adapter was trained, else none).")
 @click.option("--no-generate", is_flag=True, help="Perplexity and expert load only.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
+              help="PNG of the per-layer x per-expert load (default with --json: beside it).")
+@click.option("--no-plots", is_flag=True, help="Write no PNG, even with --json.")
 def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, quantize,
-                     no_generate, json_out) -> None:
+                     no_generate, json_out, plot_out, no_plots) -> None:
     """Evaluate MODEL (with ADAPTER) on DATA: answer perplexity, ROUGE-L of greedy answers,
     expert-load spread per layer, tokens/s and peak memory."""
     from rich.progress import Progress
@@ -79,6 +83,16 @@ def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, q
     if json_out:
         write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
+    if json_out and not plot_out:
+        plot_out = Path(json_out).with_name(f"{Path(json_out).stem}_expert_load.png")
+    if plot_out and not no_plots:
+        from ..plots import eval_plot
+
+        title = Path(report.adapter).name if report.adapter else Path(report.model).name
+        if eval_plot(report.experts, plot_out, f"expert load: {title} on {Path(report.data).name}"):
+            console.print(f"plot: {plot_out}", highlight=False, soft_wrap=True)
+        else:
+            console.print("no plot: a dense model has no expert load", highlight=False)
 
 
 eval = evaluate_command  # noqa: A001 - cli.py registers each module's object by the module's name

@@ -24,8 +24,9 @@ from ._ui import console
 @click.option("--rank", type=int, help="LoRA rank.")
 @click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
+@click.option("--no-plots", is_flag=True, help="Write no loss.png / expert_load.png.")
 def train(model, data, out, recipe_file, strategy, iters, batch_size, grad_accum, max_seq_len,
-          learning_rate, rank, quantize, resume) -> None:
+          learning_rate, rank, quantize, resume, no_plots) -> None:
     """Fine-tune MODEL's adapters on DATA with a router-aware loss."""
     from ..recipe import load_recipe
     from ..train import train as run_training
@@ -55,5 +56,14 @@ def train(model, data, out, recipe_file, strategy, iters, batch_size, grad_accum
     if result.stopped:
         summary.add_row("stopped early", result.stopped)
     console.print(summary)
+    if not no_plots and result.rank == 0:
+        from ..errors import MlxMoeError
+        from ..plots import training_plots
+
+        try:
+            for path in training_plots(result.out_dir):
+                console.print(f"plot: {path}", highlight=False, soft_wrap=True)
+        except MlxMoeError as exc:
+            console.print(f"no plots: {exc}", highlight=False, soft_wrap=True)
     if result.stopped:
         sys.exit(1)

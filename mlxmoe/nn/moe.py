@@ -5,6 +5,12 @@ Expert weights are stacked [n_experts, out, in]. Tokens are dispatched with ``ga
 with indices [T, k], or flattened and sorted by expert. The tempting [T, 1, D] with
 [T, 1] indices broadcasts to a [T, T, 1, D] result on the CPU backend (256x the work
 at 256 tokens): never hand these kernels that shape.
+
+The "dense" dispatch runs every expert on every token as one batched matmul and weights
+the outputs by the routing (zero for experts a token did not choose): E/k times the work,
+the same result. It pays on MLX's CPU backend with a fast BLAS, where ``gather_mm`` makes
+one BLAS call per row: measured at 400 tokens x 576 -> 1536, 4 experts top-2, OpenBLAS,
+2 cores: gather 5 GFLOP/s of useful work, dense 42 (84 raw), 8x faster.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from .mlp import GatedMLP
 
 # Below this many (token, expert) pairs sorting costs more than it saves.
 SORT_THRESHOLD = 64
+DISPATCHES = ("gather", "dense")
+# Below this many (token, expert) pairs, as in decoding, the dense dispatch stays gather:
+# a few rows are matrix-vector products bound by reading weights, and dense reads all E.
+DENSE_MIN_PAIRS = 64
 
 
 class Router(nn.Module):
@@ -66,7 +76,10 @@ class ExpertLinear(nn.Module):
         bound = math.sqrt(1.0 / input_dims)
         self.weight = mx.random.uniform(-bound, bound, (num_experts, output_dims, input_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
+        """``indices`` None: every expert on every row, x [1 or E, T, in] -> [E, T, out]."""
+        if indices is None:
+            return x @ self.weight.swapaxes(-1, -2)
         return mx.gather_mm(
             x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
         )
@@ -93,7 +106,9 @@ class QuantizedExpertLinear(nn.Module):
             self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode
         )
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
+        if indices is None:
+            raise ValueError("quantized experts run with the gather dispatch only")
         return mx.gather_qmm(
             x,
             self.weight,
@@ -133,6 +148,12 @@ class SwitchExperts(nn.Module):
         y = self.down_proj(h, experts, do_sort)
         return self.combine(y, indices, restore)
 
+    def all_experts(self, x: mx.array) -> mx.array:
+        """x [..., D] -> every expert's output [E, ..., D] (the dense dispatch)."""
+        rows = x.reshape(1, -1, x.shape[-1])
+        h = nn.silu(self.gate_proj(rows, None)) * self.up_proj(rows, None)
+        return self.down_proj(h, None).reshape(-1, *x.shape)
+
     @staticmethod
     def dispatch(x: mx.array, indices: mx.array):
         x = mx.expand_dims(x, (-2, -3))
@@ -159,12 +180,54 @@ class SparseMoE(nn.Module):
         if args.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+        self.dispatch = "gather"  # or "dense": see the module docstring and set_dispatch
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Returns (output, router logits [..., n_experts] in float32)."""
         logits, indices, weights = self.router(x)
-        y = self.experts(x, indices)
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if self.dispatch == "dense" and indices.size >= DENSE_MIN_PAIRS:
+            # [..., E] routing weights, zero for the experts a token did not choose
+            chosen = indices[..., None] == mx.arange(logits.shape[-1])
+            dense_weights = (weights[..., None] * chosen).sum(axis=-2)
+            y = self.experts.all_experts(x)
+            y = (y * mx.moveaxis(dense_weights, -1, 0)[..., None].astype(y.dtype)).sum(axis=0)
+        else:
+            y = self.experts(x, indices)
+            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y, logits
+
+
+# Dense dispatch does E/k times the work of gather: worth it below this ratio, where the
+# measured gain of whole-matrix BLAS calls over gather_mm's row calls (8x) still wins.
+DENSE_MAX_EXPERTS_PER_CHOICE = 8
+
+
+def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
+    """Sets how every MoE layer of ``model`` runs its experts; returns the choice.
+
+    ``auto``: dense on MLX's CPU backend with a preloaded fast BLAS, for float experts with
+    E/k <= 8; gather everywhere else (Metal's gather kernels are fast; the bundled CPU BLAS
+    runs gather_mm at the dense rate, so dense would only add work)."""
+    from ..blas import loaded_blas
+
+    if setting not in ("auto", *DISPATCHES):
+        raise ValueError(f"MoE dispatch must be auto, gather or dense, got {setting!r}")
+    layers = [m for _, m in model.named_modules() if isinstance(m, SparseMoE)]
+    float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear)
+                        for m in layers)
+    if setting == "dense" and not float_experts:
+        raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
+    if setting == "auto":
+        few = all(m.router.weight.shape[0] <= DENSE_MAX_EXPERTS_PER_CHOICE * m.router.top_k
+                  for m in layers)
+        fast_cpu = mx.default_device() == mx.cpu and loaded_blas() != "bundled"
+        setting = "dense" if layers and float_experts and few and fast_cpu else "gather"
+    for m in layers:
+        m.dispatch = setting
+    return setting
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base if "base" in layer else layer  # a LoRA wrapper's frozen layer

@@ -25,7 +25,8 @@ from ..data import BatchSchedule, Dataset, load_dataset
 from ..errors import MlxMoeError
 from ..load import load
 from ..monitor import ExpertMonitor
-from ..nn.moe import Router
+from ..blas import describe as describe_blas
+from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
 from .distributed import World, share_run
 from .progress import TrainProgress
@@ -121,6 +122,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         if isinstance(module, Router):
             module.temperature, module.jitter = recipe.loss.router_temperature, recipe.loss.router_jitter
     adapted = apply_adapters(model, recipe.lora)
+    try:
+        dispatch = set_dispatch(model, cfg.moe_dispatch)
+    except ValueError as exc:
+        raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
     model.grad_checkpoint = cfg.grad_checkpoint
     model.train()
     trainable = trainable_report(model)
@@ -156,6 +161,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             save_checkpoint(out, model, optimizer, state, recipe_dict)
 
     window = _Window()
+    alarmed_before: list[int] = []
     last_loss = val_loss = None
     stopped = None
     progress = TrainProgress(cfg.iters, state.step, enabled=show_progress and world.is_main)
@@ -173,6 +179,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         state = share_run(world, model, optimizer, state)
         if monitor is not None and state.lora_update_counts:
             monitor.lora_update_counts = np.array(state.lora_update_counts["counts"], np.int64)
+        if model.moe_layers:
+            progress.note(f"{describe_blas()}; MoE dispatch: {dispatch}")
         progress.note(f"trainable {trainable['trainable']:,} of {trainable['total']:,} parameters "
                       f"({trainable['percent']:.2f}%): {trainable['groups']}")
         if world.size > 1:
@@ -214,12 +222,15 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                 metrics.flush()
                 progress.report(row)
                 alarm = row.get("experts", {}).get("alarm")
-                if alarm:
-                    progress.note(f"[yellow]router collapse alarm:[/] {alarm}")
-                    if monitor.should_stop:
-                        checkpoint()
-                        stopped = f"router collapse: {alarm}"
-                        break
+                # metrics.jsonl has every report's alarm; the screen, each change of layers
+                if alarm and (monitor.alarmed_layers != alarmed_before or monitor.should_stop):
+                    progress.note(f"[yellow]router collapse alarm:[/] {_short_alarm(alarm, monitor)}")
+                if monitor is not None:
+                    alarmed_before = list(monitor.alarmed_layers)
+                if alarm and monitor.should_stop:
+                    checkpoint()
+                    stopped = f"router collapse: {alarm}"
+                    break
             if cfg.save_every and state.step % cfg.save_every == 0 and not at_end:
                 checkpoint()
             progress.advance(state.step)
@@ -230,6 +241,16 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                                    "truncated": train_set.truncated})
     return TrainResult(out, state.step, last_loss, val_loss, trainable, train_set.truncated,
                        stopped, world.rank, world.size)
+
+
+def _short_alarm(alarm: str, monitor: ExpertMonitor, shown: int = 2) -> str:
+    """The alarm of a few layers in full; of many, the first ones and a count."""
+    parts = alarm.split("; router collapse in ")
+    if len(parts) <= shown:
+        return alarm
+    layers = ", ".join(str(i) for i in monitor.alarmed_layers)
+    first = "; router collapse in ".join(parts[:shown])
+    return f"{first}; and {len(parts) - shown} more layers (alarm in layers {layers}; see metrics.jsonl)"
 
 
 def _metrics_log(out: Path, world: World):
