@@ -1,0 +1,85 @@
+"""`mlxmoe plan`: will a training run (and its export) fit in memory, from config.json alone."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from ._ui import console, human_bytes
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
+@click.option("--memory", help="The Mac's RAM, e.g. 32GB (default: this Mac, else 32GB).")
+@click.option("--strategy", help="attention | experts | shared | experts+router | all")
+@click.option("--batch-size", type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
+@click.option("--gguf-type", default="q8_0", show_default=True, help="Export type to plan for.")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="gpu: bfloat16 (Metal); cpu: float32 (MLX's CPU backend).")
+def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, quantize,
+         grad_checkpoint, gguf_type, device) -> None:
+    """Peak memory of training MODEL (folder, config.json or hub id: only the config is read)
+    with the recipe, whether it fits, and what would make it fit."""
+    from ..errors import MlxMoeError
+    from ..info import read_config
+    from ..plan import plan_export, plan_training, shard_bytes_of
+    from ..plan_advice import budget, suggestions, target, verdict
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(
+        recipe_file,
+        lora={"strategy": strategy, "rank": rank},
+        train={"batch_size": batch_size, "max_seq_len": max_seq_len,
+               "grad_checkpoint": grad_checkpoint,
+               "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize))},
+    )
+    model = model or recipe.model
+    if not model:
+        raise MlxMoeError("no model: pass MODEL or set 'model' in the recipe")
+    cfg = read_config(model)
+    training = plan_training(cfg, recipe, device)
+    export = plan_export(cfg, gguf_type, training.memory, shard_bytes_of(model))
+    b = budget(memory)
+    t = recipe.train
+
+    table = Table(title=f"{model}: training peak", show_lines=False)
+    for col, justify in (("", "left"), ("memory", "right"), ("", "left")):
+        table.add_column(col, justify=justify)
+    for item in training.items:
+        table.add_row(item.name, human_bytes(item.bytes), item.detail)
+    table.add_row("[bold]peak", f"[bold]{human_bytes(training.peak)}", f"during the {training.phase}")
+    console.print(table)
+    ckpt = "on" if t.grad_checkpoint else "off"
+    console.print(f"batch {t.batch_size} x {t.max_seq_len} tokens, gradient checkpointing {ckpt}, "
+                  f"LoRA {recipe.lora.strategy} rank {recipe.lora.rank} on "
+                  f"{len(training.memory.adapted)} modules, {device} "
+                  f"({'bfloat16' if device == 'gpu' else 'float32'})", highlight=False)
+    console.print(f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
+                  + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in export.items) + ")",
+                  highlight=False)
+
+    v = verdict(training.peak, b)
+    console.print(f"\nbudget: {human_bytes(b.ram)} of RAM, {human_bytes(b.wired_default)} for the GPU "
+                  f"by default ({b.source})", highlight=False)
+    if v.fits_default:
+        console.print("[green]fits[/] under the default GPU limit")
+        return
+    if v.fits_raised:
+        console.print("[yellow]fits after raising the GPU wired limit[/] (until the next reboot):")
+        console.print(f"  {v.sysctl}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[red]does not fit[/]: {human_bytes(training.peak)} is more than "
+                      f"{human_bytes(b.wired_max)} (RAM less 4 GiB for macOS)", highlight=False)
+    limit = target(training, b)
+    changes = suggestions(cfg, recipe, training, limit, device)
+    if changes:
+        which = "default" if limit == b.wired_default else "raised"
+        console.print(f"to fit under the {which} limit ({human_bytes(limit)}), change in this order:")
+        for change in changes:
+            mark = "fits" if change.peak <= limit else "still over"
+            console.print(f"  - {change.what}: peak {human_bytes(change.peak)} ({mark})", highlight=False)

@@ -1,0 +1,175 @@
+"""Does a training plan fit a Mac, and which recipe changes would make it fit.
+
+macOS lets the GPU wire only part of unified memory: Metal's
+``recommendedMaxWorkingSetSize``, about 2/3 of RAM on Macs with up to 36 GB and about 3/4
+above (MLX reports it as ``max_recommended_working_set_size``; newer Macs and macOS
+versions report a little more). ``sudo sysctl iogpu.wired_limit_mb=N`` raises it until the
+next reboot (0 restores the default).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import MlxMoeError
+from .plan import TrainingPlan, model_memory, plan_training
+from .recipe import Recipe
+
+GiB = 2**30
+OS_HEADROOM = 4 * GiB  # what a raised wired limit should leave to macOS and other apps
+_UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    ram: int
+    wired_default: int  # what the GPU may wire before the sysctl is raised
+    source: str  # where both figures come from
+
+    @property
+    def wired_max(self) -> int:
+        return self.ram - OS_HEADROOM
+
+
+def parse_size(text: str) -> int:
+    """'32GB', '24 GiB', '96g', '512MB' -> bytes (binary units: a Mac's "32 GB" is 32 GiB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MlxMoeError(f"--memory {text!r}: expected a size such as 32GB, 24GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_wired_limit(ram: int) -> int:
+    return ram * 2 // 3 if ram <= 36 * GiB else ram * 3 // 4
+
+
+def budget(memory: str | None) -> Budget:
+    """The Mac to plan for: ``memory`` of RAM, else this Mac (Metal's own figures), else 32 GB."""
+    import mlx.core as mx
+
+    info = mx.device_info() if memory is None and mx.metal.is_available() else {}
+    if "memory_size" in info and "max_recommended_working_set_size" in info:
+        return Budget(int(info["memory_size"]), int(info["max_recommended_working_set_size"]),
+                      "this Mac: Metal's recommended working set")
+    ram = parse_size(memory or "32GB")
+    where = f"{ram / GiB:g} GB" + ("" if memory else " (default; set --memory)")
+    share = "2/3" if ram <= 36 * GiB else "3/4"
+    return Budget(ram, default_wired_limit(ram), f"a {where} Mac; macOS's default is ~{share} of RAM")
+
+
+def wired_limit_mb(peak: int, b: Budget) -> int:
+    """The sysctl value for a plan: its peak and 10% margin, in whole GiB, in MB."""
+    return 1024 * math.ceil(min(peak * 1.1, b.wired_max) / GiB)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    fits_default: bool  # under macOS's default GPU limit
+    fits_raised: bool  # under a raised limit that leaves OS_HEADROOM
+    sysctl: str | None  # the command that raises the limit enough, when that is what it takes
+
+
+def verdict(peak: int, b: Budget) -> Verdict:
+    if peak <= b.wired_default:
+        return Verdict(True, True, None)
+    if peak <= b.wired_max:
+        return Verdict(False, True, f"sudo sysctl iogpu.wired_limit_mb={wired_limit_mb(peak, b)}")
+    return Verdict(False, False, None)
+
+
+@dataclass(frozen=True)
+class Change:
+    what: str
+    recipe: Recipe
+    peak: int
+
+
+def _halve_batch(r: Recipe) -> str | None:
+    if r.train.batch_size < 2:
+        return None
+    r.train.batch_size //= 2
+    r.train.grad_accum *= 2
+    return f"batch_size {r.train.batch_size}, grad_accum {r.train.grad_accum} (same effective batch)"
+
+
+def _checkpoint(r: Recipe) -> str | None:
+    if r.train.grad_checkpoint:
+        return None
+    r.train.grad_checkpoint = True
+    return "grad_checkpoint: true (recompute each layer in the backward pass, ~30% slower)"
+
+
+def _four_bits(r: Recipe) -> str | None:
+    if r.train.quantize == 4:
+        return None
+    r.train.quantize = 4
+    return "quantize: 4"
+
+
+def _halve_seq(r: Recipe) -> str | None:
+    if r.train.max_seq_len <= 256:
+        return None
+    r.train.max_seq_len //= 2
+    return f"max_seq_len: {r.train.max_seq_len} (longer samples are truncated)"
+
+
+def _top_half(r: Recipe, num_layers: int) -> str | None:
+    layers = r.lora.layers if r.lora.layers is not None else list(range(num_layers))
+    if len(layers) < 2:
+        return None
+    r.lora.layers = layers[len(layers) // 2:]
+    return f"lora.layers: the top {len(r.lora.layers)} ({r.lora.layers[0]}-{r.lora.layers[-1]})"
+
+
+def _attention_only(r: Recipe) -> str | None:
+    if r.lora.strategy == "attention" and not r.lora.targets:
+        return None
+    r.lora.strategy, r.lora.targets = "attention", None
+    return "lora.strategy: attention (experts stay frozen)"
+
+
+def target(plan: TrainingPlan, b: Budget) -> int:
+    """The limit to aim for: the default one, unless the frozen base alone exceeds it."""
+    base = plan.memory.quantized + plan.memory.unquantized
+    return b.wired_default if base < b.wired_default else b.wired_max
+
+
+def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int,
+                device: str = "gpu") -> list[Change]:
+    """Recipe changes applied one after another, cheapest in quality first, each kept only if
+    it lowers the peak, until the plan fits under ``limit``."""
+    models = {_model_key(recipe): plan.memory}  # only bits and adapters need another build
+
+    def replan(r: Recipe) -> TrainingPlan:
+        key = _model_key(r)
+        if key not in models:
+            models[key] = model_memory(cfg, plan.dtype, r.train.quantize, r.train.group_size, r.lora)
+        return plan_training(cfg, r, device, memory=models[key])
+
+    num_layers = plan.memory.model.args.num_layers
+    steps: list[Callable[[Recipe], str | None]] = [
+        _checkpoint, _halve_batch, _halve_batch, _halve_batch, _four_bits, _halve_seq,
+        _halve_seq, lambda r: _top_half(r, num_layers), _attention_only,
+    ]
+    current, peak, out = recipe, plan.peak, []
+    for step in steps:
+        if peak <= limit:
+            break
+        candidate = copy.deepcopy(current)
+        what = step(candidate)
+        if what is None:
+            continue
+        new_peak = replan(candidate).peak
+        if new_peak < peak:
+            current, peak = candidate, new_peak
+            out.append(Change(what, candidate, peak))
+    return out
+
+
+def _model_key(r: Recipe) -> tuple:
+    return r.train.quantize, r.train.group_size, repr(r.lora)
