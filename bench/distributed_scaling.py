@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from local_ranks import free_port_pair  # noqa: E402  (tests/ is on the path from here)
 
 
 def make_data(folder: Path, n: int, words: int) -> Path:
@@ -38,20 +38,6 @@ def make_data(folder: Path, n: int, words: int) -> Path:
             answer = " ".join(rng.choice(vocab) for _ in range(words))
             f.write(json.dumps({"prompt": f"Say {answer[:20]}", "completion": answer}) + "\n")
     return folder
-
-
-def free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
 
 
 def run(ranks: int, model: Path, data: Path, recipe: Path, out: Path) -> list[dict]:

@@ -84,9 +84,11 @@ def reexec_with_blas(argv: list[str] | None = None) -> None:
 def loaded_blas() -> str:
     """Which BLAS this process runs: the preloaded library's path, or ``bundled``. Read
     from the libraries actually mapped into the process, not from the setting."""
-    wanted = os.environ.get(PRELOADED)
-    if wanted and _mapped(wanted):
-        return wanted
+    # Ours, or one the user preloaded by hand (it then comes first as well).
+    preloaded = [os.environ.get(PRELOADED, ""), *os.environ.get("LD_PRELOAD", "").split(":")]
+    for library in preloaded:
+        if library and "blas" in Path(library).name and _mapped(library):
+            return library
     return "bundled"
 
 

@@ -22,3 +22,20 @@ def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from mlxmoe.gguf_import import gguf_to_hf
 
     return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-MoE (shared expert included) with a real small tokenizer: what
+    `mlxmoe train` needs. Read-only: a test that changes it works on a copy."""
+    from tiny_models import make_trainable_checkpoint
+
+    return make_trainable_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prompt/completion pairs a tiny model learns in a few steps (train and valid)."""
+    from tiny_models import write_qa_data
+
+    return write_qa_data(tmp_path_factory.mktemp("data"))

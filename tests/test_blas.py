@@ -32,9 +32,9 @@ print(json.dumps({"blas": blas.loaded_blas(), "error": blas.check_matmul()}))
 """
 
 
-def run_report(setting: str) -> dict:
+def run_report(setting: str, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.PRELOADED)}
-    proc = subprocess.run([sys.executable, "-c", REPORT], env={**env, blas.SETTING: setting},
+    proc = subprocess.run([sys.executable, "-c", REPORT], env={**env, blas.SETTING: setting, **extra},
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -64,6 +64,12 @@ def test_auto_reexecutes_with_openblas_mapped_and_its_matmul_checked():
 @needs_openblas
 def test_bundled_runs_mlx_own_blas():
     assert run_report("bundled")["blas"] == "bundled"
+
+
+@needs_openblas
+def test_a_blas_the_user_preloaded_by_hand_is_recognised_and_checked():
+    report = run_report("bundled", LD_PRELOAD=str(SYSTEM_OPENBLAS))
+    assert report["blas"] == str(SYSTEM_OPENBLAS) and report["error"] < 1e-5
 
 
 @needs_openblas

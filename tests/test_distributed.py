@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from tiny_models import make_trainable_checkpoint, write_qa_data
+from local_ranks import free_port_pair
+from tiny_models import write_qa_data
 
 from mlxmoe.recipe import RecipeError, load_recipe
 from mlxmoe.train import train
@@ -33,31 +33,6 @@ SETTINGS = {
     "train": {"iters": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup": 0, "quantize": 0,
               "report_every": 1, "val_every": 3, "save_every": 3, "max_seq_len": 64},
 }
-
-
-@pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory) -> Path:
-    return make_trainable_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_qa_data(tmp_path_factory.mktemp("data"))
-
-
-def free_port_pair() -> int:
-    """A port p with p and p+1 free (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
 
 
 def launch(*command: str, ranks: int = 2, timeout: int = 120) -> str:

@@ -11,14 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_trainable_checkpoint, write_qa_data
+from tiny_models import write_qa_data
 
 from mlxmoe.evaluate import evaluate
-
-
-@pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory) -> Path:
-    return make_trainable_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
 
 
 @pytest.fixture(scope="module")

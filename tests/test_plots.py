@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib import colormaps
 from matplotlib.image import imread
-from tiny_models import make_trainable_checkpoint, write_qa_data
+from tiny_models import write_qa_data
 
 from mlxmoe import plots
 from mlxmoe.errors import MlxMoeError
@@ -150,11 +150,6 @@ def run_cli(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
-
-
-@pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory) -> Path:
-    return make_trainable_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import make_trainable_checkpoint, write_qa_data
+from tiny_models import make_trainable_checkpoint
 
 from mlxmoe.adapters import read_adapter_config
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
-
-
-@pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory) -> Path:
-    return make_trainable_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_qa_data(tmp_path_factory.mktemp("data"))
 
 
 def recipe(model: Path, data: Path, **train_overrides):

@@ -8,6 +8,7 @@ import click
 from rich.progress import Progress
 from rich.table import Table
 
+from ._options import recipe_from_options, training_options
 from ._ui import console
 
 
@@ -43,13 +44,7 @@ class _EvalBar:
 @click.option("--eval-data", type=click.Path(exists=True),
               help="Held-out JSONL (or folder) to evaluate on "
                    "(default: DATA's test.jsonl, else valid.jsonl).")
-@click.option("--iters", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--grad-accum", type=int)
-@click.option("--max-seq-len", type=int)
-@click.option("--learning-rate", type=float)
-@click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
+@training_options
 @click.option("--seed", type=int, help="Seed of every run (data order, LoRA init, dropout).")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Greedy answer length cap.")
 @click.option("--limit", type=int, help="Evaluate only the first N held-out samples.")
@@ -61,21 +56,12 @@ def ablate(model, data, out, recipe_file, strategies, eval_data, iters, batch_si
     with the same OUT skips what is done and resumes an interrupted run."""
     from ..ablate import BASE, EVAL_COLUMNS, TRAIN_COLUMNS
     from ..ablate import ablate as run_ablation
-    from ..recipe import load_recipe
 
-    recipe = load_recipe(
-        recipe_file,
-        lora={"rank": rank},
-        train={
-            "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
-            "max_seq_len": max_seq_len, "learning_rate": learning_rate, "seed": seed,
-            "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize)),
-        },
+    recipe = recipe_from_options(
+        recipe_file, model, data, iters=iters, batch_size=batch_size, grad_accum=grad_accum,
+        max_seq_len=max_seq_len, learning_rate=learning_rate, rank=rank, quantize=quantize,
+        seed=seed,
     )
-    if model:
-        recipe.model = model
-    if data:
-        recipe.data = data
     bar = _EvalBar()
     try:
         result = run_ablation(

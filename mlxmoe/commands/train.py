@@ -7,6 +7,7 @@ import sys
 import click
 from rich.table import Table
 
+from ._options import recipe_from_options, training_options
 from ._ui import console
 
 
@@ -16,34 +17,19 @@ from ._ui import console
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
 @click.option("--strategy", help="attention | experts | shared | experts+router | all")
-@click.option("--iters", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--grad-accum", type=int)
-@click.option("--max-seq-len", type=int)
-@click.option("--learning-rate", type=float)
-@click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
+@training_options
 @click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
 @click.option("--no-plots", is_flag=True, help="Write no loss.png / expert_load.png.")
 def train(model, data, out, recipe_file, strategy, iters, batch_size, grad_accum, max_seq_len,
           learning_rate, rank, quantize, resume, no_plots) -> None:
     """Fine-tune MODEL's adapters on DATA with a router-aware loss."""
-    from ..recipe import load_recipe
     from ..train import train as run_training
 
-    recipe = load_recipe(
-        recipe_file,
-        lora={"strategy": strategy, "rank": rank},
-        train={
-            "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
-            "max_seq_len": max_seq_len, "learning_rate": learning_rate,
-            "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize)),
-        },
+    recipe = recipe_from_options(
+        recipe_file, model, data, iters=iters, batch_size=batch_size, grad_accum=grad_accum,
+        max_seq_len=max_seq_len, learning_rate=learning_rate, rank=rank, quantize=quantize,
+        strategy=strategy,
     )
-    if model:
-        recipe.model = model
-    if data:
-        recipe.data = data
     result = run_training(recipe, out, resume=resume)
     summary = Table(title="training summary", show_header=False)
     summary.add_row("steps", str(result.steps))
