@@ -62,6 +62,12 @@ class DemoReport:
 
 
 Say = Callable[[str], None]
+# (label, done, total): progress within a stage (evaluation samples, exported tensors)
+Tick = Callable[[str, int, int], None]
+
+
+def _no_tick(label: str, done: int, total: int) -> None:
+    pass
 
 
 def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
@@ -71,7 +77,7 @@ def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
     return recipe
 
 
-def run_demo(settings: DemoSettings, say: Say = print) -> DemoReport:
+def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) -> DemoReport:
     from .blas import describe
 
     out = Path(settings.out)
@@ -86,15 +92,15 @@ def run_demo(settings: DemoSettings, say: Say = print) -> DemoReport:
     with _stage(report, "upcycle", say, "upcycling SmolLM2-135M-Instruct into a 4-expert MoE"):
         _upcycled_model(model, say)
     with _stage(report, "eval base", say, "evaluating the base model on the held-out questions"):
-        report.base = _evaluate(model, data, None, settings)
+        report.base = _evaluate(model, data, None, settings, tick)
     with _stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
                 f"{recipe.train.iters} steps of {recipe.train.batch_size})"):
         report.training = _train(recipe, run, say)
     with _stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
-        report.tuned = _evaluate(model, data, run, settings)
+        report.tuned = _evaluate(model, data, run, settings, tick)
     gguf_path = out / GGUF_NAME
     with _stage(report, "export", say, "merging the adapters into a q8_0 GGUF"):
-        report.gguf = _export(model, run, gguf_path)
+        report.gguf = _export(model, run, gguf_path, tick)
     with _stage(report, "llama.cpp", say, "asking llama.cpp a held-out question"):
         report.llama_cpp = _ask_llama_cpp(gguf_path, model, data, settings)
     with _stage(report, "ollama", say, "writing the Ollama Modelfile"):
@@ -143,11 +149,13 @@ def _upcycled_model(folder: Path, say: Say) -> None:
         upcycle(dense, folder, layout="mixtral", n_experts=4, top_k=2)
 
 
-def _evaluate(model: Path, data: Path, adapter: Path | None, settings: DemoSettings) -> dict:
+def _evaluate(model: Path, data: Path, adapter: Path | None, settings: DemoSettings,
+              tick: Tick) -> dict:
     from .evaluate import evaluate
 
     report = evaluate(model, data / "test.jsonl", adapter=adapter,
-                      max_new_tokens=settings.max_new_tokens, generate_limit=settings.eval_answers)
+                      max_new_tokens=settings.max_new_tokens, generate_limit=settings.eval_answers,
+                      progress=lambda done, total: tick("eval", done, total))
     answered = [s for s in report.per_sample if s.generated is not None]
     return {
         "perplexity": report.perplexity, "rouge_l": report.rouge_l,
@@ -181,10 +189,11 @@ def _train(recipe: Recipe, run: Path, say: Say) -> dict[str, Any]:
     }
 
 
-def _export(model: Path, run: Path, path: Path) -> dict[str, Any]:
+def _export(model: Path, run: Path, path: Path, tick: Tick) -> dict[str, Any]:
     from .gguf.export import export_gguf
 
-    result = export_gguf(model, path, "q8_0", adapter=run)
+    result = export_gguf(model, path, "q8_0", adapter=run,
+                         on_tensor=lambda done, total, name: tick("export", done, total))
     return {"path": str(result.path), "bytes": result.bytes, "seconds": result.seconds}
 
 

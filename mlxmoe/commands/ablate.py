@@ -5,33 +5,10 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.progress import Progress
 from rich.table import Table
 
 from ._options import recipe_from_options, training_options
-from ._ui import console
-
-
-class _EvalBar:
-    """A transient bar per evaluation: ``evaluate`` reports (done, total) after each sample."""
-
-    def __init__(self) -> None:
-        self.progress: Progress | None = None
-        self.task = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            self.progress = Progress(console=console, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task("eval", total=total)
-        self.progress.update(self.task, completed=done, total=total)
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+from ._ui import TransientBar, console
 
 
 @click.command()
@@ -62,7 +39,7 @@ def ablate(model, data, out, recipe_file, strategies, eval_data, iters, batch_si
         max_seq_len=max_seq_len, learning_rate=learning_rate, rank=rank, quantize=quantize,
         seed=seed,
     )
-    bar = _EvalBar()
+    bar = TransientBar()
     try:
         result = run_ablation(
             recipe, out, strategies, eval_data=eval_data, max_new_tokens=max_new_tokens,

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ._ui import console, human_bytes
+from ._ui import TransientBar, console, human_bytes
 
 
 def _num(value, spec: str) -> str:
@@ -31,7 +31,9 @@ def demo(out, recipe, iters, eval_answers, check) -> None:
 
     settings = DemoSettings(out=Path(out), recipe=Path(recipe) if recipe else None, iters=iters,
                             eval_answers=eval_answers)
-    report = run_demo(settings, say=lambda text: console.print(text, highlight=False))
+    with TransientBar() as bar:
+        report = run_demo(settings, say=lambda text: console.print(text, highlight=False),
+                          tick=lambda label, done, total: bar(done, total, label))
 
     table = Table(title="mlxmoe demo", show_header=True)
     for column in ("", "base", "fine-tuned"):
