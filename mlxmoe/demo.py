@@ -51,6 +51,7 @@ class DemoReport:
     llama_cpp: dict[str, Any] = field(default_factory=dict)
     modelfile: str = ""
     ollama: str = ""
+    plots: list[str] = field(default_factory=list)
 
     @property
     def perplexity_fell(self) -> bool:
@@ -79,6 +80,7 @@ def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
 
 def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) -> DemoReport:
     from .blas import describe
+    from .plots import training_plots
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,7 @@ def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) ->
     with _stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
                 f"{recipe.train.iters} steps of {recipe.train.batch_size})"):
         report.training = _train(recipe, run, say)
+        report.plots = [str(p) for p in training_plots(run, "mlxmoe demo: SmolLM2 MoE on the Python FAQ")]
     with _stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
         report.tuned = _evaluate(model, data, run, settings, tick)
     gguf_path = out / GGUF_NAME

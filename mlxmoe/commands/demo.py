@@ -53,6 +53,7 @@ def demo(out, recipe, iters, eval_answers, check) -> None:
                   f"{_num(t['tokens_per_s'], '.1f')} tokens/s, peak {t['peak_memory_gb']:.2f} GB")
     facts.add_row("GGUF (q8_0)", f"{report.gguf['path']} ({human_bytes(report.gguf['bytes'])})")
     facts.add_row("Modelfile", report.modelfile)
+    facts.add_row("plots", ", ".join(report.plots))
     facts.add_row("time", ", ".join(f"{k} {v:.0f} s" for k, v in report.stages_s.items())
                   + f"; total {sum(report.stages_s.values()) / 60:.1f} min")
     console.print(facts)
