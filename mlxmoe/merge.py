@@ -28,8 +28,10 @@ from .checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from .errors import CheckpointError
 from .hub import resolve
 from .safetensors_io import (
+    TensorIn,
     TensorOut,
     from_float32,
+    safetensors_header,
     safetensors_index,
     write_safetensors,
 )
@@ -77,7 +79,6 @@ class MergedWeights:
         lazy = self.family.build(self.args)
         self.shapes = {k: tuple(v.shape) for k, v in tree_flatten(lazy.parameters())}
         self._sources = self._index()
-        self._files: dict[Path, dict[str, mx.array]] = {}
 
     def _check_adapter(self, force: bool) -> None:
         config = self.adapter.config
@@ -90,40 +91,36 @@ class MergedWeights:
                 "pass the base it was trained on, or force"
             )
 
-    def _index(self) -> dict[tuple[str, int | None], tuple[str, Path]]:
-        from safetensors import safe_open
-
+    def _index(self) -> dict[tuple[str, int | None], TensorIn]:
         sources = {}
         for file in self.ckpt.weight_files:
-            with safe_open(str(file), framework="numpy") as f:
-                names = list(f.keys())
-            for name in names:
-                match = self.family.match_hf(name)
+            for source in safetensors_header(file):
+                match = self.family.match_hf(source.name)
                 if match is None:
                     continue
                 role, bid, xid = match
-                sources[(ROLES[role].ours.format(bid=bid), xid)] = (name, file)
+                sources[(ROLES[role].ours.format(bid=bid), xid)] = source
         return sources
 
     def names(self) -> list[str]:
         return list(self.shapes)
 
-    def _read(self, name: str, file: Path) -> np.ndarray:
-        if file not in self._files:
-            self._files = {file: mx.load(str(file))}  # keep one file's lazy arrays at a time
-        return np.array(self._files[file][name].astype(mx.float32))
+    def _read(self, source: TensorIn) -> np.ndarray:
+        # One tensor at a time, nothing kept: peak memory follows the largest tensor, not
+        # the safetensors file.
+        return source.float32()
 
     def base(self, ours: str) -> np.ndarray:
         shape = self.shapes[ours]
         if (ours, None) in self._sources:
-            return self._read(*self._sources[(ours, None)])
+            return self._read(self._sources[(ours, None)])
         if (ours, 0) in self._sources:  # per-expert tensors, stacked like our module holds them
-            experts = []
+            stacked = np.empty(shape, np.float32)
             for x in range(shape[0]):
                 if (ours, x) not in self._sources:
                     raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}")
-                experts.append(self._read(*self._sources[(ours, x)]))
-            return np.stack(experts)
+                stacked[x] = self._read(self._sources[(ours, x)])
+            return stacked
         if ours == "lm_head.weight" and self.args.tie_word_embeddings:
             return self.base("embed_tokens.weight")
         raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours)!r}")
@@ -138,7 +135,9 @@ class MergedWeights:
         pair = self.adapter.pairs.get(module)
         if pair is not None and ours.endswith(".weight"):
             a, b = pair
-            weight = weight + self.adapter.scale * (b @ a)
+            delta = b @ a
+            delta *= self.adapter.scale
+            weight += delta  # in place: one extra copy of the tensor, not two
         return weight
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:

@@ -18,6 +18,8 @@ from .errors import CheckpointError, MlxMoeError
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                         "I8": 1, "U8": 1, "BOOL": 1}
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
 # --- writing, one tensor at a time -------------------------------------------------------
@@ -82,6 +84,17 @@ class TensorIn:
             f.seek(self.start)
             return f.read(self.nbytes)
 
+    def float32(self) -> np.ndarray:
+        """The tensor as float32; stored as float32, it is read straight into its array."""
+        if self.dtype != "F32":
+            return to_float32(self.read(), self.dtype, self.shape)
+        out = np.empty(self.shape, np.float32)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(memoryview(out).cast("B")) != self.nbytes:
+                raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+        return out
+
 
 def safetensors_index(folder: Path) -> list[TensorIn]:
     index = folder / INDEX_FILE
@@ -91,24 +104,39 @@ def safetensors_index(folder: Path) -> list[TensorIn]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weight files")
-    out = []
-    for file in files:
+    return [t for file in files for t in safetensors_header(file)]
+
+
+def safetensors_header(file: Path) -> list[TensorIn]:
+    """Every tensor of one file, located by its header alone."""
+    try:
         with open(file, "rb") as f:
             size = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(size))
+        file_size = file.stat().st_size
+        out = []
         for name, spec in header.items():
             if name == "__metadata__":
                 continue
             begin, end = spec["data_offsets"]
-            out.append(TensorIn(name, spec["dtype"], tuple(spec["shape"]), file,
-                                8 + size + begin, end - begin))
+            tensor = TensorIn(name, spec["dtype"], tuple(spec["shape"]), file, 8 + size + begin,
+                              end - begin)
+            if tensor.start + tensor.nbytes > file_size:
+                raise ValueError(f"tensor {name!r} lies past the end of the file")
+            out.append(tensor)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
     return out
 
 
 def to_float32(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    # Through MLX because numpy has no bfloat16.
-    raw = mx.array(np.frombuffer(data, dtype=np.uint8))
-    return np.array(raw.view(MX_DTYPES[dtype]).astype(mx.float32)).reshape(shape)
+    if dtype == "BF16":  # numpy has no bfloat16: its bits are a float32's upper half
+        wide = np.frombuffer(data, dtype="<u2").astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32).reshape(shape)
+    if dtype not in NUMPY_DTYPES:
+        raise CheckpointError(f"cannot read safetensors dtype {dtype} as float32")
+    return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).astype(np.float32).reshape(shape)
 
 
 def from_float32(array: np.ndarray, dtype: str) -> bytes:

@@ -1,0 +1,119 @@
+"""Our merged f16 GGUF equals what llama.cpp's own converter writes from the same model.
+
+For each family a tiny model with a real tokenizer and a trained adapter is merged two ways:
+``export_gguf`` (base + adapter straight to GGUF) and ``export_hf`` (an HF folder) read by
+``convert_hf_to_gguf.py --outtype f16`` from the llama-cpp-python 0.3.36 sdist, run with its
+own gguf-py (LLAMA_CPP_SRC: the unpacked tree, which .ci/run fetches; skipped without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from test_export import FAMILIES, make_model
+from tiny_models import write_qa_data
+
+from mlxmoe.gguf.export import export_gguf
+from mlxmoe.merge import export_hf
+from mlxmoe.recipe import load_recipe
+from mlxmoe.train import train
+
+LLAMA_CPP_SRC = Path(os.environ.get(
+    "LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
+))
+CONVERTER = LLAMA_CPP_SRC / "convert_hf_to_gguf.py"
+pytestmark = pytest.mark.skipif(
+    not CONVERTER.is_file(),
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+)
+
+# The general.* keys llama.cpp's loader reads; the others (name, size label, ...) only
+# describe the model, and the converter derives them from the folder it was given.
+LOADING_GENERAL_KEYS = {"general.architecture", "general.type", "general.alignment",
+                        "general.file_type", "general.quantization_version"}
+
+
+class Converted:
+    def __init__(self, family: str, root: Path):
+        self.family = family
+        model = make_model(family, root / "model")
+        r = load_recipe(None, train=dict(iters=1, batch_size=4, learning_rate=5e-3, warmup=0,
+                                         quantize=0, report_every=1, val_every=0, max_seq_len=48),
+                        lora=dict(strategy="all", router_mode="lora", rank=4))
+        r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
+        train(r, root / "adapter", show_progress=False)
+        merged = export_hf(model, root / "merged", root / "adapter")
+        assert not list(merged.glob("*.py")) and "auto_map" not in json.loads(
+            (merged / "config.json").read_text())  # the converter runs no code from the folder
+        self.theirs = root / "converter-f16.gguf"
+        converter = subprocess.Popen(  # runs while we export
+            [sys.executable, str(CONVERTER), "--outtype", "f16", "--outfile", str(self.theirs),
+             str(merged)],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+                p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
+        )
+        self.ours = export_gguf(model, root / "mlxmoe-f16.gguf", "f16", root / "adapter").path
+        log, _ = converter.communicate()
+        assert converter.returncode == 0, log[-4000:]
+        self.adapted = [name for name, base in safetensors(model).items()
+                        if not np.array_equal(base, safetensors(merged)[name])]
+        # gguf-py's reader takes seconds over a 152k-token vocabulary: each file is read once
+        self.readers = {side: gguf.GGUFReader(path) for side, path in
+                        (("ours", self.ours), ("theirs", self.theirs))}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def converted(request, tmp_path_factory) -> Converted:
+    return Converted(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def safetensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def tensors(reader: gguf.GGUFReader) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in reader.tensors}
+
+
+def loading_kv(reader: gguf.GGUFReader) -> dict[str, tuple[list, object]]:
+    """Every key llama.cpp reads for loading: value types and values."""
+    return {k: (f.types, f.contents()) for k, f in reader.fields.items()
+            if not k.startswith("GGUF.") and (not k.startswith("general.") or k in LOADING_GENERAL_KEYS)}
+
+
+def test_tensor_names_shapes_and_types_equal_the_converters(converted):
+    ours, theirs = tensors(converted.readers["ours"]), tensors(converted.readers["theirs"])
+    assert sorted(ours) == sorted(theirs)
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
+        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    types = {t.tensor_type.name for t in ours.values()}
+    assert types == {"F16", "F32"}  # matrices f16; norms and routers f32, as the converter keeps them
+
+
+def test_tensor_values_equal_the_converters_bit_for_bit(converted):
+    # Both round the same float32 merge to f16 once (the converter reads export_hf's float32
+    # folder), and the q/k permutation is a reordering: no tolerance is needed.
+    ours, theirs = tensors(converted.readers["ours"]), tensors(converted.readers["theirs"])
+    differ = [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
+    assert differ == []
+    # the adapter really changed the merged model both files were made from
+    assert any(".q_proj." in n for n in converted.adapted) and any(".experts." in n for n in converted.adapted)
+
+
+def test_loading_metadata_equals_the_converters(converted):
+    ours, theirs = loading_kv(converted.readers["ours"]), loading_kv(converted.readers["theirs"])
+    arch = ours["general.architecture"][1]
+    assert any(k.startswith(f"{arch}.expert_") for k in ours)
+    assert any(k.startswith("tokenizer.ggml.") for k in ours)
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if ours[k] != theirs[k]] == []
