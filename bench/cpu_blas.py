@@ -112,19 +112,20 @@ def main() -> None:
         print("1024x1024 float32 matmul, GFLOP/s")
         for setting in ("bundled", "auto"):
             rates = matmul_rates(setting)
-            print(f"  {rates['blas']:<60} MLX {rates['mlx']:7.1f}   numpy {rates['numpy']:7.1f}")
+            print(f"  {rates['blas']:<60} MLX {rates['mlx']:7.1f}   numpy {rates['numpy']:7.1f}",
+                  flush=True)
 
         print(f"\nmlxmoe train, {model.name}, {args.iters} steps of batch 4 (experts strategy)")
-        results = {}
-        for setting, dispatch in RUNS:
-            results[setting, dispatch] = train_run(model, data, tmp / f"run-{setting}-{dispatch}",
-                                                   setting, dispatch, args.iters)
-        base = results["bundled", "gather"]
-        print(f"  {'BLAS':<10}{'dispatch':<10}{'tokens/s':>10}{'ratio':>8}{'peak GB':>9}{'max |dloss|':>13}")
-        for (setting, dispatch), r in results.items():
+        print(f"  {'BLAS':<10}{'dispatch':<10}{'tokens/s':>10}{'ratio':>8}{'peak GB':>9}{'max |dloss|':>13}",
+              flush=True)
+        base = None
+        for setting, dispatch in RUNS:  # each row as soon as it is measured: the first is slow
+            r = train_run(model, data, tmp / f"run-{setting}-{dispatch}", setting, dispatch, args.iters)
+            base = base or r
             diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
             print(f"  {setting:<10}{dispatch:<10}{r['tokens_per_s']:>10.1f}"
-                  f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['peak_gb']:>9.2f}{diff:>13.2e}")
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['peak_gb']:>9.2f}{diff:>13.2e}",
+                  flush=True)
 
         if args.demo:
             print("\nmlxmoe demo --iters 2 --eval-answers 1, wall time")
