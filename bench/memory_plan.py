@@ -9,6 +9,9 @@ prediction is ``mlxmoe.plan.plan_training`` for the same recipe on this backend.
 
     .venv/bin/python bench/memory_plan.py            # every setting (a few minutes on 2 cores)
     .venv/bin/python bench/memory_plan.py --quick    # the tiny ones
+
+MoE settings name their dispatch (gather or dense) explicitly, so the measured process runs it
+whatever BLAS it loaded and the prediction assumes the same.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ OLMOE = dict(model_type="olmoe", vocab_size=8192, hidden_size=256, num_hidden_la
 
 
 def setting(name, config, bits=0, batch=2, seq=256, checkpoint=False, strategy="experts",
-            accum=1, rank=8):
+            accum=1, rank=8, dispatch="gather"):
+    """``dispatch`` is set explicitly (never auto) so that the measured process, which runs
+    MLX's bundled BLAS, and the prediction assume the same MoE dispatch."""
     return dict(name=name, config=config, bits=bits, batch=batch, seq=seq, checkpoint=checkpoint,
-                strategy=strategy, accum=accum, rank=rank)
+                strategy=strategy, accum=accum, rank=rank, dispatch=dispatch)
 
 
 QUICK = [
@@ -53,6 +58,7 @@ QUICK = [
     setting("tiny qwen3", TINY, bits=4),
     setting("tiny qwen3", TINY, checkpoint=True),
     setting("tiny qwen3", TINY, batch=4, seq=512, strategy="attention"),
+    setting("tiny qwen3", TINY, dispatch="dense"),
 ]
 SETTINGS = QUICK + [
     setting("tiny qwen3", TINY, bits=8, strategy="experts+router", accum=2),
@@ -66,6 +72,11 @@ SETTINGS = QUICK + [
     setting("small qwen2-moe", SMALL_SHARED),
     setting("small qwen2-moe", SMALL_SHARED, bits=4, strategy="shared", checkpoint=True),
     setting("small olmoe", OLMOE, batch=2, seq=512),
+    # nn.moe's dense dispatch (every expert on every token), float experts only
+    setting("tiny qwen3", TINY, checkpoint=True, dispatch="dense"),
+    setting("small mixtral", SMALL, dispatch="dense"),
+    setting("small mixtral", SMALL, strategy="all", rank=16, dispatch="dense"),
+    setting("small qwen2-moe", SMALL_SHARED, dispatch="dense"),
 ]
 
 
@@ -76,7 +87,8 @@ def recipe_for(s: dict):
         None,
         lora={"strategy": s["strategy"], "rank": s["rank"]},
         train={"quantize": s["bits"], "batch_size": s["batch"], "max_seq_len": s["seq"],
-               "grad_checkpoint": s["checkpoint"], "grad_accum": s["accum"]},
+               "grad_checkpoint": s["checkpoint"], "grad_accum": s["accum"],
+               "moe_dispatch": s["dispatch"]},
     )
 
 
@@ -98,6 +110,7 @@ def measure(s: dict) -> dict:
     from mlxmoe.data import Batch
     from mlxmoe.info import lazy_model
     from mlxmoe.load import default_dtype
+    from mlxmoe.nn.moe import set_dispatch
     from mlxmoe.quantize import quantize_model
     from mlxmoe.train.step import Stepper
 
@@ -114,6 +127,7 @@ def measure(s: dict) -> dict:
         quantize_model(model, t.quantize, t.group_size)
     mx.eval(model.parameters())
     apply_adapters(model, recipe.lora)
+    set_dispatch(model, t.moe_dispatch)
     model.grad_checkpoint = t.grad_checkpoint
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-4)
@@ -211,7 +225,7 @@ def measure_export(job: dict) -> dict:
 def run_exports(root: Path) -> list[dict]:
     from mlxmoe.adapt import AdapterSpec
     from mlxmoe.info import read_config
-    from mlxmoe.plan import model_memory, plan_export, shard_bytes_of
+    from mlxmoe.plan import model_memory, plan_export
 
     import mlx.core as mx
 
@@ -227,26 +241,25 @@ def run_exports(root: Path) -> list[dict]:
         if out.returncode:
             raise SystemExit(f"export {file_type}: failed\n{out.stderr[-2000:]}")
         measured = json.loads(out.stdout.strip().splitlines()[-1])
-        plan = plan_export(cfg, file_type, memory if with_adapter else None, shard_bytes_of(folder))
-        shard = plan.items[0].bytes
-        rows.append({"type": file_type, "adapter": with_adapter, "shard": shard,
-                     "tensor": plan.peak - shard, **measured})
+        plan = plan_export(cfg, file_type, memory if with_adapter else None)
+        rows.append({"type": file_type, "adapter": with_adapter, "predicted": plan.peak, **measured})
     return rows
 
 
 def print_exports(rows: list[dict]) -> None:
+    """Export reads and encodes with numpy (tracemalloc sees it); MLX only merges."""
     mib = MiB
-    print(f"\n{'GGUF type':<10} {'adapter':<8} {'shard':>9} {'mx peak':>9} {'ratio':>6} "
-          f"{'tensors':>9} {'numpy':>9} {'ratio':>6}")
+    print(f"\n{'GGUF type':<10} {'adapter':<8} {'predicted':>10} {'numpy peak':>11} {'ratio':>6} "
+          f"{'mx peak':>9}")
     for r in rows:
-        print(f"{r['type']:<10} {'yes' if r['adapter'] else 'no':<8} {r['shard'] / mib:>7.1f}Mi "
-              f"{r['mlx_peak'] / mib:>7.1f}Mi {r['shard'] / r['mlx_peak']:>6.3f} "
-              f"{r['tensor'] / mib:>7.1f}Mi {r['numpy_peak'] / mib:>7.1f}Mi "
-              f"{r['tensor'] / r['numpy_peak']:>6.3f}")
+        print(f"{r['type']:<10} {'yes' if r['adapter'] else 'no':<8} {r['predicted'] / mib:>8.1f}Mi "
+              f"{r['numpy_peak'] / mib:>9.1f}Mi {r['predicted'] / r['numpy_peak']:>6.3f} "
+              f"{r['mlx_peak'] / mib:>7.1f}Mi")
 
 
 MiB = 2**20
 HEADER = (f"{'model':<16} {'bits':>4} {'batch x seq':>11} {'ckpt':>4} {'strategy':<15} {'accum':>5} "
+          f"{'dispatch':<8} "
           f"{'predicted':>10} {'mx peak':>10} {'ratio':>6} {'RSS rise':>10} {'ratio':>6}  phase")
 
 
@@ -258,7 +271,7 @@ def print_header() -> None:
 def print_row(r: dict) -> None:
     print(f"{r['name']:<16} {r['bits']:>4} {str(r['batch']) + ' x ' + str(r['seq']):>11} "
           f"{'on' if r['checkpoint'] else 'off':>4} {r['strategy']:<15} {r['accum']:>5} "
-          f"{r['predicted'] / MiB:>8.1f}Mi {r['mlx_peak'] / MiB:>8.1f}Mi "
+          f"{r['dispatch']:<8} {r['predicted'] / MiB:>8.1f}Mi {r['mlx_peak'] / MiB:>8.1f}Mi "
           f"{r['predicted'] / r['mlx_peak']:>6.3f} {r['rss_rise'] / MiB:>8.1f}Mi "
           f"{r['predicted'] / r['rss_rise']:>6.3f}  {r['phase']}", flush=True)
 

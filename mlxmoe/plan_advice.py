@@ -104,10 +104,20 @@ def _checkpoint(r: Recipe) -> str | None:
     return "grad_checkpoint: true (recompute each layer in the backward pass, ~30% slower)"
 
 
+def _gather(r: Recipe, dispatch: str) -> str | None:
+    if dispatch != "dense" or r.train.moe_dispatch == "gather":
+        return None
+    r.train.moe_dispatch = "gather"
+    return "moe_dispatch: gather (only the chosen experts run: slower with a fast CPU BLAS)"
+
+
 def _four_bits(r: Recipe) -> str | None:
     if r.train.quantize == 4:
         return None
     r.train.quantize = 4
+    if r.train.moe_dispatch == "dense":  # quantized experts run gather only
+        r.train.moe_dispatch = "gather"
+        return "quantize: 4, moe_dispatch: gather"
     return "quantize: 4"
 
 
@@ -153,7 +163,8 @@ def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int,
 
     num_layers = plan.memory.model.args.num_layers
     steps: list[Callable[[Recipe], str | None]] = [
-        _checkpoint, _halve_batch, _halve_batch, _halve_batch, _four_bits, _halve_seq,
+        _checkpoint, lambda r: _gather(r, plan.dispatch), _halve_batch, _halve_batch,
+        _halve_batch, _four_bits, _halve_seq,
         _halve_seq, lambda r: _top_half(r, num_layers), _attention_only,
     ]
     current, peak, out = recipe, plan.peak, []

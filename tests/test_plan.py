@@ -21,7 +21,8 @@ from mlxmoe.config import ConfigView
 from mlxmoe.data import Batch
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.info import lazy_model
-from mlxmoe.plan import model_memory, plan_training
+from mlxmoe.nn.moe import set_dispatch
+from mlxmoe.plan import model_memory, plan_training, planned_dispatch
 from mlxmoe.plan_advice import GiB, budget, parse_size, suggestions, target, verdict
 from mlxmoe.quantize import quantize_model
 from mlxmoe.recipe import load_recipe
@@ -106,6 +107,7 @@ def _tiny_training(recipe):
     if recipe.train.quantize:
         quantize_model(model, recipe.train.quantize, recipe.train.group_size)
     apply_adapters(model, recipe.lora)
+    set_dispatch(model, recipe.train.moe_dispatch)
     model.grad_checkpoint = recipe.train.grad_checkpoint
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-4)
@@ -127,21 +129,62 @@ def test_planned_adapters_and_optimizer_state_are_the_real_ones():
     assert items["base weights (quantized)"] + items["base weights (unquantized)"] == weights
 
 
-def test_planned_peak_is_within_10_percent_of_a_real_training_step():
-    recipe = load_recipe(RECIPES / "tiny-cpu-demo.yaml",
-                         train={"quantize": 0, "batch_size": 2, "max_seq_len": 256})
+def _measured_step_peak(recipe) -> int:
     model, optimizer = _tiny_training(recipe)
     stepper = Stepper(model, optimizer, recipe.loss, recipe.train.grad_clip, recipe.train.compile)
     rng = np.random.default_rng(0)
-    shape = (2, 256)
+    shape = (recipe.train.batch_size, recipe.train.max_seq_len)
     tokens = [mx.array(rng.integers(0, TINY["vocab_size"], shape, dtype=np.int32)) for _ in range(2)]
     batch = Batch(tokens[0], tokens[1], mx.ones(shape), mx.ones(shape), prod(shape), prod(shape))
     mx.eval(batch.inputs, batch.targets, batch.loss_mask, batch.token_mask)
     mx.reset_peak_memory()
     stepper.step([batch])
-    measured = mx.get_peak_memory()
-    predicted = plan_training(ConfigView(TINY), recipe, "cpu").peak
-    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+    return mx.get_peak_memory()
+
+
+# The dispatch is named, not auto: the test process runs MLX's bundled BLAS, where auto is
+# gather, while a plan on a Linux machine with OpenBLAS installed assumes dense.
+@pytest.mark.parametrize("dispatch", ["gather", "dense"])
+def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
+    recipe = load_recipe(RECIPES / "tiny-cpu-demo.yaml",
+                         train={"quantize": 0, "batch_size": 2, "max_seq_len": 256,
+                                "moe_dispatch": dispatch})
+    measured = _measured_step_peak(recipe)
+    plan = plan_training(ConfigView(TINY), recipe, "cpu")
+    assert plan.dispatch == dispatch
+    assert plan.peak == pytest.approx(measured, rel=0.10), (plan.peak, measured)
+
+
+def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_float_experts(monkeypatch):
+    def dispatch(device="cpu", fast=True, quantize=0, cfg=TINY, setting="auto"):
+        monkeypatch.setattr("mlxmoe.plan.fast_cpu_blas", lambda: fast)
+        recipe = load_recipe(None, train={"quantize": quantize, "moe_dispatch": setting})
+        return planned_dispatch(lazy_model(ConfigView(cfg)).args, recipe.train, device)
+
+    assert dispatch() == "dense"
+    assert dispatch(device="gpu") == dispatch(fast=False) == dispatch(quantize=4) == "gather"
+    many = {**TINY, "num_experts": 32}  # 16 experts per choice
+    assert dispatch(cfg=many) == "gather" and dispatch(cfg=many, setting="dense") == "dense"
+    assert dispatch(fast=False, setting="dense") == "dense"
+    with pytest.raises(MlxMoeError, match="float experts"):
+        dispatch(quantize=4, setting="dense")
+
+
+def test_dense_plan_keeps_every_experts_activations_and_says_so():
+    recipe = load_recipe(None, train={"quantize": 0, "batch_size": 2, "max_seq_len": 256})
+    plans = {}
+    for d in ("gather", "dense"):
+        recipe.train.moe_dispatch = d
+        plans[d] = plan_training(ConfigView(TINY), recipe, "cpu")
+    experts = {d: {i.name: i.bytes for i in p.items}["activations: experts"] for d, p in plans.items()}
+    choices = TINY["num_experts"] // TINY["num_experts_per_tok"]
+    assert experts["dense"] == choices * experts["gather"]
+    dispatch_line = {d: next(i.detail for i in p.items if i.name == "activations: MoE dispatch")
+                     for d, p in plans.items()}
+    assert "dense" in dispatch_line["dense"] and "gather" in dispatch_line["gather"]
+    result = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--device",
+                                       "gpu", "--memory", "64GB"])
+    assert result.exit_code == 0 and "gather dispatch" in result.output, result.output
 
 
 def test_sizes_parse_in_binary_units_and_refuse_nonsense():

@@ -27,7 +27,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     with the recipe, whether it fits, and what would make it fit."""
     from ..errors import MlxMoeError
     from ..info import read_config
-    from ..plan import plan_export, plan_training, shard_bytes_of
+    from ..plan import DISPATCH_DETAIL, plan_export, plan_training
     from ..plan_advice import budget, suggestions, target, verdict
     from ..recipe import load_recipe
 
@@ -43,7 +43,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         raise MlxMoeError("no model: pass MODEL or set 'model' in the recipe")
     cfg = read_config(model)
     training = plan_training(cfg, recipe, device)
-    export = plan_export(cfg, gguf_type, training.memory, shard_bytes_of(model))
+    export = plan_export(cfg, gguf_type, training.memory)
     b = budget(memory)
     t = recipe.train
 
@@ -58,7 +58,9 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     console.print(f"batch {t.batch_size} x {t.max_seq_len} tokens, gradient checkpointing {ckpt}, "
                   f"LoRA {recipe.lora.strategy} rank {recipe.lora.rank} on "
                   f"{len(training.memory.adapted)} modules, {device} "
-                  f"({'bfloat16' if device == 'gpu' else 'float32'})", highlight=False)
+                  f"({'bfloat16' if device == 'gpu' else 'float32'})"
+                  + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
+                  highlight=False)
     console.print(f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
                   + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in export.items) + ")",
                   highlight=False)

@@ -1,0 +1,221 @@
+"""What one micro-batch's forward pass keeps for the backward pass, and the backward's largest
+transient, counted from the shapes of the arrays MLX keeps (see mlxmoe/plan.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .config import MoEArgs
+from .model import CausalLM
+from .nn.moe import DENSE_MIN_PAIRS
+
+ANSWER_MULTIPLE = 64  # train.step.answer_positions pads the answer positions to this
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One micro-batch: ``answer_tokens`` positions get logits (None: every position)."""
+
+    batch: int
+    seq_len: int
+    answer_tokens: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def logit_rows(self) -> int:
+        n = self.tokens if self.answer_tokens is None else self.answer_tokens
+        return max(ANSWER_MULTIPLE, -(-n // ANSWER_MULTIPLE) * ANSWER_MULTIPLE)
+
+
+@dataclass
+class Activations:
+    """Bytes alive when the backward pass starts, by kind, and the largest working set a
+    gradient computation adds on top of them."""
+
+    kept: Counter = field(default_factory=Counter)
+    working: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.kept.values()) + max(self.working.values(), default=0)
+
+
+def _targets_by_layer(adapted: tuple[str, ...]) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for path in adapted:
+        _, index, target = path.split(".", 2)
+        out.setdefault(int(index), set()).add(target)
+    return out
+
+
+def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: mx.Dtype,
+                rank: int, checkpoint: bool, compiled: bool = True,
+                dispatch: str = "gather") -> Activations:
+    """Arrays the backward pass reads, for the layers at and above the lowest adapted one
+    (below it nothing depends on a trainable parameter, so nothing is kept). ``dispatch``
+    is how the MoE layers run their experts (nn.moe.set_dispatch)."""
+    args = model.args
+    a = dtype.size
+    T, D = shape.tokens, args.hidden_size
+    if isinstance(args, MoEArgs) and T * args.num_experts_per_tok < DENSE_MIN_PAIRS:
+        dispatch = "gather"  # SparseMoE falls back to gather for so few (token, expert) pairs
+    by_layer = _targets_by_layer(adapted)
+    out = Activations()
+    grad = False  # does the residual stream depend on a trainable parameter yet?
+    for i, layer in enumerate(model.layers):
+        targets = by_layer.get(i, set())
+        if not grad and not targets:
+            continue
+        saved = _layer_kept(args, layer.is_moe, targets, grad, shape, a, rank, compiled, dispatch)
+        if checkpoint:
+            # mx.checkpoint keeps the layer's input (and its outputs: the router logits the
+            # losses read); the rest is recomputed during this layer's backward.
+            out.kept["residual stream"] += T * D * a
+            if layer.is_moe:
+                out.kept["router logits"] += _router_kept(args, T, compiled, checkpoint=True)
+            recompute = sum(saved.values())
+        else:
+            out.kept.update(saved)
+            recompute = 0
+        out.working[f"layer {i} backward"] = recompute + _layer_backward_working(
+            args, layer.is_moe, targets, shape, a, dispatch)
+        grad = True
+    # Final norm's input; logits only at answer positions (train.step), float32 for the
+    # loss, kept for the softmax gradient. The loss's backward adds three [N, V] float32
+    # arrays (the softmax, the scattered -1 of the target, their sum) and about eight [T, D]
+    # ones (the final norm's and the row gather's gradients): measured on MLX 0.32, where
+    # the order a graph is evaluated in keeps both sets alive at once.
+    out.kept["residual stream"] += T * D * a
+    rows, vocab = shape.logit_rows, args.vocab_size
+    out.kept["logits"] += rows * vocab * 4
+    loss_working = 3 * rows * vocab * 4 + 8 * T * D * a
+    if checkpoint:
+        # The top layer's recomputed forward is evaluated beside the loss's gradient.
+        top = max(out.working.values(), default=0)
+        out.working = {"cross-entropy + the largest layer, recomputed": loss_working + top}
+    else:
+        out.working["cross-entropy backward"] = loss_working
+    return out
+
+
+def _layer_kept(args, is_moe: bool, targets: set[str], grad: bool, shape: Shape, a: int,
+                rank: int, compiled: bool, dispatch: str) -> Counter:
+    """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan.py's docstring)."""
+    T, B, L, D = shape.tokens, shape.batch, shape.seq_len, args.hidden_size
+    hd = args.head_dim
+    q_width, kv_width = args.num_heads * hd, args.num_kv_heads * hd
+    kept: Counter = Counter()
+    attn = {t.split(".")[1] for t in targets if t.startswith("attn.")}
+    kept["LoRA"] += len(attn) * T * rank * a  # x A^T, read by dB
+    if grad:
+        kept["residual stream"] += T * D * a  # layer input, read by the input norm's gradient
+    if attn & {"q_proj", "k_proj", "v_proj"}:
+        kept["attention"] += T * D * a  # normed input, read by dA of the q/k/v LoRAs
+    if grad or attn & {"q_proj", "k_proj", "v_proj"}:
+        if args.qk_norm:
+            kept["attention"] += T * (q_width + kv_width) * a  # q, k before their norms
+        if args.clip_qkv is not None:
+            kept["attention"] += T * (q_width + 2 * kv_width) * a
+        # scaled_dot_product_attention in training runs unfused (MLX's fallback, on Metal
+        # too): q * scale, k and v feed matmuls, softmax keeps its output [B, H, L, L].
+        kept["attention"] += T * (q_width + 2 * kv_width) * a
+        kept["attention scores"] += B * args.num_heads * L * L * a
+    if "o_proj" in attn:
+        kept["attention"] += T * q_width * a  # o_proj's input, read by its dA
+    grad = grad or bool(attn)
+    if grad:
+        kept["residual stream"] += T * D * a  # post-attention residual, read by its norm
+    ffn = {t for t in targets if not t.startswith("attn.")}
+    if is_moe:
+        kept.update(_moe_kept(args, ffn, grad, shape, a, rank, compiled, dispatch))
+    elif grad or ffn:
+        inter = args.intermediate_size
+        kept["LoRA"] += len(ffn) * T * rank * a
+        kept["feed-forward"] += 4 * T * inter * a  # gate, sigmoid(gate), silu(gate), up
+        if ffn:
+            kept["feed-forward"] += T * D * a
+        if "mlp.down_proj" in ffn:
+            kept["feed-forward"] += T * inter * a
+    return kept
+
+
+def _router_kept(args: MoEArgs, T: int, compiled: bool, checkpoint: bool = False) -> int:
+    """float32 [T, E] arrays: the logits (read by the z-loss's logsumexp) and softmax outputs:
+    the router's and the load-balancing loss's (one array when compiled: the same op on the
+    same input, merged by mx.compile; only the loss's when the router is checkpointed)."""
+    softmaxes = 1 if compiled or checkpoint else 2
+    return (1 + softmaxes) * T * args.num_experts * 4
+
+
+def _moe_kept(args: MoEArgs, ffn: set[str], grad: bool, shape: Shape, a: int, rank: int,
+              compiled: bool, dispatch: str) -> Counter:
+    T, D, k, inter = shape.tokens, args.hidden_size, args.num_experts_per_tok, args.moe_intermediate_size
+    E = args.num_experts
+    kept: Counter = Counter()
+    router_trained = "moe.router" in ffn
+    experts = {t.rsplit(".", 1)[-1] for t in ffn if t.startswith("moe.experts.")}
+    shared = {t.rsplit(".", 1)[-1] for t in ffn if t.startswith("moe.shared_expert.")}
+    if not (grad or ffn):
+        return kept
+    if grad or router_trained:
+        kept["router logits"] += _router_kept(args, T, compiled)
+    if router_trained and (a != 4 or not shared):
+        kept["router logits"] += T * D * 4  # the router's float32 input, read by dW / dA
+    if dispatch == "dense":
+        # nn.moe.SparseMoE's dense branch: every expert runs on the normed input [1, T, D]
+        # (read by the experts' dA unless the shared expert's LoRA or the router keeps it),
+        # the outputs [E, T, D] are read by the routing weights' gradient, the [T, E]
+        # weights by the outputs' gradient.
+        rows = E * T
+        if experts & {"gate_proj", "up_proj"} and not shared and not (router_trained and a == 4):
+            kept["MoE dispatch"] += T * D * a
+        if grad or router_trained:
+            kept["MoE dispatch"] += rows * D * a
+        kept["MoE dispatch"] += T * E * 4 + T * k * 4  # routing weights, expert indices
+    else:
+        # nn.moe.SwitchExperts: token rows gathered in expert order [T*k, D], expert
+        # outputs gathered back [T*k, D] (read by the routing weights' gradient) and the
+        # int32 permutations the gathers' gradients scatter with.
+        rows = T * k
+        if experts & {"gate_proj", "up_proj"}:
+            kept["MoE dispatch"] += rows * D * a
+        if grad or router_trained:
+            kept["MoE dispatch"] += rows * D * a
+        kept["MoE dispatch"] += 4 * rows * 4
+    kept["experts"] += 4 * rows * inter * a  # gate, sigmoid(gate), silu(gate), up
+    if "down_proj" in experts:
+        kept["experts"] += rows * inter * a
+    kept["LoRA"] += (len(experts) * rows + len(shared) * T) * rank * a
+    if args.shared_expert_intermediate_size:
+        s_inter = args.shared_expert_intermediate_size
+        kept["feed-forward"] += 4 * T * s_inter * a + T * D * a  # SwiGLU + its output (gated)
+        if shared:
+            kept["feed-forward"] += T * D * a
+        if "down_proj" in shared:
+            kept["feed-forward"] += T * s_inter * a
+    return kept
+
+
+def _layer_backward_working(args, is_moe: bool, targets: set[str], shape: Shape, a: int,
+                            dispatch: str) -> int:
+    """The largest transient of a layer's backward pass: the attention probabilities'
+    gradient and one temporary beside it, or the feed-forward's gradients. For MoE experts
+    (``rows`` = T*k gathered or E*T dense) measured on one MoE layer under MLX's
+    breadth-first evaluation: four [rows, F] arrays (down_proj's input gradient, those of
+    silu(gate) and up, gate's) and [rows, D] ones beside them (the outputs' gradient, the
+    product the routing weights' gradient sums, and gate's and up's input gradients,
+    frozen and LoRA parts, before they are summed per token)."""
+    T, B, L = shape.tokens, shape.batch, shape.seq_len
+    attn = 2 * B * args.num_heads * L * L * a
+    if not is_moe:
+        return max(attn, 2 * T * args.intermediate_size * a)
+    rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
+    lora = sum(f"moe.experts.{p}" in targets for p in ("gate_proj", "up_proj"))
+    ffn = 4 * rows * args.moe_intermediate_size * a + (4 + lora) * rows * args.hidden_size * a
+    return max(attn, ffn)
