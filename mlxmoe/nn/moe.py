@@ -199,16 +199,17 @@ class SparseMoE(nn.Module):
         return y, logits
 
 
-# Dense dispatch does E/k times the work of gather: worth it below this ratio, where the
-# measured gain of whole-matrix BLAS calls over gather_mm's row calls (8x) still wins.
-DENSE_MAX_EXPERTS_PER_CHOICE = 8
+# Dense dispatch does E/k times the work of gather. Measured with OpenBLAS on 2 cores (one
+# MoE layer, forward + backward): E/k = 2 or 4 won 1.9-6x at every width tried (128 to
+# 1024 x 1536); at E/k = 8 or 16 it won or lost by width (0.4-3.4x). So: up to 4.
+DENSE_MAX_EXPERTS_PER_CHOICE = 4
 
 
 def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
     """Sets how every MoE layer of ``model`` runs its experts; returns the choice.
 
     ``auto``: dense on MLX's CPU backend with a preloaded fast BLAS, for float experts with
-    E/k <= 8; gather everywhere else (Metal's gather kernels are fast; the bundled CPU BLAS
+    E/k <= 4; gather everywhere else (Metal's gather kernels are fast; the bundled CPU BLAS
     runs gather_mm at the dense rate, so dense would only add work)."""
     from ..blas import loaded_blas
 
