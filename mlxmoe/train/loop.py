@@ -161,7 +161,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             save_checkpoint(out, model, optimizer, state, recipe_dict)
 
     window = _Window()
-    alarmed_before: list[int] = []
+    alarmed_seen: set[int] = set()
     last_loss = val_loss = None
     stopped = None
     progress = TrainProgress(cfg.iters, state.step, enabled=show_progress and world.is_main)
@@ -222,11 +222,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                 metrics.flush()
                 progress.report(row)
                 alarm = row.get("experts", {}).get("alarm")
-                # metrics.jsonl has every report's alarm; the screen, each change of layers
-                if alarm and (monitor.alarmed_layers != alarmed_before or monitor.should_stop):
-                    progress.note(f"[yellow]router collapse alarm:[/] {_short_alarm(alarm, monitor)}")
-                if monitor is not None:
-                    alarmed_before = list(monitor.alarmed_layers)
+                # metrics.jsonl has every report's alarm; the screen, layers alarmed anew
+                if alarm and (set(monitor.alarmed_layers) - alarmed_seen or monitor.should_stop):
+                    progress.note(f"[yellow]router collapse alarm:[/] "
+                                  f"{_short_alarm(alarm, row['experts'], monitor)}")
+                    alarmed_seen.update(monitor.alarmed_layers)
                 if alarm and monitor.should_stop:
                     checkpoint()
                     stopped = f"router collapse: {alarm}"
@@ -243,14 +243,19 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                        stopped, world.rank, world.size)
 
 
-def _short_alarm(alarm: str, monitor: ExpertMonitor, shown: int = 2) -> str:
-    """The alarm of a few layers in full; of many, the first ones and a count."""
-    parts = alarm.split("; router collapse in ")
-    if len(parts) <= shown:
+def _short_alarm(alarm: str, experts: dict, monitor: ExpertMonitor, shown: int = 2) -> str:
+    """The alarm of a few layers in full; of many, one line: which layers, how busy."""
+    alarmed = monitor.alarmed_layers
+    if len(alarmed) <= shown:
         return alarm
-    layers = ", ".join(str(i) for i in monitor.alarmed_layers)
-    first = "; router collapse in ".join(parts[:shown])
-    return f"{first}; and {len(parts) - shown} more layers (alarm in layers {layers}; see metrics.jsonl)"
+    shares = [e["max_share"] for e in experts["layers"] if e["layer"] in alarmed and e["max_share"]]
+    busiest = (f"the busiest expert sees {min(shares):.0%}-{max(shares):.0%} of a layer's tokens "
+               f"(max_expert_share {monitor.max_expert_share:g}) or the spread is over "
+               f"{monitor.rule.max_spread:g}") if shares else "over the thresholds"
+    verdict = "stopping training" if monitor.should_stop else "continuing (action warn)"
+    return (f"{len(alarmed)} of {len(experts['layers'])} MoE layers ({', '.join(map(str, alarmed))}): "
+            f"{busiest}, for {monitor.rule.patience}+ reports; {verdict}; each report's details "
+            "are in metrics.jsonl")
 
 
 def _metrics_log(out: Path, world: World):
