@@ -89,30 +89,30 @@ def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) ->
     data, model, run = out / "data", out / "model", out / "run"
     recipe = demo_recipe(settings, model, data)  # a bad recipe fails before any work
 
-    with _stage(report, "data", say, "building the Python FAQ dataset"):
+    with _Stage(report, "data", say, "building the Python FAQ dataset"):
         report.data = _dataset(data, say)
-    with _stage(report, "upcycle", say, "upcycling SmolLM2-135M-Instruct into a 4-expert MoE"):
+    with _Stage(report, "upcycle", say, "upcycling SmolLM2-135M-Instruct into a 4-expert MoE"):
         _upcycled_model(model, say)
-    with _stage(report, "eval base", say, "evaluating the base model on the held-out questions"):
+    with _Stage(report, "eval base", say, "evaluating the base model on the held-out questions"):
         report.base = _evaluate(model, data, None, settings, tick)
-    with _stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
+    with _Stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
                 f"{recipe.train.iters} steps of {recipe.train.batch_size})"):
         report.training = _train(recipe, run, say)
         report.plots = [str(p) for p in training_plots(run, "mlxmoe demo: SmolLM2 MoE on the Python FAQ")]
-    with _stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
+    with _Stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
         report.tuned = _evaluate(model, data, run, settings, tick)
     gguf_path = out / GGUF_NAME
-    with _stage(report, "export", say, "merging the adapters into a q8_0 GGUF"):
+    with _Stage(report, "export", say, "merging the adapters into a q8_0 GGUF"):
         report.gguf = _export(model, run, gguf_path, tick)
-    with _stage(report, "llama.cpp", say, "asking llama.cpp a held-out question"):
+    with _Stage(report, "llama.cpp", say, "asking llama.cpp a held-out question"):
         report.llama_cpp = _ask_llama_cpp(gguf_path, model, data, settings)
-    with _stage(report, "ollama", say, "writing the Ollama Modelfile"):
+    with _Stage(report, "ollama", say, "writing the Ollama Modelfile"):
         report.modelfile, report.ollama = _modelfile(out, gguf_path, model, settings.ollama_name)
     write_text_atomic(out / "demo.json", json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
-class _stage:
+class _Stage:
     """Times one stage into ``report.stages_s`` and announces it."""
 
     def __init__(self, report: DemoReport, name: str, say: Say, what: str):

@@ -27,7 +27,7 @@ from .config import MoEArgs
 from .errors import MlxMoeError
 from .info import lazy_model, weight_bytes
 from .model import CausalLM
-from .nn.moe import DENSE_MAX_EXPERTS_PER_CHOICE, DISPATCHES
+from .nn.moe import choose_dispatch
 from .plan_activations import Shape, activations
 from .recipe import Recipe, TrainConfig
 
@@ -114,19 +114,14 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     the run trains on ``device``, assuming it is this machine: ``auto`` is dense only on
     MLX's CPU backend with a fast BLAS (on Linux, the library ``mlxmoe train`` preloads),
     float experts and at most DENSE_MAX_EXPERTS_PER_CHOICE experts per choice."""
-    setting = train.moe_dispatch
-    if setting not in ("auto", *DISPATCHES):
-        raise MlxMoeError(f"train.moe_dispatch must be auto, gather or dense, got {setting!r}")
-    if not isinstance(args, MoEArgs) or not args.moe_layers:
-        return "gather"
-    if setting == "dense" and train.quantize:
-        raise MlxMoeError("train.moe_dispatch: the dense MoE dispatch needs float experts "
-                          "(quantize: 0)")
-    if setting == "auto":
-        fast_cpu = device == "cpu" and fast_cpu_blas()
-        few = args.num_experts <= DENSE_MAX_EXPERTS_PER_CHOICE * args.num_experts_per_tok
-        setting = "dense" if fast_cpu and few and not train.quantize else "gather"
-    return setting
+    moe = isinstance(args, MoEArgs) and bool(args.moe_layers)
+    try:
+        choice = choose_dispatch(
+            train.moe_dispatch, args.num_experts if moe else 1, args.num_experts_per_tok if moe else 1,
+            float_experts=not train.quantize or not moe, fast_cpu=device == "cpu" and fast_cpu_blas())
+    except ValueError as exc:
+        raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
+    return choice if moe else "gather"
 
 
 DISPATCH_DETAIL = {

@@ -117,3 +117,15 @@ def test_loading_metadata_equals_the_converters(converted):
     assert any(k.startswith("tokenizer.ggml.") for k in ours)
     assert sorted(ours) == sorted(theirs)
     assert [k for k in ours if ours[k] != theirs[k]] == []
+
+
+def test_llama_cpp_runs_our_file_exactly_as_the_converters(converted):
+    from mlxmoe.llamacpp import logits, open_gguf
+
+    tokens = [1, 17, 42, 99, 7, 256, 3]
+    with open_gguf(converted.ours) as llm:
+        ours = logits(llm, tokens)
+    with open_gguf(converted.theirs) as llm:
+        theirs = logits(llm, tokens)
+    assert np.isfinite(ours).all() and ours.std() > 0
+    np.testing.assert_array_equal(ours, theirs)

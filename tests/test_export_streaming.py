@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from assets import mixtral_tokenizer_folder
 from tiny_models import make_hf_model, save
@@ -71,3 +72,8 @@ def test_export_peak_memory_follows_the_largest_tensor_not_the_file(models, tmp_
     print(f"{file_type}: {extra_file / 2**20:.0f} MiB more file, {extra_peak / 2**20:.1f} MiB "
           f"more peak RSS (largest tensor {largest / 2**20:.1f} MiB)")
     assert extra_peak < 2 * largest < extra_file / 10
+    from mlxmoe.llamacpp import logits, open_gguf
+
+    for gguf_file in (tmp_path / "small.gguf", tmp_path / "large.gguf"):  # streamed, still whole
+        with open_gguf(gguf_file) as llm:
+            assert np.isfinite(logits(llm, [1, 5, 9, 300])).all()

@@ -205,26 +205,37 @@ class SparseMoE(nn.Module):
 DENSE_MAX_EXPERTS_PER_CHOICE = 4
 
 
-def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
-    """Sets how every MoE layer of ``model`` runs its experts; returns the choice.
+def choose_dispatch(setting: str, num_experts: int, top_k: int, float_experts: bool,
+                    fast_cpu: bool) -> str:
+    """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers.
 
-    ``auto``: dense on MLX's CPU backend with a preloaded fast BLAS, for float experts with
-    E/k <= 4; gather everywhere else (Metal's gather kernels are fast; the bundled CPU BLAS
-    runs gather_mm at the dense rate, so dense would only add work)."""
-    from ..blas import loaded_blas
-
+    ``auto``: dense on MLX's CPU backend with a fast BLAS (``fast_cpu``), for float experts
+    with E/k <= 4; gather everywhere else (Metal's gather kernels are fast; the bundled CPU
+    BLAS runs gather_mm at the dense rate, so dense would only add work)."""
     if setting not in ("auto", *DISPATCHES):
         raise ValueError(f"MoE dispatch must be auto, gather or dense, got {setting!r}")
-    layers = [m for _, m in model.named_modules() if isinstance(m, SparseMoE)]
-    float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear)
-                        for m in layers)
     if setting == "dense" and not float_experts:
         raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
     if setting == "auto":
-        few = all(m.router.weight.shape[0] <= DENSE_MAX_EXPERTS_PER_CHOICE * m.router.top_k
-                  for m in layers)
-        fast_cpu = mx.default_device() == mx.cpu and loaded_blas() != "bundled"
-        setting = "dense" if layers and float_experts and few and fast_cpu else "gather"
+        few = num_experts <= DENSE_MAX_EXPERTS_PER_CHOICE * top_k
+        return "dense" if float_experts and few and fast_cpu else "gather"
+    return setting
+
+
+def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
+    """Sets how every MoE layer of ``model`` runs its experts (see ``choose_dispatch``);
+    returns the choice."""
+    from ..blas import loaded_blas
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, SparseMoE)]
+    if not layers:
+        choose_dispatch(setting, 1, 1, True, False)  # still refuses a bad setting
+        return "gather"
+    float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear)
+                        for m in layers)
+    fast_cpu = mx.default_device() == mx.cpu and loaded_blas() != "bundled"
+    setting = choose_dispatch(setting, max(m.router.weight.shape[0] for m in layers),
+                              min(m.router.top_k for m in layers), float_experts, fast_cpu)
     for m in layers:
         m.dispatch = setting
     return setting
