@@ -6,7 +6,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 
 from .config import DecoderArgs, MoEArgs
 from .nn import Attention, GatedMLP, SparseMoE
@@ -58,7 +57,7 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(tokens)
         router_logits = []
         if cache is not None:
-            mask = create_attention_mask(x, cache[0])
+            mask = "causal" if x.shape[1] > 1 else None  # one new token sees the whole cache
             for layer, layer_cache in zip(self.layers, cache):
                 x, logits = layer(x, mask, layer_cache)
                 if logits is not None:

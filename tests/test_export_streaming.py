@@ -77,3 +77,26 @@ def test_export_peak_memory_follows_the_largest_tensor_not_the_file(models, tmp_
     for gguf_file in (tmp_path / "small.gguf", tmp_path / "large.gguf"):  # streamed, still whole
         with open_gguf(gguf_file) as llm:
             assert np.isfinite(logits(llm, [1, 5, 9, 300])).all()
+
+
+HEAVY_IMPORTS = ("mlx_lm", "transformers", "torch")
+IMPORTS_AFTER_EXPORT = """
+import json, sys
+from mlxmoe.cli import run
+sys.argv = ["mlxmoe", "export", "--model", sys.argv[1], "--gguf", sys.argv[2], "--type", "q8_0"]
+try:
+    run()
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))
+""" % (HEAVY_IMPORTS,)
+
+
+def test_export_never_imports_mlx_lm_transformers_or_torch(models, tmp_path):
+    # importing mlx-lm pulls in transformers, and transformers torch where it is installed:
+    # ~250 MiB of resident memory before the first tensor, the whole budget of a small export
+    small, _, _ = models
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_AFTER_EXPORT, str(small),
+                           str(tmp_path / "out.gguf")], capture_output=True, text=True, check=True)
+    assert (tmp_path / "out.gguf").stat().st_size > 0
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

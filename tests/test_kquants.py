@@ -1,4 +1,5 @@
-"""Our numpy K-quant encoders and Q4_K_M policy against llama.cpp itself.
+"""Our numpy block quantizers (K-quants, and the chunked legacy types) and Q4_K_M policy
+against llama.cpp itself.
 
 Two independent references: ggml's own quantizer (``ggml_quantize_chunk`` in the
 libggml-base that llama-cpp-python ships, the function llama-quantize calls), and
@@ -17,6 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from mlxmoe.gguf.blocks import encode_blocks, quantize_legacy
 from mlxmoe.gguf.kquants import (
     Q4_K_M_POLICY,
     QUANTIZERS,
@@ -274,3 +276,45 @@ def test_llama_quantize_writes_our_bytes_for_every_tensor(llama_quantized):
             assert different_blocks(ours, np.asarray(t.data), qtype) == 0, t.name
         seen.add(qtype)
     assert seen & {Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.Q8_0}
+
+
+# --- the legacy types (Q8_0, Q4_0): gguf-py's encoder, chunked and threaded -----------------
+
+LEGACY = [Q.Q8_0, Q.Q4_0]
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+@pytest.mark.parametrize("data", ["normal", "heavy_tailed", "sparse", "half_integers_ties"])
+def test_legacy_bytes_equal_llama_cpps_encoder(qtype, data):
+    x = DATA[data].astype(np.float32)
+    np.testing.assert_array_equal(quantize_legacy(x, qtype), llama_cpp_encode(x, qtype))
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
+def test_legacy_chunks_and_threads_give_the_whole_tensor_bytes(qtype):
+    experts = np.random.default_rng(4).standard_normal((3, 700, 512)).astype(np.float32)
+    whole = gguf.quants.quantize(experts, qtype)
+    chunked = encode_blocks(experts, qtype, lambda b: gguf.quants.quantize(b, qtype),
+                            threads=2, chunk_values=4096)  # 256+ chunks
+    np.testing.assert_array_equal(chunked, whole)
+    assert chunked.shape == whole.shape
+
+
+def test_legacy_temporary_memory_does_not_grow_with_the_tensor():
+    peaks = []
+    for rows in (256, 2048):  # 4 MiB and 32 MiB of float32
+        x = np.random.default_rng(0).standard_normal((rows, 4096)).astype(np.float32)
+        tracemalloc.start()
+        out = quantize_legacy(x, Q.Q8_0)
+        peaks.append(tracemalloc.get_traced_memory()[1] - out.nbytes)
+        tracemalloc.stop()
+    assert peaks[1] < 2 * peaks[0] + (1 << 20)
+    assert peaks[1] < 32 << 20
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_legacy_non_finite_input_raises(bad):
+    x = np.zeros((2, 64), np.float32)
+    x[1, 5] = bad
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quantize_legacy(x, Q.Q8_0)

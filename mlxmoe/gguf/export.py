@@ -11,6 +11,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..config import MoEArgs
 from ..errors import MlxMoeError
 from ..merge import MergedWeights
 from ..tensor_names import ROLES
+from .blocks import cast, quantize_legacy
 from .kquants import QUANTIZERS, q4_k_m_type
 from .vocab import add_tokenizer
 
@@ -86,10 +88,10 @@ def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return data.astype(np.float32)
     if qtype == Q.F16:
-        return data.astype(np.float16)
+        return cast(data, np.dtype(np.float16))
     if qtype in QUANTIZERS:  # K-quants: gguf-py cannot encode them
         return QUANTIZERS[qtype](data.astype(np.float32))
-    return gguf.quants.quantize(data.astype(np.float32), qtype)
+    return quantize_legacy(data, qtype)
 
 
 def encoded_info(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype]:
@@ -176,10 +178,18 @@ def export_gguf(
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for i, plan in enumerate(plans):
-            writer.write_tensor_data(produce(weights, plan))
-            if on_tensor:
-                on_tensor(i + 1, len(plans), plan.gguf_name)
+        # One tensor is written while the next is read, merged and encoded: the disk and
+        # the cores overlap, and at most two encoded tensors are alive.
+        with ThreadPoolExecutor(1) as disk:
+            pending = None
+            for i, plan in enumerate(plans):
+                data = produce(weights, plan)
+                if pending is not None:
+                    pending.result()
+                pending = disk.submit(writer.write_tensor_data, data)
+                if on_tensor:
+                    on_tensor(i + 1, len(plans), plan.gguf_name)
+            pending.result()
         writer.close()
         validate(tmp, plans)
     return ExportReport(out, file_type, out.stat().st_size, time.perf_counter() - started,

@@ -16,16 +16,15 @@ tensor size.
 
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
 
+from .blocks import encode_blocks
+
 Q = gguf.GGMLQuantizationType
 QK_K = 256
-CHUNK_BLOCKS = 1024  # super-blocks encoded together: 1 MiB of float32, ~10 MiB of temporaries
 F32 = np.float32
 
 
@@ -242,42 +241,10 @@ def _q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
 
 # --- driver ----------------------------------------------------------------------------------
 
-_HALF_BYTES = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}  # d (, dmin)
 
 
 def _bytes(half: np.ndarray) -> np.ndarray:
     return half.astype("<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _encode(x: np.ndarray, qtype: Q, encode_blocks, threads: int | None) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[-1] % QK_K:
-        raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {QK_K}, "
-                         f"got shape {x.shape}")
-    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
-    blocks = x.reshape(-1, QK_K)
-    out = np.empty((blocks.shape[0], type_size), np.uint8)
-
-    def run(start: int) -> None:
-        chunk = blocks[start:start + CHUNK_BLOCKS].astype(F32)
-        if not np.isfinite(chunk).all():
-            raise ValueError(f"{qtype.name}: the tensor holds NaN or infinity")
-        with np.errstate(all="ignore"):
-            out[start:start + CHUNK_BLOCKS] = encode_blocks(chunk)
-
-    starts = range(0, blocks.shape[0], CHUNK_BLOCKS)
-    threads = threads or os.cpu_count() or 1
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:  # numpy frees the GIL
-            list(pool.map(run, starts))
-    else:
-        for start in starts:
-            run(start)
-    if not np.isfinite(out[:, _HALF_BYTES[qtype]].copy().view("<f2")).all():
-        # an infinite d or dmin: llama.cpp's ggml_validate_row_data rejects the row too
-        raise ValueError(f"{qtype.name}: values too large for the float16 block scales "
-                         f"(max |x| = {max(-float(x.min()), float(x.max())):.3g})")
-    return out.reshape(*x.shape[:-1], x.shape[-1] // QK_K * type_size)
 
 
 def quantize_q4_k(x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
@@ -287,17 +254,17 @@ def quantize_q4_k(x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
     (default: all cores) encode chunks of rows in parallel. ValueError for rows that do not
     split into 256-blocks, for NaN/inf, and for values whose scales overflow float16.
     """
-    return _encode(x, Q.Q4_K, _q4_k_blocks, threads)
+    return encode_blocks(x, Q.Q4_K, _q4_k_blocks, threads)
 
 
 def quantize_q5_k(x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
     """Like quantize_q4_k, in ggml's block_q5_K layout (176 bytes per 256 values)."""
-    return _encode(x, Q.Q5_K, _q5_k_blocks, threads)
+    return encode_blocks(x, Q.Q5_K, _q5_k_blocks, threads)
 
 
 def quantize_q6_k(x: np.ndarray, *, threads: int | None = None) -> np.ndarray:
     """Like quantize_q4_k, in ggml's block_q6_K layout (210 bytes per 256 values)."""
-    return _encode(x, Q.Q6_K, _q6_k_blocks, threads)
+    return encode_blocks(x, Q.Q6_K, _q6_k_blocks, threads)
 
 
 QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.rope_utils import initialize_rope
 
 from ..config import DecoderArgs
+
+
+def make_rope(args: DecoderArgs) -> nn.Module:
+    """Plain (or linearly scaled) rotary embeddings ourselves; other scalings (llama3, yarn,
+    longrope) from mlx-lm, imported only then: importing mlx-lm loads transformers (and
+    torch where it is installed), hundreds of MB that export and training otherwise skip."""
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", "linear"):
+        scale = 1.0 / float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+        return nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta, scale=scale)
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    return initialize_rope(args.head_dim, args.rope_theta, False, args.rope_scaling,
+                           args.max_position_embeddings)
 
 
 class Attention(nn.Module):
@@ -28,9 +42,7 @@ class Attention(nn.Module):
         elif args.qk_norm == "full":
             self.q_norm = nn.RMSNorm(args.num_heads * hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(args.num_kv_heads * hd, eps=args.rms_norm_eps)
-        self.rope = initialize_rope(
-            hd, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings
-        )
+        self.rope = make_rope(args)
 
     def __call__(self, x: mx.array, mask: mx.array | str | None = "causal", cache=None) -> mx.array:
         """``cache``: an mlx-lm KV cache (generation); keys and values are appended to it."""
