@@ -1,9 +1,12 @@
-"""Our merged f16 GGUF equals what llama.cpp's own converter writes from the same model.
+"""Our merged f16 and q8_0 GGUFs equal what llama.cpp's own converter writes from the same
+model.
 
 For each family a tiny model with a real tokenizer and a trained adapter is merged two ways:
 ``export_gguf`` (base + adapter straight to GGUF) and ``export_hf`` (an HF folder) read by
-``convert_hf_to_gguf.py --outtype f16`` from the llama-cpp-python 0.3.36 sdist, run with its
-own gguf-py (LLAMA_CPP_SRC: the unpacked tree, which .ci/run fetches; skipped without it).
+``convert_hf_to_gguf.py --outtype f16|q8_0`` from the llama-cpp-python 0.3.36 sdist, run with
+its own gguf-py (LLAMA_CPP_SRC: the unpacked tree, which .ci/run fetches; skipped without it).
+Equal bytes mean llama.cpp computes our q8_0 file exactly as its own: whatever top-1 it
+reaches against the float model is the format's, not the exporter's.
 """
 
 from __future__ import annotations
@@ -53,21 +56,26 @@ class Converted:
         assert not list(merged.glob("*.py")) and "auto_map" not in json.loads(
             (merged / "config.json").read_text())  # the converter runs no code from the folder
         self.theirs = root / "converter-f16.gguf"
-        converter = subprocess.Popen(  # runs while we export
-            [sys.executable, str(CONVERTER), "--outtype", "f16", "--outfile", str(self.theirs),
-             str(merged)],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-                p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
-        )
         self.ours = export_gguf(model, root / "mlxmoe-f16.gguf", "f16", root / "adapter").path
-        log, _ = converter.communicate()
-        assert converter.returncode == 0, log[-4000:]
+        run_converter(merged, "f16", self.theirs)
+        self.q8_ours = export_gguf(model, root / "mlxmoe-q8_0.gguf", "q8_0", root / "adapter").path
+        self.q8_theirs = run_converter(merged, "q8_0", root / "converter-q8_0.gguf")
         self.adapted = [name for name, base in safetensors(model).items()
                         if not np.array_equal(base, safetensors(merged)[name])]
         # gguf-py's reader takes seconds over a 152k-token vocabulary: each file is read once
         self.readers = {side: gguf.GGUFReader(path) for side, path in
                         (("ours", self.ours), ("theirs", self.theirs))}
+
+
+def run_converter(folder: Path, outtype: str, out: Path) -> Path:
+    proc = subprocess.run(
+        [sys.executable, str(CONVERTER), "--outtype", outtype, "--outfile", str(out), str(folder)],
+        cwd=out.parent, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+            p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -129,3 +137,13 @@ def test_llama_cpp_runs_our_file_exactly_as_the_converters(converted):
         theirs = logits(llm, tokens)
     assert np.isfinite(ours).all() and ours.std() > 0
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_q8_0_tensors_equal_the_converters_byte_for_byte(converted):
+    # gguf-py's reader decodes the 152k-token vocabulary slowly; the tensors are all we need
+    ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (converted.q8_ours, converted.q8_theirs))
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
+        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert "Q8_0" in {t.tensor_type.name for t in ours.values()}
+    differ = [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
+    assert differ == []

@@ -42,7 +42,10 @@ FAMILIES = {
 F16_MAX_ABS = 0.1
 # q8_0: llama.cpp also rounds activations to 8 bits; on these random tiny models (flat
 # routers, 32k-152k vocabularies) a few near-tied tokens flip (measured 0.91-1.0), so top-1 is
-# asserted where it is meaningful: every flip is a near tie of our own logits.
+# asserted where it is meaningful: every flip is a near tie of our own logits. Our q8_0 bytes
+# equal llama.cpp's converter's (test_convert_parity.py), so these flips are the format's; on
+# real weights (SmolLM2-135M as an MoE, 1024 FAQ tokens) llama.cpp's q8_0 keeps 97.5% of top-1,
+# f16 99.8%, and q8_0-rounded weights alone in MLX 98.6%.
 Q8_MIN_TOP1 = 0.85
 Q8_NEAR_TIE = 1.0
 Q4_K_M_MAX_PPL_RATIO = 1.25
