@@ -1,10 +1,12 @@
-"""Training losses: the aux loss is transformers' own, z-loss and cross-entropy match numpy."""
+"""Training losses: the aux loss is transformers' own, z-loss and cross-entropy match numpy,
+the chunked LM-head loss matches torch."""
 
 from __future__ import annotations
 
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe
 
 from mlxmoe.losses import (
     cross_entropy,
+    linear_cross_entropy,
     expert_counts,
     load_balancing_loss,
     router_entropy,
@@ -203,3 +206,89 @@ def test_bad_shapes_and_top_k_are_refused():
         router_z_loss(logits, mx.ones((B, L + 1)))
     with pytest.raises(ValueError, match="layer 0"):
         expert_counts([mx.zeros((B, L, 4)), mx.zeros((B, L, 6))], 2)
+
+
+# --- the chunked LM-head loss ----------------------------------------------------------------
+
+N_ROWS, HIDDEN, VOCAB = 300, 64, 5000  # 300 rows: 10 chunks of 32, the last one short
+
+
+def lm_heads() -> dict[str, tuple[object, np.ndarray]]:
+    """Each kind of LM head the model can have, with its weight [V, D] as float32."""
+    mx.random.seed(3)
+    linear = nn.Linear(HIDDEN, VOCAB, bias=False)
+    quantized = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+    embedding = nn.Embedding(VOCAB, HIDDEN)
+    q_embedding = nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=8)
+
+    def dequantized(layer) -> np.ndarray:
+        return np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits))
+
+    return {
+        "linear": (linear, np.array(linear.weight)),
+        "4-bit linear": (quantized, dequantized(quantized)),
+        "tied embedding": (embedding.as_linear, np.array(embedding.weight)),
+        "8-bit tied embedding": (q_embedding.as_linear, dequantized(q_embedding)),
+    }
+
+
+def torch_weighted_ce_and_grad(x, a, head_weight, targets, weight):
+    """sum_t w_t * CE(head(x_t @ A), y_t) and its gradient with respect to A, in torch."""
+    a_t = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    logits = (torch.tensor(x, dtype=torch.float64) @ a_t) @ torch.tensor(head_weight, dtype=torch.float64).T
+    per_token = torch.nn.functional.cross_entropy(logits, torch.tensor(targets).long(), reduction="none")
+    loss = (per_token * torch.tensor(weight, dtype=torch.float64)).sum()
+    loss.backward()
+    return loss.item(), a_t.grad.numpy()
+
+
+@pytest.mark.parametrize("head", ["linear", "4-bit linear", "tied embedding", "8-bit tied embedding"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_linear_cross_entropy_value_and_gradient_equal_torch(head, compiled):
+    project, head_weight = lm_heads()[head]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N_ROWS, HIDDEN)).astype(np.float32)
+    a = (rng.normal(size=(HIDDEN, HIDDEN)) * 0.3).astype(np.float32)
+    targets = rng.integers(0, VOCAB, N_ROWS).astype(np.int32)
+    weight = (rng.random(N_ROWS) > 0.2).astype(np.float32)  # padding rows weigh 0
+
+    def loss(a_mx):
+        h = mx.array(x) @ a_mx
+        return linear_cross_entropy(h, project, mx.array(targets), mx.array(weight), VOCAB)
+
+    value_and_grad = mx.value_and_grad(loss)
+    if compiled:
+        value_and_grad = mx.compile(value_and_grad)
+    value, grad = value_and_grad(mx.array(a))
+    expected_value, expected_grad = torch_weighted_ce_and_grad(x, a, head_weight, targets, weight)
+    assert value.item() == pytest.approx(expected_value, rel=1e-5)
+    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-4, atol=1e-4 * np.abs(expected_grad).max())
+
+
+def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
+    vocab, hidden = 32000, 8  # a narrow head: the memory is the logits', the time the matmuls'
+
+    def peaks(rows: int) -> tuple[int, int]:
+        """Peak bytes of the gradient computation: chunked loss, loss on full logits."""
+        mx.random.seed(0)
+        head = nn.Linear(hidden, vocab, bias=False)
+        h = mx.random.normal((rows, hidden))
+        targets = mx.random.randint(0, vocab, (rows,)).astype(mx.int32)
+        weight = mx.ones((rows,))
+        mx.eval(head.parameters(), h, targets)
+
+        def peak(loss) -> int:
+            mx.synchronize()
+            mx.reset_peak_memory()
+            before = mx.get_active_memory()
+            mx.eval(mx.grad(loss)(h))
+            return mx.get_peak_memory() - before
+
+        return (peak(lambda h: linear_cross_entropy(h, head, targets, weight, vocab)),
+                peak(lambda h: cross_entropy(head(h)[None], targets[None], weight[None])))
+
+    (chunked_1k, full_1k), (chunked_4k, full_4k) = peaks(1024), peaks(4096)
+    logits_4k = 4096 * vocab * 4  # 500 MiB of float32
+    assert full_4k > 2 * logits_4k and full_4k > 3.5 * full_1k  # logits, softmax, gradient
+    assert chunked_4k - chunked_1k < 16 << 20  # a few MiB of gradient rows, no logits
+    assert chunked_4k < logits_4k / 4

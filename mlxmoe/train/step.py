@@ -24,11 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ..data import Batch
 from ..losses import (
     cross_entropy,
+    linear_cross_entropy,
     expert_counts,
     load_balancing_loss,
     load_balancing_share,
@@ -61,6 +62,10 @@ def make_loss(model: CausalLM, cfg: LossConfig, world: World | None = None) -> C
     world = world or World()
     top_k = getattr(model.args, "num_experts_per_tok", 0)
     has_moe = bool(model.moe_layers)
+    vocab_size = model.args.vocab_size
+    # The chunked loss gives the LM head no gradient: only while no adapter trains it.
+    frozen_head = not any(name.startswith(("lm_head", "embed_tokens"))
+                          for name, _ in tree_flatten(model.trainable_parameters()))
 
     def router_terms(routers, token_mask, total_tokens):
         """(aux, z, counts, entropy) as this rank's shares: summed over ranks, the values of
@@ -84,8 +89,11 @@ def make_loss(model: CausalLM, cfg: LossConfig, world: World | None = None) -> C
         # Logits only where the loss counts (answer tokens): prompt and padding positions
         # would cost a vocab-sized matmul each and contribute nothing.
         h = h.reshape(-1, h.shape[-1])[target_index]
-        logits = model.project(h)[None]
-        ce = cross_entropy(logits, target_tokens[None], target_weight[None])
+        if frozen_head:
+            ce = linear_cross_entropy(h, model.project, target_tokens, target_weight, vocab_size) \
+                / mx.maximum(target_weight.sum(), 1.0)
+        else:
+            ce = cross_entropy(model.project(h)[None], target_tokens[None], target_weight[None])
         if has_moe:
             aux, z, counts, entropy = router_terms(routers, token_mask, total_tokens)
         else:
