@@ -113,12 +113,14 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     """The MoE dispatch ``nn.moe.set_dispatch`` will choose for ``train.moe_dispatch`` when
     the run trains on ``device``, assuming it is this machine: ``auto`` is dense only on
     MLX's CPU backend with a fast BLAS (on Linux, the library ``mlxmoe train`` preloads),
-    float experts and at most DENSE_MAX_EXPERTS_PER_CHOICE experts per choice."""
+    float experts, at most DENSE_MAX_EXPERTS_PER_CHOICE experts per choice and expert
+    matrices of DENSE_MIN_EXPERT_VALUES or more."""
     moe = isinstance(args, MoEArgs) and bool(args.moe_layers)
     try:
         choice = choose_dispatch(
             train.moe_dispatch, args.num_experts if moe else 1, args.num_experts_per_tok if moe else 1,
-            float_experts=not train.quantize or not moe, fast_cpu=device == "cpu" and fast_cpu_blas())
+            float_experts=not train.quantize or not moe, fast_cpu=device == "cpu" and fast_cpu_blas(),
+            expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0)
     except ValueError as exc:
         raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
     return choice if moe else "gather"

@@ -327,19 +327,23 @@ def test_dense_dispatch_equals_gather_with_expert_lora_and_a_shared_expert():
                                    err_msg=key)
 
 
-def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_and_float_experts(monkeypatch):
+def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float_experts(monkeypatch):
     from mlxmoe import blas
     from mlxmoe.nn.moe import set_dispatch
 
-    moe = SparseMoE(moe_args(True))
+    wide = moe_args(True)
+    wide.moe_intermediate_size = 2048  # 64 x 2048 experts: 512 KiB, beyond gather's cache
+    moe = SparseMoE(wide)
     monkeypatch.setattr(blas, "loaded_blas", lambda: "bundled")
     assert set_dispatch(moe, "auto") == "gather" and moe.dispatch == "gather"
     monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
     assert set_dispatch(moe, "auto") == "dense" and moe.dispatch == "dense"
+    assert set_dispatch(SparseMoE(moe_args(True)), "auto") == "gather"  # 64 x 32: gather is fast
     many = moe_args(True)
+    many.moe_intermediate_size = 2048
     many.num_experts, many.num_experts_per_tok = 64, 2  # 32x the work of gather: not worth it
     assert set_dispatch(SparseMoE(many), "auto") == "gather"
-    quantized = SparseMoE(moe_args(True))
+    quantized = SparseMoE(wide)
     nn.quantize(quantized.experts, group_size=GROUP, bits=4)
     assert set_dispatch(quantized, "auto") == "gather"
     with pytest.raises(ValueError, match="needs float experts"):

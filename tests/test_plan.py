@@ -155,15 +155,18 @@ def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
     assert plan.peak == pytest.approx(measured, rel=0.10), (plan.peak, measured)
 
 
-def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_float_experts(monkeypatch):
+def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(monkeypatch):
     def dispatch(device="cpu", fast=True, quantize=0, cfg=TINY, setting="auto"):
         monkeypatch.setattr("mlxmoe.plan.fast_cpu_blas", lambda: fast)
         recipe = load_recipe(None, train={"quantize": quantize, "moe_dispatch": setting})
         return planned_dispatch(lazy_model(ConfigView(cfg)).args, recipe.train, device)
 
-    assert dispatch() == "dense"
-    assert dispatch(device="gpu") == dispatch(fast=False) == dispatch(quantize=4) == "gather"
-    many = {**TINY, "num_experts": 32}  # 16 experts per choice
+    wide = {**TINY, "moe_intermediate_size": 1024}  # 128 x 1024 experts: dense's size
+    assert dispatch(cfg=wide) == "dense"
+    assert dispatch() == "gather"  # 128 x 128 experts: gather_mm runs them from cache
+    assert dispatch(cfg=wide, device="gpu") == dispatch(cfg=wide, fast=False) == \
+        dispatch(cfg=wide, quantize=4) == "gather"
+    many = {**wide, "num_experts": 32}  # 16 experts per choice
     assert dispatch(cfg=many) == "gather" and dispatch(cfg=many, setting="dense") == "dense"
     assert dispatch(fast=False, setting="dense") == "dense"
     with pytest.raises(MlxMoeError, match="float experts"):

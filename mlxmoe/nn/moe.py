@@ -199,26 +199,33 @@ class SparseMoE(nn.Module):
         return y, logits
 
 
-# Dense dispatch does E/k times the work of gather. Measured with OpenBLAS on 2 cores (one
-# MoE layer, forward + backward): E/k = 2 or 4 won 1.9-6x at every width tried (128 to
-# 1024 x 1536); at E/k = 8 or 16 it won or lost by width (0.4-3.4x). So: up to 4.
+# Dense dispatch does E/k times the work of gather, at the BLAS rate; MLX's CPU gather_mm
+# reads a token-expert pair's expert matrix for each pair, fast while that matrix stays in
+# cache. Measured with OpenBLAS on 2 cores (one MoE layer with expert LoRA, forward +
+# backward, 640 tokens, top-2): 128x128 and 256x256 experts: gather won 1.3-7x at E/k = 2-8;
+# 576x1536: dense won 2.05x at E/k = 2, lost 0.85x at E/k = 4; 1024x1536: dense won 2.7x at
+# E/k = 4. So dense for E/k <= 4 and expert matrices of 512 KiB (float32) or more.
 DENSE_MAX_EXPERTS_PER_CHOICE = 4
+DENSE_MIN_EXPERT_VALUES = 128 * 1024  # hidden x expert ffn
 
 
 def choose_dispatch(setting: str, num_experts: int, top_k: int, float_experts: bool,
-                    fast_cpu: bool) -> str:
-    """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers.
+                    fast_cpu: bool, expert_values: int = DENSE_MIN_EXPERT_VALUES) -> str:
+    """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers
+    (``expert_values``: hidden size x expert FFN size).
 
     ``auto``: dense on MLX's CPU backend with a fast BLAS (``fast_cpu``), for float experts
-    with E/k <= 4; gather everywhere else (Metal's gather kernels are fast; the bundled CPU
-    BLAS runs gather_mm at the dense rate, so dense would only add work)."""
+    with E/k <= 4 and matrices too large for gather_mm's cache-bound rate; gather everywhere
+    else (Metal's gather kernels are fast; the bundled CPU BLAS runs gather_mm at the dense
+    rate, so dense would only add work)."""
     if setting not in ("auto", *DISPATCHES):
         raise ValueError(f"MoE dispatch must be auto, gather or dense, got {setting!r}")
     if setting == "dense" and not float_experts:
         raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
     if setting == "auto":
         few = num_experts <= DENSE_MAX_EXPERTS_PER_CHOICE * top_k
-        return "dense" if float_experts and few and fast_cpu else "gather"
+        large = expert_values >= DENSE_MIN_EXPERT_VALUES
+        return "dense" if float_experts and few and large and fast_cpu else "gather"
     return setting
 
 
@@ -235,7 +242,8 @@ def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
                         for m in layers)
     fast_cpu = mx.default_device() == mx.cpu and loaded_blas() != "bundled"
     setting = choose_dispatch(setting, max(m.router.weight.shape[0] for m in layers),
-                              min(m.router.top_k for m in layers), float_experts, fast_cpu)
+                              min(m.router.top_k for m in layers), float_experts, fast_cpu,
+                              min(_base(m.experts.up_proj).weight[0].size for m in layers))
     for m in layers:
         m.dispatch = setting
     return setting
