@@ -22,6 +22,17 @@ HALF_BYTES = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.Q4_K: slice(0, 4),
               Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
 
 
+def _each(run: Callable[[int], None], starts: range, threads: int | None) -> None:
+    """run(start) for every chunk start, on ``threads`` threads (default: every core)."""
+    threads = threads or os.cpu_count() or 1
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            list(pool.map(run, starts))  # list(): re-raises a chunk's exception
+    else:
+        for start in starts:
+            run(start)
+
+
 def encode_blocks(x: np.ndarray, qtype: Q, encode: Callable[[np.ndarray], np.ndarray],
                   threads: int | None = None, chunk_values: int = CHUNK_VALUES) -> np.ndarray:
     """x float [..., n] -> uint8 [..., n // block * type_size]: ``encode`` maps float32
@@ -43,14 +54,7 @@ def encode_blocks(x: np.ndarray, qtype: Q, encode: Callable[[np.ndarray], np.nda
         with np.errstate(all="ignore"):
             out[start:start + chunk_blocks] = encode(chunk)
 
-    starts = range(0, blocks.shape[0], chunk_blocks)
-    threads = threads or os.cpu_count() or 1
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-            list(pool.map(run, starts))
-    else:
-        for start in starts:
-            run(start)
+    _each(run, range(0, blocks.shape[0], chunk_blocks), threads)
     if qtype in HALF_BYTES and not np.isfinite(out[:, HALF_BYTES[qtype]].copy().view("<f2")).all():
         # an infinite block scale: llama.cpp's ggml_validate_row_data rejects the row too
         raise ValueError(f"{qtype.name}: values too large for the float16 block scales "
@@ -65,18 +69,11 @@ def cast(x: np.ndarray, dtype: np.dtype, threads: int | None = None,
     x = np.ascontiguousarray(x)
     out = np.empty(x.shape, dtype)
     flat_in, flat_out = x.reshape(-1), out.reshape(-1)
-    starts = range(0, flat_in.size, chunk_values)
-    threads = threads or os.cpu_count() or 1
 
     def run(start: int) -> None:
         flat_out[start:start + chunk_values] = flat_in[start:start + chunk_values]
 
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-            list(pool.map(run, starts))
-    else:
-        for start in starts:
-            run(start)
+    _each(run, range(0, flat_in.size, chunk_values), threads)
     return out
 
 
