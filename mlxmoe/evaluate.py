@@ -4,7 +4,7 @@ What is measured, and how it relates to training:
 
 - perplexity = exp(mean cross-entropy over answer tokens), token-weighted over the whole file:
   the same samples -> tokens -> loss mask as training (``data``), the same shift into a
-  ``Batch`` (``BatchSchedule``), the same ``losses.cross_entropy``. So exp(validation loss)
+  ``Batch`` (``BatchSchedule``), the same loss (``train.step.answer_cross_entropy``). So exp(validation loss)
   of a training run on that file is this perplexity (up to truncation: ``max_seq_len``).
 - ROUGE-L F1 (``rouge``) of a greedy answer against the reference answer: the completion,
   or the content of the last assistant message. The prompt is every token before the
@@ -38,9 +38,10 @@ from .adapters import load_adapters, read_adapter_config
 from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
 from .errors import MlxMoeError
 from .load import load
-from .losses import cross_entropy, expert_counts, router_entropy
+from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
 from .rouge import RougeL, rouge_l
+from .train.step import answer_cross_entropy
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -203,8 +204,8 @@ def _score_answers(model, dataset: Dataset, owners: list[int], results: list[Sam
     for index in range(len(dataset.examples)):
         (row,), _ = schedule.samples(index)
         batch = schedule.batch(index)
-        logits, routers = model(batch.inputs, return_router_logits=True)
-        ce = cross_entropy(logits, batch.targets, batch.loss_mask)
+        h, routers = model.hidden_states(batch.inputs)
+        ce = answer_cross_entropy(model, batch, h) / max(batch.num_target_tokens, 1)
         if monitor is not None:
             counts = expert_counts(routers, monitor.top_k, batch.token_mask)
             entropy = router_entropy(routers, batch.token_mask)

@@ -52,7 +52,7 @@ def cross_entropy(logits: mx.array, targets: mx.array, loss_mask: mx.array) -> m
     return per_token.sum() / mx.maximum(mask.astype(mx.float32).sum(), 1.0)
 
 
-CE_CHUNK_VALUES = 1 << 21  # logits per chunk: 8 MiB of float32, ~6 such temporaries alive
+CE_CHUNK_VALUES = 1 << 21  # logits per chunk: 8 MiB of float32, ~8 such temporaries alive
 CE_MIN_CHUNK_ROWS = 32
 
 
@@ -71,7 +71,7 @@ def linear_cross_entropy(
     ``project`` (the LM head: linear, quantized or the tied embedding) must be linear and
     frozen: no gradient reaches its parameters. ``targets`` int [N], ``weight`` [N].
     """
-    rows = max(CE_MIN_CHUNK_ROWS, CE_CHUNK_VALUES // vocab_size)
+    rows = ce_chunk_rows(vocab_size)
     n, dims = hidden.shape
 
     @mx.custom_function
@@ -104,6 +104,27 @@ def linear_cross_entropy(
         return (cotangents[0] * outputs[1]).astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(weight)
 
     return loss_and_grad(hidden, targets, weight)[0]
+
+
+def head_cross_entropy(
+    hidden: mx.array, project: Callable[[mx.array], mx.array], targets: mx.array,
+    weight: mx.array, vocab_size: int,
+) -> mx.array:
+    """``linear_cross_entropy``'s value without its gradient (evaluation): sum_t w_t *
+    CE(project(h_t), y_t), one chunk of logits at a time."""
+    rows = ce_chunk_rows(vocab_size)
+    total = mx.array(0.0, mx.float32)
+    for start in range(0, hidden.shape[0], rows):
+        hc = mx.depends(hidden[start:start + rows], total) if start else hidden[:rows]
+        logits = project(hc).astype(mx.float32)
+        picked = mx.take_along_axis(logits, targets[start:start + rows, None], axis=-1)[:, 0]
+        total = total + (weight[start:start + rows] * (mx.logsumexp(logits, axis=-1) - picked)).sum()
+    return total
+
+
+def ce_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits per chunk of the chunked losses (the planner models them too)."""
+    return max(CE_MIN_CHUNK_ROWS, CE_CHUNK_VALUES // vocab_size)
 
 
 def load_balancing_loss(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import MoEArgs
+from .losses import ce_chunk_rows
 from .model import CausalLM
 from .nn.moe import DENSE_MIN_PAIRS
 
@@ -86,15 +87,18 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
         out.working[f"layer {i} backward"] = recompute + _layer_backward_working(
             args, layer.is_moe, targets, shape, a, dispatch)
         grad = True
-    # Final norm's input; logits only at answer positions (train.step), float32 for the
-    # loss, kept for the softmax gradient. The loss's backward adds three [N, V] float32
-    # arrays (the softmax, the scattered -1 of the target, their sum) and about eight [T, D]
-    # ones (the final norm's and the row gather's gradients): measured on MLX 0.32, where
-    # the order a graph is evaluated in keeps both sets alive at once.
+    # Final norm's input. Logits only at answer positions (train.step), and in chunks
+    # (losses.linear_cross_entropy): what stays is the hidden-state gradient of the answer
+    # rows. The working set, measured on MLX 0.32: ~4 float32 [chunk, V] arrays when one
+    # chunk holds every row, ~10 when there are several (two chunks' temporaries overlap;
+    # 10.0 at 256-1024 x 32000 and 512 x 152064), plus about eight [T, D] arrays (the final
+    # norm's and the row gather's gradients).
     out.kept["residual stream"] += T * D * a
     rows, vocab = shape.logit_rows, args.vocab_size
-    out.kept["logits"] += rows * vocab * 4
-    loss_working = 3 * rows * vocab * 4 + 8 * T * D * a
+    out.kept["answer rows (loss gradient)"] += rows * D * 4
+    chunk_rows = ce_chunk_rows(vocab)
+    copies = 4 if rows <= chunk_rows else 10
+    loss_working = copies * min(rows, chunk_rows) * vocab * 4 + 8 * T * D * a
     if checkpoint:
         # The top layer's recomputed forward is evaluated beside the loss's gradient.
         top = max(out.working.values(), default=0)

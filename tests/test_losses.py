@@ -15,6 +15,7 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe
 
 from mlxmoe.losses import (
     cross_entropy,
+    head_cross_entropy,
     linear_cross_entropy,
     expert_counts,
     load_balancing_loss,
@@ -292,3 +293,15 @@ def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
     assert full_4k > 2 * logits_4k and full_4k > 3.5 * full_1k  # logits, softmax, gradient
     assert chunked_4k - chunked_1k < 16 << 20  # a few MiB of gradient rows, no logits
     assert chunked_4k < logits_4k / 4
+
+
+def test_head_cross_entropy_is_linear_cross_entropys_value():
+    project, head_weight = lm_heads()["4-bit linear"]
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(N_ROWS, HIDDEN)).astype(np.float32)
+    targets = rng.integers(0, VOCAB, N_ROWS).astype(np.int32)
+    weight = (rng.random(N_ROWS) > 0.2).astype(np.float32)
+    expected, _ = torch_weighted_ce_and_grad(x, np.eye(HIDDEN, dtype=np.float32), head_weight,
+                                             targets, weight)
+    value = head_cross_entropy(mx.array(x), project, mx.array(targets), mx.array(weight), VOCAB)
+    assert value.item() == pytest.approx(expected, rel=1e-5)

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..data import Batch
 from ..losses import (
     cross_entropy,
+    head_cross_entropy,
     linear_cross_entropy,
     expert_counts,
     load_balancing_loss,
@@ -185,6 +186,15 @@ def answer_positions(batch: Batch, multiple: int = 64) -> tuple[mx.array, mx.arr
     return mx.array(index), mx.array(tokens.astype(np.int32)), mx.array(weight)
 
 
+def answer_cross_entropy(model: CausalLM, batch: Batch, hidden: mx.array) -> mx.array:
+    """The cross-entropy summed over ``batch``'s answer tokens, from the model's final hidden
+    states [B, L, D], without gradient: the LM head runs on answer positions only, a chunk
+    of them at a time."""
+    index, tokens, weight = answer_positions(batch)
+    return head_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[index], model.project,
+                              tokens, weight, model.args.vocab_size)
+
+
 def optim_grad_norm(grads) -> mx.array:
     from mlx.utils import tree_flatten
 
@@ -198,9 +208,8 @@ def evaluate_loss(model: CausalLM, batches: list[Batch], world: World | None = N
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(batch.inputs)
-        ce = cross_entropy(logits, batch.targets, batch.loss_mask)
-        total += ce.item() * batch.num_target_tokens
+        h, _ = model.hidden_states(batch.inputs)
+        total += answer_cross_entropy(model, batch, h).item()
         count += batch.num_target_tokens
     model.train(was_training)
     if world is not None and world.size > 1:
