@@ -194,7 +194,9 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
 # Peak temporaries of encoding one float32 tensor, as a multiple of its size: tracemalloc
 # over gguf-py's quantizers and ours (kquants) on a 2048 x 4096 tensor; q4_k_m mixes Q4_K
 # and Q6_K, the larger is taken.
-ENCODE_WORKING = {"f32": 1.0, "f16": 0.5, "bf16": 2.07, "q8_0": 1.57, "q4_0": 1.30, "q4_k_m": 1.69}
+# The encoded tensor over its float32 bytes (gguf/blocks.py encodes in chunks of a few MiB)
+ENCODE_WORKING = {"f32": 1.0, "f16": 0.5, "bf16": 0.5, "q8_0": 34 / 128, "q4_0": 18 / 128,
+                  "q4_k_m": 210 / 1024}
 
 
 @dataclass(frozen=True)

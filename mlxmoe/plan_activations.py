@@ -101,6 +101,8 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
     loss_working = copies * min(rows, chunk_rows) * vocab * 4 + 8 * T * D * a
     if checkpoint:
         # The top layer's recomputed forward is evaluated beside the loss's gradient.
+        # MLX evaluates the chunked loss beside the top layer's recomputation (measured: the
+        # larger of the two under-predicts by 25-33%).
         top = max(out.working.values(), default=0)
         out.working = {"cross-entropy + the largest layer, recomputed": loss_working + top}
     else:

@@ -90,7 +90,7 @@ def encode(data: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F16:
         return cast(data, np.dtype(np.float16))
     if qtype in QUANTIZERS:  # K-quants: gguf-py cannot encode them
-        return QUANTIZERS[qtype](data.astype(np.float32))
+        return QUANTIZERS[qtype](data.astype(np.float32, copy=False))
     return quantize_legacy(data, qtype)
 
 
