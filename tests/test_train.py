@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,3 +246,28 @@ def test_bad_data_line_is_reported_by_file_and_line(qwen2_moe, tmp_path):
     assert proc.returncode == 2
     assert "train.jsonl:2" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_training_process_never_loads_a_tokenizer(qwen2_moe, data, tmp_path):
+    """Token ids come from a child process: transformers and mlx-lm (~300 MB resident with
+    torch) never enter the trainer."""
+    argv = ["mlxmoe", "train", "--model", str(qwen2_moe), "--data", str(data),
+            "--out", str(tmp_path / "out"), "--iters", "1", "--quantize", "none"]
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\n"
+            "try:\n    runpy.run_module('mlxmoe', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('LOADED', sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "MLXMOE_BLAS": "bundled"})  # no re-exec
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training summary" in proc.stdout
+    assert "LOADED []" in proc.stdout
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(qwen2_moe, data, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen2_moe, bare)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(MlxMoeError, match=f"^{re.escape(str(bare))}: the model folder ships no tokenizer"):
+        train(recipe(bare, data, iters=1), tmp_path / "out", show_progress=False)

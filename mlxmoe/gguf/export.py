@@ -26,6 +26,7 @@ from ..tensor_names import ROLES
 from .blocks import cast, quantize_legacy
 from .kquants import QUANTIZERS, q4_k_m_type
 from .vocab import add_tokenizer
+from .writer import GGUFWriter
 
 Q = gguf.GGMLQuantizationType
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
@@ -166,7 +167,7 @@ def export_gguf(
     started = time.perf_counter()
     weights = MergedWeights(model, adapter, force)
     plans = plan_tensors(weights, file_type)
-    writer = gguf.GGUFWriter(None, weights.family.gguf_arch)
+    writer = GGUFWriter(None, weights.family.gguf_arch)
     write_hparams(writer, weights, file_type)
     add_tokenizer(writer, weights.ckpt.folder)
     for plan in plans:

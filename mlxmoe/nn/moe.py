@@ -201,21 +201,32 @@ class SparseMoE(nn.Module):
 
 # Dense dispatch does E/k times the work of gather, at the BLAS rate; MLX's CPU gather_mm
 # reads a token-expert pair's expert matrix for each pair, fast while that matrix stays in
-# cache. Measured with OpenBLAS on 2 cores (one MoE layer with expert LoRA, forward +
-# backward, 640 tokens, top-2): 128x128 and 256x256 experts: gather won 1.3-7x at E/k = 2-8;
-# 576x1536: dense won 2.05x at E/k = 2, lost 0.85x at E/k = 4; 1024x1536: dense won 2.7x at
-# E/k = 4. So dense for E/k <= 4 and expert matrices of 512 KiB (float32) or more.
-DENSE_MAX_EXPERTS_PER_CHOICE = 4
-DENSE_MIN_EXPERT_VALUES = 128 * 1024  # hidden x expert ffn
+# cache. Measured with OpenBLAS on 2 cores (L2 1 MiB a core), top-2:
+# - a training step (bench/train_vs_mlx_lm.py, Qwen3-MoE, 4 layers, expert LoRA): 512 x 512
+#   experts: dense 1.33x faster at E/k = 2 (495 vs 371 tokens/s), 0.89x at E/k = 4 (319 vs
+#   360); 1024 x 1024 at E/k = 4: dense 2.95x faster (135 vs 46);
+# - one MoE layer with expert LoRA, forward + backward, 640 tokens: 128 x 128 and 256 x 256:
+#   gather 1.3-7x faster at E/k = 2-8; 576 x 1536: dense 2.05x faster at E/k = 2, 0.85x at
+#   E/k = 4; 1024 x 1536: dense 2.7x faster at E/k = 4.
+# So the smallest expert matrix (float32 values, hidden x expert FFN) that runs dense, by the
+# largest E/k it holds for; beyond E/k = 4 gather always.
+DENSE_MIN_EXPERT_VALUES = ((2, 128 * 1024), (4, 1024 * 1024))
+
+
+def dense_pays(num_experts: int, top_k: int, expert_values: int) -> bool:
+    """Whether the dense dispatch beats gather on MLX's CPU backend with a fast BLAS."""
+    return any(num_experts <= ratio * top_k and expert_values >= values
+               for ratio, values in DENSE_MIN_EXPERT_VALUES)
 
 
 def choose_dispatch(setting: str, num_experts: int, top_k: int, float_experts: bool,
-                    fast_cpu: bool, expert_values: int = DENSE_MIN_EXPERT_VALUES) -> str:
+                    fast_cpu: bool, expert_values: int = 0) -> str:
     """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers
     (``expert_values``: hidden size x expert FFN size).
 
     ``auto``: dense on MLX's CPU backend with a fast BLAS (``fast_cpu``), for float experts
-    with E/k <= 4 and matrices too large for gather_mm's cache-bound rate; gather everywhere
+    whose matrices are too large for gather_mm's cache-bound rate at their E/k
+    (``dense_pays``); gather everywhere
     else (Metal's gather kernels are fast; the bundled CPU BLAS runs gather_mm at the dense
     rate, so dense would only add work)."""
     if setting not in ("auto", *DISPATCHES):
@@ -223,9 +234,8 @@ def choose_dispatch(setting: str, num_experts: int, top_k: int, float_experts: b
     if setting == "dense" and not float_experts:
         raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
     if setting == "auto":
-        few = num_experts <= DENSE_MAX_EXPERTS_PER_CHOICE * top_k
-        large = expert_values >= DENSE_MIN_EXPERT_VALUES
-        return "dense" if float_experts and few and large and fast_cpu else "gather"
+        dense = float_experts and fast_cpu and dense_pays(num_experts, top_k, expert_values)
+        return "dense" if dense else "gather"
     return setting
 
 

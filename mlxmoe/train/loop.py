@@ -21,13 +21,14 @@ import numpy as np
 
 from ..adapt import apply_adapters, trainable_report
 from ..adapters import adapter_config, adapter_tensors, save_adapters
-from ..data import BatchSchedule, Dataset, load_dataset
+from ..data import BatchSchedule
 from ..errors import MlxMoeError
-from ..load import load
+from ..load import load_model
 from ..monitor import ExpertMonitor
 from ..blas import describe as describe_blas
 from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
+from ..tokenize_worker import tokenize_files
 from .distributed import World, share_run
 from .progress import TrainProgress
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -115,9 +116,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     train_file, valid_file = data_files(recipe.data)
 
     mx.random.seed(cfg.seed)
-    model, tokenizer = load(recipe.model, quantize=cfg.quantize or None, group_size=cfg.group_size)
-    if tokenizer is None:
-        raise MlxMoeError(f"{recipe.model}: the model folder ships no tokenizer")
+    model = load_model(recipe.model, quantize=cfg.quantize or None, group_size=cfg.group_size)
+    # The tokenizer (transformers, torch: ~300 MB) lives in a child process only.
+    train_set, valid_set = tokenize_files(model.source, [train_file, valid_file], cfg.max_seq_len,
+                                          recipe.loss.mask_prompt)
     for _, module in model.named_modules():
         if isinstance(module, Router):
             module.temperature, module.jitter = recipe.loss.router_temperature, recipe.loss.router_jitter
@@ -130,11 +132,6 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     model.train()
     trainable = trainable_report(model)
 
-    train_set = load_dataset(train_file, tokenizer, cfg.max_seq_len, recipe.loss.mask_prompt)
-    valid_set: Dataset | None = (
-        load_dataset(valid_file, tokenizer, cfg.max_seq_len, recipe.loss.mask_prompt)
-        if valid_file else None
-    )
     schedule = BatchSchedule(train_set, cfg.batch_size, seed=cfg.seed)
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())

@@ -1,0 +1,82 @@
+"""Tokenize training files in a child process, so that the trainer never loads a tokenizer.
+
+Loading a Hugging Face tokenizer (through mlx-lm) imports transformers and, where it is
+installed, torch: ~300 MB of resident memory that training never uses again once its files
+are token ids. ``tokenize_files`` runs ``load_dataset`` in ``python -m mlxmoe.tokenize_worker``
+and reads the datasets back from plain arrays (``.npz`` without pickles) and JSON; the
+child's errors come back as the same one-line errors (a bad line is named by file and line).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, Dataset, Example, load_dataset
+from .errors import MlxMoeError
+
+DATA_ERROR, OTHER_ERROR = 3, 4
+
+
+def tokenize_files(
+    model_folder: str | Path, files: list[Path | None], max_seq_len: int, mask_prompt: bool
+) -> list[Dataset | None]:
+    """``load_dataset`` of each file (None stays None) with the tokenizer of ``model_folder``,
+    computed in a child process."""
+    with tempfile.TemporaryDirectory(prefix="mlxmoe-tokenize-") as tmp:
+        job = {"model": str(model_folder), "files": [str(f) if f else None for f in files],
+               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "out": tmp}
+        proc = subprocess.run([sys.executable, "-m", "mlxmoe.tokenize_worker", json.dumps(job)],
+                              capture_output=True, text=True)
+        if proc.returncode in (DATA_ERROR, OTHER_ERROR):
+            message = json.loads((Path(tmp) / "error.json").read_text())["message"]
+            raise (DataError if proc.returncode == DATA_ERROR else MlxMoeError)(message)
+        if proc.returncode != 0:
+            raise MlxMoeError(f"tokenizing the training data failed:\n{proc.stderr[-2000:]}")
+        return [read_dataset(Path(tmp), i) if f else None for i, f in enumerate(files)]
+
+
+def write_dataset(folder: Path, index: int, dataset: Dataset) -> None:
+    lengths = np.array([len(e.tokens) for e in dataset.examples], np.int64)
+    np.savez(folder / f"{index}.npz", lengths=lengths,
+             tokens=np.concatenate([e.tokens for e in dataset.examples]).astype(np.int32),
+             loss_mask=np.concatenate([e.loss_mask for e in dataset.examples]).astype(bool))
+    (folder / f"{index}.json").write_text(json.dumps(
+        {"source": str(dataset.source), "truncated": dataset.truncated, "dropped": dataset.dropped}))
+
+
+def read_dataset(folder: Path, index: int) -> Dataset:
+    meta = json.loads((folder / f"{index}.json").read_text())
+    with np.load(folder / f"{index}.npz", allow_pickle=False) as arrays:
+        cuts = np.cumsum(arrays["lengths"])[:-1]
+        tokens = np.split(arrays["tokens"], cuts)
+        masks = np.split(arrays["loss_mask"], cuts)
+    examples = [Example(t, m) for t, m in zip(tokens, masks)]
+    return Dataset(examples, Path(meta["source"]), meta["truncated"], meta["dropped"])
+
+
+def main(job: dict) -> int:
+    from .load import load_tokenizer
+
+    out = Path(job["out"])
+    try:
+        tokenizer = load_tokenizer(job["model"])
+        if tokenizer is None:
+            raise MlxMoeError(f"{job['model']}: the model folder ships no tokenizer")
+        for i, path in enumerate(job["files"]):
+            if path is not None:
+                write_dataset(out, i, load_dataset(path, tokenizer, job["max_seq_len"],
+                                                   job["mask_prompt"]))
+    except MlxMoeError as exc:
+        (out / "error.json").write_text(json.dumps({"message": str(exc)}))
+        return DATA_ERROR if isinstance(exc, DataError) else OTHER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))
