@@ -23,22 +23,48 @@ from .errors import MlxMoeError
 DATA_ERROR, OTHER_ERROR = 3, 4
 
 
+class TokenizeJob:
+    """``load_dataset`` of each file (None stays None) with the tokenizer of ``model_folder``,
+    computed in a child process that starts at once: the caller loads its model meanwhile.
+    Use as a context manager (a job left unfinished is killed) and call ``result()``."""
+
+    def __init__(self, model_folder: str | Path, files: list[Path | None], max_seq_len: int,
+                 mask_prompt: bool):
+        self.files = files
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlxmoe-tokenize-")
+        self.folder = Path(self._tmp.name)
+        job = {"model": str(model_folder), "files": [str(f) if f else None for f in files],
+               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "out": str(self.folder)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mlxmoe.tokenize_worker", json.dumps(job)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> list[Dataset | None]:
+        _, stderr = self._proc.communicate()
+        code = self._proc.returncode
+        if code in (DATA_ERROR, OTHER_ERROR):
+            message = json.loads((self.folder / "error.json").read_text())["message"]
+            raise (DataError if code == DATA_ERROR else MlxMoeError)(message)
+        if code != 0:
+            raise MlxMoeError(f"tokenizing the training data failed:\n{stderr[-2000:]}")
+        return [read_dataset(self.folder, i) if f else None for i, f in enumerate(self.files)]
+
+    def __enter__(self) -> TokenizeJob:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+        self._tmp.cleanup()
+
+
 def tokenize_files(
     model_folder: str | Path, files: list[Path | None], max_seq_len: int, mask_prompt: bool
 ) -> list[Dataset | None]:
-    """``load_dataset`` of each file (None stays None) with the tokenizer of ``model_folder``,
-    computed in a child process."""
-    with tempfile.TemporaryDirectory(prefix="mlxmoe-tokenize-") as tmp:
-        job = {"model": str(model_folder), "files": [str(f) if f else None for f in files],
-               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "out": tmp}
-        proc = subprocess.run([sys.executable, "-m", "mlxmoe.tokenize_worker", json.dumps(job)],
-                              capture_output=True, text=True)
-        if proc.returncode in (DATA_ERROR, OTHER_ERROR):
-            message = json.loads((Path(tmp) / "error.json").read_text())["message"]
-            raise (DataError if proc.returncode == DATA_ERROR else MlxMoeError)(message)
-        if proc.returncode != 0:
-            raise MlxMoeError(f"tokenizing the training data failed:\n{proc.stderr[-2000:]}")
-        return [read_dataset(Path(tmp), i) if f else None for i, f in enumerate(files)]
+    """``TokenizeJob(...).result()``: the datasets, tokenized in a child process."""
+    with TokenizeJob(model_folder, files, max_seq_len, mask_prompt) as job:
+        return job.result()
 
 
 def write_dataset(folder: Path, index: int, dataset: Dataset) -> None:

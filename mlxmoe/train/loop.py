@@ -23,12 +23,13 @@ from ..adapt import apply_adapters, trainable_report
 from ..adapters import adapter_config, adapter_tensors, save_adapters
 from ..data import BatchSchedule
 from ..errors import MlxMoeError
+from ..hub import resolve
 from ..load import load_model
 from ..monitor import ExpertMonitor
 from ..blas import describe as describe_blas
 from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
-from ..tokenize_worker import tokenize_files
+from ..tokenize_worker import TokenizeJob
 from .distributed import World, share_run
 from .progress import TrainProgress
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -116,10 +117,12 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     train_file, valid_file = data_files(recipe.data)
 
     mx.random.seed(cfg.seed)
-    model = load_model(recipe.model, quantize=cfg.quantize or None, group_size=cfg.group_size)
-    # The tokenizer (transformers, torch: ~300 MB) lives in a child process only.
-    train_set, valid_set = tokenize_files(model.source, [train_file, valid_file], cfg.max_seq_len,
-                                          recipe.loss.mask_prompt)
+    folder = resolve(recipe.model)
+    # The tokenizer (transformers, torch: ~300 MB) lives in a child process only, which
+    # tokenizes while the model loads.
+    with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt) as job:
+        model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size)
+        train_set, valid_set = job.result()
     for _, module in model.named_modules():
         if isinstance(module, Router):
             module.temperature, module.jitter = recipe.loss.router_temperature, recipe.loss.router_jitter
