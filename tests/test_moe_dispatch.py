@@ -340,10 +340,10 @@ def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float
     assert set_dispatch(moe, "auto") == "dense" and moe.dispatch == "dense"
     assert set_dispatch(SparseMoE(moe_args(True)), "auto") == "gather"  # 64 x 32: gather is fast
     mid = moe_args(True)
-    mid.moe_intermediate_size = 2048  # 64 x 2048: 512 KiB, dense pays at E/k 2, not at 3
-    assert set_dispatch(SparseMoE(mid), "auto") == "gather"
-    mid.num_experts = 4
+    mid.moe_intermediate_size = 2048  # 64 x 2048: 512 KiB, dense pays at E/k 3, not at 4
     assert set_dispatch(SparseMoE(mid), "auto") == "dense"
+    mid.num_experts = 8
+    assert set_dispatch(SparseMoE(mid), "auto") == "gather"
     many = moe_args(True)
     many.moe_intermediate_size = 16384
     many.num_experts, many.num_experts_per_tok = 64, 2  # 32x the work of gather: not worth it

@@ -164,8 +164,8 @@ def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(
     wide = {**TINY, "moe_intermediate_size": 8192}  # 128 x 8192 experts: dense's size at E/k 4
     assert dispatch(cfg=wide) == "dense"
     assert dispatch() == "gather"  # 128 x 128 experts: gather_mm runs them from cache
-    mid = {**TINY, "moe_intermediate_size": 1024}  # 128 x 1024: dense pays at E/k 2, not 4
-    assert dispatch(cfg=mid) == "gather" and dispatch(cfg={**mid, "num_experts": 4}) == "dense"
+    mid = {**TINY, "moe_intermediate_size": 1024}  # 128 x 1024: dense pays at E/k 3, not 4
+    assert dispatch(cfg=mid) == "gather" and dispatch(cfg={**mid, "num_experts": 6}) == "dense"
     assert dispatch(cfg=wide, device="gpu") == dispatch(cfg=wide, fast=False) == \
         dispatch(cfg=wide, quantize=4) == "gather"
     many = {**wide, "num_experts": 32}  # 16 experts per choice

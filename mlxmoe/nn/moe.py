@@ -203,14 +203,14 @@ class SparseMoE(nn.Module):
 # reads a token-expert pair's expert matrix for each pair, fast while that matrix stays in
 # cache. Measured with OpenBLAS on 2 cores (L2 1 MiB a core), top-2:
 # - a training step (bench/train_vs_mlx_lm.py, Qwen3-MoE, 4 layers, expert LoRA): 512 x 512
-#   experts: dense 1.33x faster at E/k = 2 (495 vs 371 tokens/s), 0.89x at E/k = 4 (319 vs
-#   360); 1024 x 1024 at E/k = 4: dense 2.95x faster (135 vs 46);
+#   experts: dense 1.33x faster at E/k = 2 (495 vs 371 tokens/s), 1.12x at E/k = 3 (403 vs
+#   360), 0.89x at E/k = 4 (319 vs 360); 1024 x 1024 at E/k = 4: dense 2.95x faster (135 vs 46);
 # - one MoE layer with expert LoRA, forward + backward, 640 tokens: 128 x 128 and 256 x 256:
 #   gather 1.3-7x faster at E/k = 2-8; 576 x 1536: dense 2.05x faster at E/k = 2, 0.85x at
 #   E/k = 4; 1024 x 1536: dense 2.7x faster at E/k = 4.
 # So the smallest expert matrix (float32 values, hidden x expert FFN) that runs dense, by the
 # largest E/k it holds for; beyond E/k = 4 gather always.
-DENSE_MIN_EXPERT_VALUES = ((2, 128 * 1024), (4, 1024 * 1024))
+DENSE_MIN_EXPERT_VALUES = ((3, 128 * 1024), (4, 1024 * 1024))
 
 
 def dense_pays(num_experts: int, top_k: int, expert_values: int) -> bool:
