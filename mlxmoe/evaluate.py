@@ -37,7 +37,7 @@ import numpy as np
 from .adapters import load_adapters, read_adapter_config
 from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
 from .errors import MlxMoeError
-from .load import load
+from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
 from .rouge import RougeL, rouge_l
@@ -127,9 +127,8 @@ def evaluate(
     path = eval_file(data_path)
     mx.reset_peak_memory()
     bits, group_size = _quantization(adapter, quantize, group_size)
-    model, tokenizer = load(model_path, quantize=bits or None, group_size=group_size)
-    if tokenizer is None:
-        raise MlxMoeError(f"{model_path}: the model folder ships no tokenizer")
+    model = load_model(model_path, quantize=bits or None, group_size=group_size)
+    tokenizer = require_tokenizer(model.source)
     if adapter is not None:
         load_adapters(model, adapter)
     model.eval()

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .checkpoint import open_checkpoint, read_weights
+from .errors import MlxMoeError
 from .hub import resolve
 from .model import CausalLM
 from .nn.moe import set_dispatch
@@ -51,6 +52,14 @@ def load_tokenizer(folder: str | Path) -> Any | None:
     from mlx_lm.tokenizer_utils import load as mlx_lm_load_tokenizer
 
     return mlx_lm_load_tokenizer(folder)
+
+
+def require_tokenizer(folder: str | Path) -> Any:
+    """``load_tokenizer``, or one error naming a folder that ships none."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise MlxMoeError(f"{folder}: the model folder ships no tokenizer")
+    return tokenizer
 
 
 def load(

@@ -87,13 +87,11 @@ def read_dataset(folder: Path, index: int) -> Dataset:
 
 
 def main(job: dict) -> int:
-    from .load import load_tokenizer
+    from .load import require_tokenizer
 
     out = Path(job["out"])
     try:
-        tokenizer = load_tokenizer(job["model"])
-        if tokenizer is None:
-            raise MlxMoeError(f"{job['model']}: the model folder ships no tokenizer")
+        tokenizer = require_tokenizer(job["model"])
         for i, path in enumerate(job["files"]):
             if path is not None:
                 write_dataset(out, i, load_dataset(path, tokenizer, job["max_seq_len"],

@@ -390,6 +390,10 @@ def test_our_writer_packs_the_metadata_byte_for_byte_as_gguf_py(name, tmp_path):
     ours, theirs = files[GGUFWriter].read_bytes(), files[gguf.GGUFWriter].read_bytes()
     assert len(ours) > 1_000_000 if name == "qwen3" else len(ours) > 400_000
     assert ours == theirs
+    with open_gguf(files[GGUFWriter], vocab_only=True) as llama:  # and llama.cpp reads it
+        ids = llama.tokenize(SAMPLES["code"].encode(), add_bos=False, special=False)
+        prefix = " " if name == "mixtral" else ""  # SentencePiece's add_space_prefix
+        assert llama.detokenize(ids).decode() == prefix + SAMPLES["code"]
 
 
 def test_our_writer_refuses_a_mixed_array_as_gguf_py_does(tmp_path):

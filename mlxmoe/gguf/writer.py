@@ -38,10 +38,8 @@ def _pack_array(items: list | tuple, sub_type: V | None) -> bytes | None:
     if item_type == V.STRING:
         if not all(isinstance(i, (str, bytes)) for i in items):
             return None
-        encoded = [i.encode("utf-8") if isinstance(i, str) else i for i in items]
-        lengths = np.fromiter(map(len, encoded), "<u8", len(encoded)).tobytes()
-        return head + b"".join(part for pair in zip(
-            (lengths[j:j + 8] for j in range(0, len(lengths), 8)), encoded) for part in pair)
+        encoded = (i.encode("utf-8") if isinstance(i, str) else i for i in items)
+        return head + b"".join(len(e).to_bytes(8, "little") + e for e in encoded)
     if item_type in NUMPY_TYPES:
         return head + np.asarray(items, NUMPY_TYPES[item_type]).tobytes()
     return None
