@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+from mlxmoe.memory import maxrss_bytes
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
@@ -36,7 +36,7 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss * RSS_UNIT
+    return seconds, maxrss_bytes(usage.ru_maxrss)
 
 
 def model_bytes(folder: Path) -> int:

@@ -46,11 +46,12 @@ OLMOE = dict(model_type="olmoe", vocab_size=8192, hidden_size=256, num_hidden_la
 
 
 def setting(name, config, bits=0, batch=2, seq=256, checkpoint=False, strategy="experts",
-            accum=1, rank=8, dispatch="gather"):
+            accum=1, rank=8, dispatch="gather", dtype="auto", group=64):
     """``dispatch`` is set explicitly (never auto) so that the measured process, which runs
     MLX's bundled BLAS, and the prediction assume the same MoE dispatch."""
     return dict(name=name, config=config, bits=bits, batch=batch, seq=seq, checkpoint=checkpoint,
-                strategy=strategy, accum=accum, rank=rank, dispatch=dispatch)
+                strategy=strategy, accum=accum, rank=rank, dispatch=dispatch, dtype=dtype,
+                group=group)
 
 
 QUICK = [
@@ -86,9 +87,9 @@ def recipe_for(s: dict):
     return load_recipe(
         None,
         lora={"strategy": s["strategy"], "rank": s["rank"]},
-        train={"quantize": s["bits"], "batch_size": s["batch"], "max_seq_len": s["seq"],
-               "grad_checkpoint": s["checkpoint"], "grad_accum": s["accum"],
-               "moe_dispatch": s["dispatch"]},
+        train={"quantize": s["bits"], "group_size": s["group"], "batch_size": s["batch"],
+               "max_seq_len": s["seq"], "grad_checkpoint": s["checkpoint"],
+               "grad_accum": s["accum"], "moe_dispatch": s["dispatch"], "dtype": s["dtype"]},
     )
 
 
@@ -109,7 +110,7 @@ def measure(s: dict) -> dict:
     from mlxmoe.config import ConfigView
     from mlxmoe.data import Batch
     from mlxmoe.info import lazy_model
-    from mlxmoe.load import default_dtype
+    from mlxmoe.dtypes import resolve_dtype
     from mlxmoe.nn.moe import set_dispatch
     from mlxmoe.quantize import quantize_model
     from mlxmoe.train.step import Stepper
@@ -120,7 +121,7 @@ def measure(s: dict) -> dict:
     rss_before, _ = _rss_now_and_peak()
     mx.random.seed(0)
     model = lazy_model(ConfigView(s["config"]))
-    dtype = default_dtype()
+    dtype = resolve_dtype(t.dtype)
     model.update(tree_unflatten([(k, v.astype(mx.float32 if role_is_router(k) else dtype))
                                  for k, v in tree_flatten(model.parameters())]))
     if t.quantize:

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlxmoe.memory import maxrss_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -31,7 +33,7 @@ RUN_WITH_MAXRSS = (
     "try:\n"
     "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
     "finally:\n"
-    "    print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+    "    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
 )
 
 
@@ -82,7 +84,7 @@ def run(module_args: list[str], env: dict[str, str]) -> tuple[str, int]:
         print(out[-4000:])
     if proc.returncode != 0:
         raise SystemExit(f"{module_args[0]} failed:\n{out[-3000:]}")
-    return out, int(re.findall(r"MAXRSS_KB (\d+)", out)[-1])
+    return out, maxrss_bytes(int(re.findall(r"MAXRSS (\d+)", out)[-1]))
 
 
 def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -> dict:
@@ -103,7 +105,7 @@ def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
                                         plain, flags=re.M)]
     if not tps:
         raise SystemExit(f"no tokens/s in mlx-lm's output:\n{plain[-2000:]}")
-    return {"tokens_per_s": sum(tps[1:]) / max(len(tps) - 1, 1), "max_rss_gb": rss * 1024 / 1e9}
+    return {"tokens_per_s": sum(tps[1:]) / max(len(tps) - 1, 1), "max_rss_gb": rss / 1e9}
 
 
 def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -> dict:
@@ -119,7 +121,7 @@ def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
     rows = [json.loads(x) for x in (out / "mlxmoe_run" / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows
     return {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
-            "max_rss_gb": rss * 1024 / 1e9}
+            "max_rss_gb": rss / 1e9}
 
 
 def main() -> None:

@@ -238,7 +238,7 @@ def ablate(
         report = evaluate(recipe.model, eval_path, adapter=adapter, max_new_tokens=max_new_tokens,
                           limit=limit, max_seq_len=recipe.train.max_seq_len,
                           quantize=recipe.train.quantize, group_size=recipe.train.group_size,
-                          progress=eval_progress)
+                          dtype=recipe.train.dtype, progress=eval_progress)
         record = {"configuration": name, "eval": report.to_dict(), "train": trained}
         write_text_atomic(out / name / EVAL_FILE, json.dumps(record, indent=2) + "\n")
         _release_memory()

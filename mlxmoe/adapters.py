@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from .adapt import AdapterSpec, apply_adapters
 from .atomic import atomic_file, write_text_atomic
 from .checkpoint import open_checkpoint
+from .dtypes import dtype_name
 from .errors import MlxMoeError
 from .model import CausalLM
 
@@ -66,6 +67,7 @@ def adapter_config(model: CausalLM, spec: AdapterSpec, adapted: list[str], base:
         "router_mode": spec.router_mode,
         "targets": adapted,
         "quantization": dataclasses.asdict(quant) if quant else None,
+        "dtype": dtype_name(model.compute_dtype),
         "lora": dataclasses.asdict(spec),
     }
 

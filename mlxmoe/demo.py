@@ -32,6 +32,7 @@ class DemoSettings:
     out: Path = Path("demo")
     recipe: Path | None = None  # default: the packaged recipes/smollm2-faq-demo.yaml
     iters: int | None = None  # overrides the recipe's
+    dtype: str | None = None  # overrides the recipe's train.dtype (mlxmoe.dtypes)
     eval_answers: int = 4  # held-out questions answered (greedily) before and after training
     max_new_tokens: int = 64
     question: int = 0  # which held-out question llama.cpp answers
@@ -73,7 +74,7 @@ def _no_tick(label: str, done: int, total: int) -> None:
 
 def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
     recipe = load_recipe(settings.recipe or recipes_dir() / DEMO_RECIPE,
-                         train={"iters": settings.iters})
+                         train={"iters": settings.iters, "dtype": settings.dtype})
     recipe.model, recipe.data = str(model), str(data)
     return recipe
 
@@ -94,13 +95,13 @@ def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) ->
     with _Stage(report, "upcycle", say, "upcycling SmolLM2-135M-Instruct into a 4-expert MoE"):
         _upcycled_model(model, say)
     with _Stage(report, "eval base", say, "evaluating the base model on the held-out questions"):
-        report.base = _evaluate(model, data, None, settings, tick)
+        report.base = _evaluate(model, data, None, recipe.train.dtype, settings, tick)
     with _Stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
                 f"{recipe.train.iters} steps of {recipe.train.batch_size})"):
         report.training = _train(recipe, run, say)
         report.plots = [str(p) for p in training_plots(run, "mlxmoe demo: SmolLM2 MoE on the Python FAQ")]
     with _Stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
-        report.tuned = _evaluate(model, data, run, settings, tick)
+        report.tuned = _evaluate(model, data, run, recipe.train.dtype, settings, tick)
     gguf_path = out / GGUF_NAME
     with _Stage(report, "export", say, "merging the adapters into a q8_0 GGUF"):
         report.gguf = _export(model, run, gguf_path, tick)
@@ -152,11 +153,11 @@ def _upcycled_model(folder: Path, say: Say) -> None:
         upcycle(dense, folder, layout="mixtral", n_experts=4, top_k=2)
 
 
-def _evaluate(model: Path, data: Path, adapter: Path | None, settings: DemoSettings,
+def _evaluate(model: Path, data: Path, adapter: Path | None, dtype: str, settings: DemoSettings,
               tick: Tick) -> dict:
     from .evaluate import evaluate
 
-    report = evaluate(model, data / "test.jsonl", adapter=adapter,
+    report = evaluate(model, data / "test.jsonl", adapter=adapter, dtype=dtype,
                       max_new_tokens=settings.max_new_tokens, generate_limit=settings.eval_answers,
                       progress=lambda done, total: tick("eval", done, total))
     answered = [s for s in report.per_sample if s.generated is not None]

@@ -37,6 +37,7 @@ import numpy as np
 from .adapters import load_adapters, read_adapter_config
 from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
 from .errors import MlxMoeError
+from .dtypes import dtype_name
 from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
@@ -80,6 +81,8 @@ class EvalReport:
     peak_memory_gb: float
     experts: dict[str, Any] | None  # overall spread and max_share, and per-layer entries
     truncated: int  # samples cut to max_seq_len for perplexity
+    dtype: str = "float32"  # what the model computed in
+    quantization: str = "none"  # the base's bits and group size, or "none"
     per_sample: list[SampleResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ def evaluate(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     quantize: int | None = None,
     group_size: int = 64,
+    dtype: str | None = None,
     generate: bool = True,
     progress: Callable[[int, int], None] | None = None,
     generate_limit: int | None = None,
@@ -118,7 +122,8 @@ def evaluate(
     adapter); 0 forces float weights, 4 or 8 those bits. ``limit`` keeps the first samples of
     the file. ``generate`` False skips generation (perplexity and experts only). ``progress``
     is called with (samples done, samples in all) after each sample. ``generate_limit``
-    generates answers for the first N samples only (perplexity still covers all).
+    generates answers for the first N samples only (perplexity still covers all). ``dtype``:
+    what the model computes in (``dtypes.DTYPE_CHOICES``; None is auto).
     """
     if max_new_tokens < 1:
         raise MlxMoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -127,7 +132,7 @@ def evaluate(
     path = eval_file(data_path)
     mx.reset_peak_memory()
     bits, group_size = _quantization(adapter, quantize, group_size)
-    model = load_model(model_path, quantize=bits or None, group_size=group_size)
+    model = load_model(model_path, quantize=bits or None, group_size=group_size, dtype=dtype)
     tokenizer = require_tokenizer(model.source)
     if adapter is not None:
         load_adapters(model, adapter)
@@ -189,6 +194,9 @@ def evaluate(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         experts=_expert_summary(monitor),
         truncated=truncated,
+        dtype=dtype_name(model.compute_dtype),
+        quantization=(f"{model.quantization.bits}-bit, group {model.quantization.group_size}"
+                      if model.quantization else "none"),
         per_sample=results,
     )
 

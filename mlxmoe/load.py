@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .checkpoint import open_checkpoint, read_weights
+from .dtypes import resolve_dtype
 from .errors import MlxMoeError
 from .hub import resolve
 from .model import CausalLM
@@ -16,29 +17,27 @@ from .nn.moe import set_dispatch
 from .quantize import Quantization, quantize_model
 
 
-def default_dtype() -> mx.Dtype:
-    """float32 on the CPU backend (its gather kernels are float32-only), bfloat16 on a GPU."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-
-
 def load_model(
     path_or_id: str | Path,
     quantize: int | None = None,
     group_size: int = 64,
-    dtype: mx.Dtype | None = None,
+    dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> CausalLM:
+    """``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an ``mx.Dtype``; None is ``auto``."""
     folder = resolve(path_or_id, revision)
     ckpt = open_checkpoint(folder)
     model = ckpt.family.build(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    weights = read_weights(ckpt, expected, dtype or default_dtype())
+    dtype = resolve_dtype(dtype)
+    weights = read_weights(ckpt, expected, dtype)
     model.load_weights(list(weights.items()), strict=True)
     if quantize:
         quantize_model(model, quantize, group_size)
     mx.eval(model.parameters())
     set_dispatch(model, "auto")
     model.source = ckpt.folder
+    model.compute_dtype = dtype
     model.quantization = Quantization(quantize, group_size) if quantize else None
     return model
 
@@ -66,7 +65,7 @@ def load(
     path_or_id: str | Path,
     quantize: int | None = None,
     group_size: int = 64,
-    dtype: mx.Dtype | None = None,
+    dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> tuple[CausalLM, Any | None]:
     """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / Llama checkpoint, optionally quantized to

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from .adapt import AdapterSpec, apply_adapters
 from .blas import choose_library
 from .config import MoEArgs
+from .dtypes import resolve_dtype
 from .errors import MlxMoeError
 from .info import lazy_model, weight_bytes
 from .model import CausalLM
@@ -31,8 +32,6 @@ from .nn.moe import choose_dispatch
 from .plan_activations import Shape, activations
 from .recipe import Recipe, TrainConfig
 
-# What training computes in: load.default_dtype's choice for each backend.
-DEVICE_DTYPE = {"gpu": mx.bfloat16, "cpu": mx.float32}
 # Float32 adapter-sized arrays alive while AdamW updates, beyond the parameters and moments:
 # the gradients, their clipped copy and the moments being rewritten (measured on MLX 0.32 with
 # adapters 40x larger than the activations: 2.8 copies).
@@ -118,7 +117,8 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     try:
         choice = choose_dispatch(
             train.moe_dispatch, args.num_experts if moe else 1, args.num_experts_per_tok if moe else 1,
-            float_experts=not train.quantize or not moe, fast_cpu=device == "cpu" and fast_cpu_blas(),
+            float_experts=not train.quantize or not moe,
+            fast_cpu=device == "cpu" and fast_cpu_blas() and resolve_dtype(train.dtype, device) == mx.float32,
             expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0)
     except ValueError as exc:
         raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
@@ -155,7 +155,7 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
     """Peak memory of one training step of ``recipe`` on the model ``cfg`` describes.
     ``answer_tokens`` (per micro-batch) defaults to every position: the worst case."""
     t = recipe.train
-    dtype = DEVICE_DTYPE[device]
+    dtype = resolve_dtype(t.dtype, device)
     if memory is None:
         memory = model_memory(cfg, dtype, t.quantize, t.group_size, recipe.lora)
     dispatch = planned_dispatch(memory.model.args, t, device)

@@ -64,7 +64,8 @@ def budget(memory: str | None) -> Budget:
 
 def wired_limit_mb(peak: int, b: Budget) -> int:
     """The sysctl value for a plan: its peak and 10% margin, in whole GiB, in MB."""
-    return 1024 * math.ceil(min(peak * 1.1, b.wired_max) / GiB)
+    # integer arithmetic: a float peak * 1.1 lands just above whole GiB (50 GiB -> 56, not 55)
+    return 1024 * math.ceil(min(peak * 11 // 10, b.wired_max) / GiB)
 
 
 @dataclass(frozen=True)

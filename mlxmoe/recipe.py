@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from .adapt import AdapterSpec
+from .dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from .errors import MlxMoeError
 from .losses import DEFAULT_AUX_COEF, DEFAULT_Z_COEF
 from .monitor import CollapseRule
@@ -64,6 +65,8 @@ class TrainConfig:
     seed: int = 0
     quantize: int = 4  # bits of the frozen base (QLoRA): 4 or 8; 0 trains over float weights
     group_size: int = 64
+    # What the model computes in (mlxmoe.dtypes): auto = bfloat16 on a GPU, float32 on the CPU.
+    dtype: str = DEFAULT_DTYPE
     grad_checkpoint: bool = False
     compile: bool = True
     report_every: int = 10
@@ -74,6 +77,10 @@ class TrainConfig:
     # How MoE layers run their experts: gather (the chosen experts only), dense (every expert,
     # weighted by the routing: faster on a CPU with a fast BLAS) or auto (see nn.moe).
     moe_dispatch: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_CHOICES:
+            raise RecipeError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
 
 @dataclass

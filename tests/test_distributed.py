@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +15,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from local_ranks import free_port_pair
+from local_ranks import LAUNCH, launch
 from tiny_models import write_qa_data
 
 from mlxmoe.recipe import RecipeError, load_recipe
 from mlxmoe.train import train
 
-LAUNCH = Path(sys.executable).with_name("mlx.launch")
 pytestmark = pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")
 
 # experts+router with a large aux_coef: the balance loss moves the router, so a wrongly
@@ -31,20 +29,9 @@ SETTINGS = {
     "lora": {"strategy": "experts+router"},
     "loss": {"aux_coef": 0.5},
     "train": {"iters": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup": 0, "quantize": 0,
+              "dtype": "float32",
               "report_every": 1, "val_every": 3, "save_every": 3, "max_seq_len": 64},
 }
-
-
-def launch(*command: str, ranks: int = 2, timeout: int = 120) -> str:
-    """Runs ``python COMMAND`` on ``ranks`` ranks; returns everything they printed. (mlx.launch
-    0.32 exits 0 even when a rank fails: callers check what the ranks wrote.)"""
-    proc = subprocess.run(
-        [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "-p", str(free_port_pair()),
-         "--python", sys.executable, "--", *command],
-        check=False, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    return proc.stdout + proc.stderr
 
 
 def metrics(out: Path) -> list[dict]:

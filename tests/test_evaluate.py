@@ -50,7 +50,8 @@ def hf_answer_cross_entropy(folder: Path, samples: list[dict]) -> tuple[float, i
 
 def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwen2_moe, data):
     samples = [json.loads(line) for line in (data / "valid.jsonl").read_text().splitlines()]
-    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=6)
+    # float32 as transformers: auto is bfloat16 on a Mac's GPU
+    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=6, dtype="float32")
     ce, count, lengths = hf_answer_cross_entropy(qwen2_moe, samples)
     assert report.samples == len(samples) and report.answer_tokens == count
     assert report.cross_entropy == pytest.approx(ce, rel=1e-4)
@@ -71,7 +72,7 @@ def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwe
 def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=5, limit=2)
+    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=5, limit=2, dtype="float32")
     tok = AutoTokenizer.from_pretrained(qwen2_moe)
     model = AutoModelForCausalLM.from_pretrained(qwen2_moe, dtype=torch.float32).eval()
     eos = tok.convert_tokens_to_ids("<|im_end|>")

@@ -17,6 +17,7 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from llama_cpp._ctypes_extensions import load_shared_library
 
 from mlxmoe.gguf.blocks import encode_blocks, quantize_legacy
 from mlxmoe.gguf.kquants import (
@@ -36,7 +37,8 @@ RELATIVE_RMSE = {Q.Q4_K: 0.075, Q.Q5_K: 0.038, Q.Q6_K: 0.019}
 
 
 def _ggml_quantize_chunk():
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    # llama-cpp-python's own loader: libggml-base.so on Linux, .dylib on macOS
+    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

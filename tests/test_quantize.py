@@ -62,12 +62,16 @@ def test_router_shared_expert_gate_and_norms_are_never_quantized(qwen2_moe_folde
     assert model.layers[0].moe.router.weight.dtype == mx.float32
 
 
-def test_router_stays_float32_in_a_bfloat16_model(qwen2_moe_folder):
-    model, _ = mlxmoe.load(qwen2_moe_folder, dtype=mx.bfloat16)
-    assert model.layers[0].attn.q_proj.weight.dtype == mx.bfloat16
+@pytest.mark.parametrize("bits", [None, 4])
+def test_router_stays_float32_in_a_bfloat16_model(qwen2_moe_folder, bits):
+    # group 64 leaves the experts' down projections (width 32) in bfloat16 floats
+    model, _ = mlxmoe.load(qwen2_moe_folder, quantize=bits, dtype=mx.bfloat16)
     assert model.layers[0].moe.router.weight.dtype == mx.float32
-    _, routers = model(TOKENS, return_router_logits=True)
+    logits, routers = model(TOKENS, return_router_logits=True)
+    mx.eval(logits, routers)  # MLX is lazy: the graph must run, not just type-check
+    assert logits.dtype == mx.bfloat16
     assert all(r.dtype == mx.float32 for r in routers)
+    assert mx.isfinite(logits).all().item()
 
 
 def test_unsupported_bits_are_refused(qwen2_moe_folder):

@@ -219,24 +219,44 @@ def test_a_failed_conversion_leaves_nothing_behind(smollm2_gguf, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-# Measured on this 38-token sample: 8-bit top-1 1.000, KL 0.0024; 4-bit top-1 0.54, KL 0.70.
-# 4 bits hurt this 135M model: its weights are already Q4_1, and MLX's affine grid (which
-# keeps 0 exact) cannot hold the Q4_1 grid, so every weight is rounded twice. A broken
-# quantizer gives top-1 near 0 and KL > 5.
-@pytest.mark.parametrize("bits, min_top1, max_kl", [(8, 0.97, 0.01), (4, 0.4, 1.2)])
-def test_quantized_real_weights_stay_close_to_float(smollm2_hf, mlxmoe_logits, token_ids,
-                                                    bits, min_top1, max_kl):
-    # groups of 32, the Q4_1 block size (groups of 64 measured: 4-bit top-1 0.46)
-    model, _ = mlxmoe.load(smollm2_hf, quantize=bits, group_size=32, dtype=mx.float32)
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# Measured on this 38-token sample: top-1 1.000, KL 0.0024.
+def test_8_bit_real_weights_stay_close_to_float(smollm2_hf, mlxmoe_logits, token_ids):
+    model, _ = mlxmoe.load(smollm2_hf, quantize=8, group_size=32, dtype=mx.float32)
     quant = np.array(model(mx.array([token_ids]))[0])
     top1 = (quant.argmax(-1) == mlxmoe_logits.argmax(-1)).mean()
-
-    def log_softmax(z):
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
     p = np.exp(log_softmax(mlxmoe_logits))
     kl = (p * (log_softmax(mlxmoe_logits) - log_softmax(quant))).sum(-1).mean()
-    print(f"SmolLM2 {bits}-bit vs float: top-1 {top1:.3f}, KL {kl:.4f}")
-    assert top1 >= min_top1
-    assert kl < max_kl
+    print(f"SmolLM2 8-bit vs float: top-1 {top1:.3f}, KL {kl:.4f}")
+    assert top1 >= 0.97
+    assert kl < 0.01
+
+
+@pytest.mark.slow
+def test_4_bit_real_weights_compute_what_mlx_lm_convert_computes(smollm2_hf, token_ids, tmp_path):
+    """No bound on the distance to float proves 4 bits on this model: its weights are
+    already Q4_1, which MLX's affine grid rounds again (measured: top-1 0.54, KL 0.70 against
+    float). mlx-lm's converter runs the same quantizer, so the logits are equal (measured:
+    bitwise; every family on tiny checkpoints: tests/test_quantized_reference.py)."""
+    import mlx_lm
+    from mlx_lm.convert import convert
+
+    # groups of 32, the Q4_1 block size; a Llama has no router, so mlx-lm's default policy
+    # (everything it can quantize) is ours
+    convert(str(smollm2_hf), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32,
+            dtype="float32")
+    reference, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    model, _ = mlxmoe.load(smollm2_hf, quantize=4, group_size=32, dtype=mx.float32)
+    quantized = [sum("scales" in module for _, module in m.named_modules())
+                 for m in (model, reference)]
+    assert quantized[0] == quantized[1] > 0
+    logits = np.array(model(mx.array([token_ids])))
+    ref_logits = np.array(reference(mx.array([token_ids])))
+    diff = np.abs(logits - ref_logits).max()
+    print(f"SmolLM2 4-bit vs mlx-lm: max-abs {diff:.2e}, logits to {np.abs(ref_logits).max():.0f}")
+    # logits up to ~40: float rounding is ~1e-5
+    assert diff < 1e-4

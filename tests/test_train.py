@@ -26,8 +26,10 @@ def recipe(model: Path, data: Path, **train_overrides):
     lora = train_overrides.pop("lora", {})
     loss = train_overrides.pop("loss", {})
     collapse = train_overrides.pop("collapse", {})
+    # float32 on every backend: these tests compare runs to float32 tolerances (the Mac's
+    # bfloat16 over 4 bits: tests/test_mac_profile.py)
     settings = dict(iters=12, batch_size=4, learning_rate=2e-3, warmup=0, quantize=0,
-                    report_every=4, val_every=6, save_every=0, max_seq_len=64)
+                    dtype="float32", report_every=4, val_every=6, save_every=0, max_seq_len=64)
     settings.update(train_overrides)
     r = load_recipe(None, train=settings, lora=lora, loss=loss, collapse=collapse)
     r.model, r.data = str(model), str(data)

@@ -12,7 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..nn.moe import ExpertLinear, QuantizedExpertLinear, Router
+from ..nn.moe import ExpertLinear, QuantizedExpertLinear, Router, gather_matmul
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -65,17 +65,15 @@ class LoRAExperts(nn.Module):
         self.lora_b = mx.zeros((num_experts, out_dims, rank))
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
+        # A and B are float32 (AdamW's parameters); the update is computed in x's dtype, so
+        # the residual stream keeps the model's dtype (bfloat16 on a Mac).
         y = self.base(x, indices, sorted_indices)
+        a, b = self.lora_a.swapaxes(-1, -2), self.lora_b.swapaxes(-1, -2)
         if indices is None:  # the dense dispatch: every expert on every row
-            z = (self.dropout(x) @ self.lora_a.swapaxes(-1, -2)) @ self.lora_b.swapaxes(-1, -2)
-            return y + self.scale * z
-        h = mx.gather_mm(
-            self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
-            sorted_indices=sorted_indices,
-        )
-        z = mx.gather_mm(
-            h, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-        )
+            z = (self.dropout(x) @ a.astype(x.dtype)) @ b.astype(x.dtype)
+        else:
+            h = gather_matmul(self.dropout(x), a, indices, sorted_indices)
+            z = gather_matmul(h, b, indices, sorted_indices)
         return y + self.scale * z
 
     def delta(self) -> mx.array:

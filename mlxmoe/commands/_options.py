@@ -6,6 +6,13 @@ from collections.abc import Callable
 
 import click
 
+from ..dtypes import DTYPE_CHOICES
+
+# train, eval, ablate and demo: what the model computes in (mlxmoe.dtypes)
+DTYPE_OPTION = click.option(
+    "--dtype", type=click.Choice(DTYPE_CHOICES),
+    help="Model dtype: auto = bfloat16 on a GPU, float32 on the CPU (recipe: train.dtype).")
+
 TRAINING_OPTIONS = (
     click.option("--iters", type=int),
     click.option("--batch-size", type=int),
@@ -14,6 +21,7 @@ TRAINING_OPTIONS = (
     click.option("--learning-rate", type=float),
     click.option("--rank", type=int, help="LoRA rank."),
     click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base."),
+    DTYPE_OPTION,
 )
 
 
@@ -24,7 +32,7 @@ def training_options(command: Callable) -> Callable:
 
 
 def recipe_from_options(recipe_file, model, data, *, iters, batch_size, grad_accum, max_seq_len,
-                        learning_rate, rank, quantize, strategy=None, seed=None):
+                        learning_rate, rank, quantize, dtype=None, strategy=None, seed=None):
     """The recipe file (or the defaults) with the command line's values on top."""
     from ..recipe import load_recipe
 
@@ -35,6 +43,7 @@ def recipe_from_options(recipe_file, model, data, *, iters, batch_size, grad_acc
             "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
             "max_seq_len": max_seq_len, "learning_rate": learning_rate, "seed": seed,
             "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize)),
+            "dtype": dtype,
         },
     )
     if model:

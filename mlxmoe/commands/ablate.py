@@ -27,7 +27,8 @@ from ._ui import TransientBar, console
 @click.option("--limit", type=int, help="Evaluate only the first N held-out samples.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
 def ablate(model, data, out, recipe_file, strategies, eval_data, iters, batch_size, grad_accum,
-           max_seq_len, learning_rate, rank, quantize, seed, max_new_tokens, limit, no_plots) -> None:
+           max_seq_len, learning_rate, rank, quantize, dtype, seed, max_new_tokens, limit,
+           no_plots) -> None:
     """Train each of STRATEGIES on DATA with the same budget and seed, evaluate each and the
     untouched base on the same held-out file, and print the table side by side. A re-run
     with the same OUT skips what is done and resumes an interrupted run."""
@@ -37,7 +38,7 @@ def ablate(model, data, out, recipe_file, strategies, eval_data, iters, batch_si
     recipe = recipe_from_options(
         recipe_file, model, data, iters=iters, batch_size=batch_size, grad_accum=grad_accum,
         max_seq_len=max_seq_len, learning_rate=learning_rate, rank=rank, quantize=quantize,
-        seed=seed,
+        dtype=dtype, seed=seed,
     )
     bar = TransientBar()
     try:

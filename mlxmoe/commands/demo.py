@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ._options import DTYPE_OPTION
 from ._ui import TransientBar, console, human_bytes
 
 
@@ -23,14 +24,15 @@ def _num(value, spec: str) -> str:
 @click.option("--iters", type=int, help="Training steps (overrides the recipe).")
 @click.option("--eval-answers", default=4, show_default=True,
               help="Held-out questions answered greedily before and after training.")
+@DTYPE_OPTION
 @click.option("--check", is_flag=True,
               help="Exit 1 unless held-out perplexity fell and llama.cpp answered (for CI).")
-def demo(out, recipe, iters, eval_answers, check) -> None:
+def demo(out, recipe, iters, eval_answers, dtype, check) -> None:
     """Run the whole pipeline on the real SmolLM2 weights and the Python FAQ, no downloads."""
     from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(out), recipe=Path(recipe) if recipe else None, iters=iters,
-                            eval_answers=eval_answers)
+                            eval_answers=eval_answers, dtype=dtype)
     with TransientBar() as bar:
         report = run_demo(settings, say=lambda text: console.print(text, highlight=False),
                           tick=lambda label, done, total: bar(done, total, label))

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ._options import DTYPE_OPTION
 from ._ui import console
 
 
@@ -26,12 +27,13 @@ def _num(value, spec: str) -> str:
 @click.option("--max-seq-len", default=2048, show_default=True, help="Truncation for perplexity.")
 @click.option("--quantize", type=click.Choice(["4", "8", "none"]),
               help="Bits of the base (default: as the adapter was trained, else none).")
+@DTYPE_OPTION
 @click.option("--no-generate", is_flag=True, help="Perplexity and expert load only.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
               help="PNG of the per-layer x per-expert load (default with --json: beside it).")
 @click.option("--no-plots", is_flag=True, help="Write no PNG, even with --json.")
-def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, quantize,
+def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, quantize, dtype,
                      no_generate, json_out, plot_out, no_plots) -> None:
     """Evaluate MODEL (with ADAPTER) on DATA: answer perplexity, ROUGE-L of greedy answers,
     expert-load spread per layer, tokens/s and peak memory."""
@@ -45,12 +47,13 @@ def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, q
         task = progress.add_task("eval", total=None)
         report = evaluate(
             model, data, adapter=adapter, max_new_tokens=max_new_tokens, limit=limit,
-            max_seq_len=max_seq_len, quantize=bits, generate=not no_generate,
+            max_seq_len=max_seq_len, quantize=bits, dtype=dtype, generate=not no_generate,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
 
     summary = Table(title=f"eval: {report.data}", show_header=False)
     summary.add_row("model", report.model + (f" + {report.adapter}" if report.adapter else ""))
+    summary.add_row("computed in", f"{report.dtype}, base {report.quantization}")
     summary.add_row("samples", f"{report.samples} ({report.answer_tokens:,} answer tokens"
                     + (f", {report.truncated} truncated" if report.truncated else "") + ")")
     summary.add_row("perplexity", f"{report.perplexity:.3f} (cross-entropy {report.cross_entropy:.4f})")

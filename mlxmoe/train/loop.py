@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..data import BatchSchedule
 from ..errors import MlxMoeError
 from ..hub import resolve
 from ..load import load_model
+from ..memory import peak_memory_gb
 from ..monitor import ExpertMonitor
 from ..blas import describe as describe_blas
 from ..nn.moe import Router, set_dispatch
@@ -81,12 +81,6 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step + rank * 0x9E3779B9) % 2**32
 
 
-def peak_memory_gb() -> float:
-    """The larger of MLX's peak allocation and the process's peak RSS."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return max(mx.get_peak_memory(), rss) / 1e9
-
-
 def _rewind_metrics(path: Path, step: int) -> None:
     """Drop report lines past the checkpoint we resume from (the killed run's tail)."""
     if path.is_file():
@@ -121,7 +115,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     # The tokenizer (transformers, torch: ~300 MB) lives in a child process only, which
     # tokenizes while the model loads.
     with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt) as job:
-        model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size)
+        model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size,
+                           dtype=cfg.dtype)
         train_set, valid_set = job.result()
     for _, module in model.named_modules():
         if isinstance(module, Router):
