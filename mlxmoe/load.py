@@ -30,16 +30,25 @@ def load_model(
     model = ckpt.family.build(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     dtype = resolve_dtype(dtype)
-    weights = read_weights(ckpt, expected, dtype)
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(list(read_weights(ckpt, expected, dtype).items()), strict=True)
     if quantize:
         quantize_model(model, quantize, group_size)
-    mx.eval(model.parameters())
+    materialize(model)
     set_dispatch(model, "auto")
     model.source = ckpt.folder
     model.compute_dtype = dtype
     model.quantization = Quantization(quantize, group_size) if quantize else None
     return model
+
+
+def materialize(model: CausalLM) -> None:
+    """Evaluate the lazily loaded (and quantized) weights one part at a time: the embeddings,
+    each layer, the rest. Nothing else holds the float weights, so each part's float tensors
+    are freed once its quantized arrays exist, and the peak is the quantized model plus about
+    one layer in float, not the whole float checkpoint."""
+    for part in (model.embed_tokens, *model.layers):
+        mx.eval(part.parameters())
+    mx.eval(model.parameters())
 
 
 def load_tokenizer(folder: str | Path) -> Any | None:
