@@ -17,7 +17,16 @@ import mlx.core as mx
 from .config import ConfigView, DecoderArgs
 from .errors import CheckpointError
 from .families import Family, family_for
-from .tensor_names import ROLES, role_of_path
+from .prequantized import (
+    COMPONENTS,
+    CheckpointQuantization,
+    checkpoint_quantization,
+    component,
+    dequantized,
+    quantized_shape,
+    refuse_foreign_tensor,
+)
+from .tensor_names import ROLES, UNQUANTIZED_ROLES, role_of_path
 
 # Files that make up a tokenizer (and its chat template), copied along with weights.
 TOKENIZER_FILES = (
@@ -37,6 +46,7 @@ class Checkpoint:
     config: ConfigView
     family: Family
     weight_files: tuple[Path, ...]
+    quantization: CheckpointQuantization | None = None  # arrives quantized (mlx-lm's format)
 
     @property
     def args(self) -> DecoderArgs:
@@ -88,7 +98,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         )
     config = ConfigView(raw, config_path)
     family = family_for(raw.get("model_type"), str(config_path))
-    return Checkpoint(folder, config, family, _weight_files(folder))
+    quantization = checkpoint_quantization(raw, str(config_path))
+    return Checkpoint(folder, config, family, _weight_files(folder), quantization)
 
 
 def _weight_files(folder: Path) -> tuple[Path, ...]:
@@ -116,13 +127,17 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
 
 def read_weights(
     ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: mx.Dtype
-) -> dict[str, mx.array]:
-    """Checkpoint tensors renamed to our module paths, experts stacked, shapes checked."""
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, int]]]:
+    """Checkpoint tensors renamed to our module paths, experts stacked, shapes checked; and
+    the modules that arrive quantized: module path -> (bits, group size)."""
     found: dict[str, mx.array] = {}
     experts: dict[str, dict[int, mx.array]] = defaultdict(dict)
+    packed: dict[str, dict[str, mx.array]] = defaultdict(dict)  # quantized: weight, scales, biases
     tied = ckpt.args.tie_word_embeddings
     for name, array, file in ckpt.tensors():
-        match = ckpt.family.match_hf(name)
+        refuse_foreign_tensor(name, file)
+        hf_name, part = component(name) if ckpt.quantization else (name, "weight")
+        match = ckpt.family.match_hf(hf_name)
         if match is None:
             if name.endswith(IGNORED_SUFFIXES):
                 continue
@@ -133,6 +148,11 @@ def read_weights(
             continue  # some exporters store the tied head too
         if ours not in expected:
             raise CheckpointError(f"{file}: tensor {name!r} does not fit config.json ({ours})")
+        if ckpt.quantization and (part != "weight" or array.dtype == mx.uint32):
+            if xid is not None:
+                raise CheckpointError(f"{file}: tensor {name!r}: quantized experts must be stacked")
+            packed[ours][part] = array
+            continue
         want = expected[ours][1:] if xid is not None else expected[ours]
         if tuple(array.shape) != tuple(want):
             raise CheckpointError(
@@ -150,6 +170,7 @@ def read_weights(
         if missing:
             raise CheckpointError(f"{ckpt.folder}: missing tensor {ckpt.hf_name(ours, missing[0])!r}")
         found[ours] = mx.stack([parts[x] for x in range(len(parts))])
+    specs = _quantized_modules(ckpt, packed, expected, found)
     absent = [ours for ours in expected if ours not in found]
     if absent:
         names = ", ".join(repr(ckpt.hf_name(o)) for o in absent[:3])
@@ -157,8 +178,33 @@ def read_weights(
         raise CheckpointError(f"{ckpt.folder}: missing tensor {names}{more}")
     # Routers stay float32: routing is the decision we must not perturb (see nn.moe.Router).
     return {
-        k: v.astype(mx.float32 if role_is_router(k) else dtype) for k, v in found.items()
-    }
+        k: v if v.dtype == mx.uint32 else v.astype(mx.float32 if role_is_router(k) else dtype)
+        for k, v in found.items()
+    }, specs
+
+
+def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
+                       expected: dict[str, tuple[int, ...]], found: dict[str, mx.array]
+                       ) -> dict[str, tuple[int, int]]:
+    """Adds the quantized tensors to ``found`` (routers and the other never-quantized roles
+    dequantized); returns module path -> (bits, group size) of those kept quantized."""
+    specs = {}
+    for ours, parts in packed.items():
+        missing = [p for p in ("weight", *COMPONENTS) if p not in parts]
+        if missing:
+            raise CheckpointError(f"{ckpt.folder}: quantized tensor {ckpt.hf_name(ours)!r} has no "
+                                  f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})")
+        bits, group = quantized_shape(ours, tuple(parts["weight"].shape), tuple(parts["scales"].shape),
+                                      expected[ours], str(ckpt.folder))
+        role = role_of_path(ours)
+        if role is not None and role[0] in UNQUANTIZED_ROLES:
+            found[ours] = dequantized(parts, bits, group)
+            continue
+        module = ours[: -len(".weight")]
+        found[ours] = parts["weight"]
+        found[f"{module}.scales"], found[f"{module}.biases"] = parts["scales"], parts["biases"]
+        specs[module] = (bits, group)
+    return specs
 
 
 def role_is_router(ours: str) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import open_checkpoint, read_weights
@@ -30,8 +31,13 @@ def load_model(
     model = ckpt.family.build(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     dtype = resolve_dtype(dtype)
-    model.load_weights(list(read_weights(ckpt, expected, dtype).items()), strict=True)
-    if quantize:
+    weights, arrived_quantized = read_weights(ckpt, expected, dtype)
+    if arrived_quantized:
+        quantize, group_size = _as_stored(ckpt, quantize)
+        nn.quantize(model, class_predicate=lambda path, _: _spec(arrived_quantized.get(path)))
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if quantize and not arrived_quantized:
         quantize_model(model, quantize, group_size)
     materialize(model)
     set_dispatch(model, "auto")
@@ -39,6 +45,21 @@ def load_model(
     model.compute_dtype = dtype
     model.quantization = Quantization(quantize, group_size) if quantize else None
     return model
+
+
+def _as_stored(ckpt, quantize: int | None) -> tuple[int, int]:
+    """A checkpoint that arrives quantized is the frozen base as it is: never re-quantized."""
+    stored = ckpt.quantization
+    if quantize and quantize != stored.bits:
+        raise MlxMoeError(
+            f"{ckpt.folder}: the checkpoint is already quantized to {stored.bits} bits (mlx-lm's "
+            f"format); load it with quantize={stored.bits} (train.quantize: {stored.bits}), or "
+            "use its float release for other bits")
+    return stored.bits, stored.group_size
+
+
+def _spec(stored: tuple[int, int] | None) -> dict | bool:
+    return {"bits": stored[0], "group_size": stored[1]} if stored else False
 
 
 def materialize(model: CausalLM) -> None:

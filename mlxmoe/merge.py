@@ -27,6 +27,7 @@ from .atomic import atomic_dir
 from .checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from .errors import CheckpointError
 from .hub import resolve
+from .prequantized import COMPONENTS, component, quantized_shape
 from .safetensors_io import (
     TensorIn,
     TensorOut,
@@ -67,9 +68,15 @@ class Adapter:
 
 class MergedWeights:
     """Our tensor names -> float32 numpy arrays: the checkpoint's weights (experts stacked)
-    plus each adapter's scale * B @ A."""
+    plus each adapter's scale * B @ A.
 
-    def __init__(self, model: str | Path, adapter: str | Path | None = None, force: bool = False):
+    A base that arrived quantized (mlx-lm's format) has no full-precision weights to merge
+    into: ``base_weights`` names its float release, which is read instead once it is shown
+    to quantize to the stored grid; without it the grid is dequantized and merged
+    (``from_grid``: the GGUF then carries the 4-bit rounding)."""
+
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, force: bool = False,
+                 base_weights: str | Path | None = None):
         self.ckpt: Checkpoint = open_checkpoint(resolve(model))
         self.args = self.ckpt.args
         self.family = self.ckpt.family
@@ -78,7 +85,11 @@ class MergedWeights:
             self._check_adapter(force)
         lazy = self.family.build(self.args)
         self.shapes = {k: tuple(v.shape) for k, v in tree_flatten(lazy.parameters())}
-        self._sources = self._index()
+        self._sources, self._parts = self._index(self.ckpt)
+        self.from_grid = self.ckpt.quantization is not None and base_weights is None
+        self.weights_folder = self.ckpt.folder  # where the merged weights are read
+        if base_weights is not None:
+            self._use_base_weights(open_checkpoint(resolve(base_weights)))
 
     def _check_adapter(self, force: bool) -> None:
         config = self.adapter.config
@@ -91,16 +102,57 @@ class MergedWeights:
                 "pass the base it was trained on, or force"
             )
 
-    def _index(self) -> dict[tuple[str, int | None], TensorIn]:
-        sources = {}
-        for file in self.ckpt.weight_files:
+    def _index(self, ckpt: Checkpoint) -> tuple[dict[tuple[str, int | None], TensorIn],
+                                                 dict[str, dict[str, TensorIn]]]:
+        """Where each tensor lies; for a quantized checkpoint also each packed weight's
+        scales and biases."""
+        sources, parts = {}, {}
+        for file in ckpt.weight_files:
             for source in safetensors_header(file):
-                match = self.family.match_hf(source.name)
+                name, part = component(source.name) if ckpt.quantization else (source.name, "weight")
+                match = self.family.match_hf(name)
                 if match is None:
                     continue
                 role, bid, xid = match
-                sources[(ROLES[role].ours.format(bid=bid), xid)] = source
-        return sources
+                ours = ROLES[role].ours.format(bid=bid)
+                if part == "weight":
+                    sources[(ours, xid)] = source
+                else:
+                    parts.setdefault(ours, {})[part] = source
+        return sources, parts
+
+    def _use_base_weights(self, full: Checkpoint) -> None:
+        if full.quantization is not None:
+            raise CheckpointError(f"{full.folder}: the base weights are quantized too; pass the "
+                                  "full-precision checkpoint the quantized one was made from")
+        if self.ckpt.quantization is None:
+            raise CheckpointError(f"{self.ckpt.folder} is not quantized: export it without base weights")
+        if full.family.name != self.family.name or full.args != self.args:
+            raise CheckpointError(f"{full.folder}: another model than {self.ckpt.folder} (config differs)")
+        sources, _ = self._index(full)
+        for ours in list(self._parts)[:4]:  # a few tensors tell another fine-tune apart
+            if (ours, None) not in sources and (ours, 0) not in sources:
+                raise CheckpointError(f"{full.folder}: missing tensor {full.hf_name(ours)!r}")
+            grid = self.base(ours)
+            step = self._scales_per_value(ours)
+            saved = self._sources, self._parts
+            self._sources, self._parts, self.weights_folder = sources, {}, full.folder
+            try:
+                weight = self.base(ours)
+            finally:
+                self._sources, self._parts = saved
+            off_grid = float(np.mean(np.abs(weight - grid) > 0.51 * step + 1e-6))
+            if off_grid > 0.01:
+                raise CheckpointError(
+                    f"{full.folder}: {full.hf_name(ours, 0)!r} does not quantize to the grid stored "
+                    f"in {self.ckpt.folder} ({off_grid:.0%} of its values lie off it): these are not "
+                    "the weights the quantized checkpoint was made from")
+        self._sources, self._parts, self.weights_folder = sources, {}, full.folder
+
+    def _scales_per_value(self, ours: str) -> np.ndarray:
+        """Each value's quantization step, broadcast to the weight's shape."""
+        scales = np.abs(self._parts[ours]["scales"].float32())
+        return np.repeat(scales, self.shapes[ours][-1] // scales.shape[-1], axis=-1)
 
     def names(self) -> list[str]:
         return list(self.shapes)
@@ -110,8 +162,24 @@ class MergedWeights:
         # the safetensors file.
         return source.float32()
 
+    def _dequantized(self, ours: str) -> np.ndarray:
+        parts = self._parts[ours]
+        missing = [p for p in COMPONENTS if p not in parts]
+        if missing:
+            raise CheckpointError(f"{self.ckpt.folder}: quantized tensor {self.ckpt.hf_name(ours)!r} "
+                                  f"has no {missing[0]!r}")
+        packed = self._sources[(ours, None)]
+        weight = np.frombuffer(packed.read(), np.uint32).reshape(packed.shape)
+        scales, biases = parts["scales"].float32(), parts["biases"].float32()
+        bits, group = quantized_shape(ours, packed.shape, scales.shape, self.shapes[ours],
+                                      str(self.ckpt.folder))
+        return np.array(mx.dequantize(mx.array(weight), mx.array(scales), mx.array(biases),
+                                      group, bits))
+
     def base(self, ours: str) -> np.ndarray:
         shape = self.shapes[ours]
+        if ours in self._parts:
+            return self._dequantized(ours)
         if (ours, None) in self._sources:
             return self._read(self._sources[(ours, None)])
         if (ours, 0) in self._sources:  # per-expert tensors, stacked like our module holds them
@@ -157,7 +225,7 @@ def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None
     converter can read it): the family's HF names, per-expert tensors, the source's dtype
     unless ``dtype`` ("F32", "F16", "BF16") says otherwise."""
     weights = MergedWeights(model, adapter, force)
-    dtype = dtype or safetensors_index(weights.ckpt.folder)[0].dtype
+    dtype = dtype or ("F32" if weights.from_grid else safetensors_index(weights.weights_folder)[0].dtype)
     cache: dict[str, np.ndarray] = {}
 
     def merged(ours: str) -> np.ndarray:

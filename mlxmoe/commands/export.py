@@ -18,7 +18,11 @@ from ._ui import console, human_bytes
               help="Also write an Ollama Modelfile (into DIR, default: beside the GGUF).")
 @click.option("--name", help="Model name for `ollama create` (default: the GGUF's stem).")
 @click.option("--force", is_flag=True, help="Merge even if the adapter's base fingerprint differs.")
-def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, force) -> None:
+@click.option("--base-weights", type=click.Path(exists=True, file_okay=False),
+              help="For a MODEL that arrived quantized (mlx-lm's format): its full-precision "
+                   "release, merged into instead of the quantized grid.")
+def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, force,
+           base_weights) -> None:
     """Merge adapters and write a GGUF that llama.cpp and Ollama load."""
     from rich.progress import Progress
 
@@ -37,6 +41,7 @@ def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, 
             report = export_gguf(
                 model, gguf_out, file_type, adapter, force,
                 on_tensor=lambda i, n, t: progress.update(task, total=n, completed=i, description=t),
+                base_weights=base_weights,
             )
     types = ", ".join(f"{k} x{v}" for k, v in sorted(report.types.items()))
     console.print(f"wrote {report.path} ({human_bytes(report.bytes)}, {report.tensors} tensors: {types}) "

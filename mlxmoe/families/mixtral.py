@@ -12,12 +12,15 @@ from .llama import gguf_hparams
 # transformers 5 renames block_sparse_moe to mlp in memory; read both.
 _MOE = ("model.layers.{bid}.block_sparse_moe", "model.layers.{bid}.mlp")
 
+# mlx-lm saves the experts stacked (read only)
+_STACKED = "model.layers.{bid}.block_sparse_moe.switch_mlp"
+
 HF_TENSORS = {
     **HF_DECODER_TENSORS,
     "ffn_gate_inp": tuple(f"{p}.gate.weight" for p in _MOE),
-    "ffn_gate_exps": tuple(f"{p}.experts.{{xid}}.w1.weight" for p in _MOE),
-    "ffn_up_exps": tuple(f"{p}.experts.{{xid}}.w3.weight" for p in _MOE),
-    "ffn_down_exps": tuple(f"{p}.experts.{{xid}}.w2.weight" for p in _MOE),
+    "ffn_gate_exps": (*(f"{p}.experts.{{xid}}.w1.weight" for p in _MOE), f"{_STACKED}.gate_proj.weight"),
+    "ffn_up_exps": (*(f"{p}.experts.{{xid}}.w3.weight" for p in _MOE), f"{_STACKED}.up_proj.weight"),
+    "ffn_down_exps": (*(f"{p}.experts.{{xid}}.w2.weight" for p in _MOE), f"{_STACKED}.down_proj.weight"),
 }
 
 

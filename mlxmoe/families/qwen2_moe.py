@@ -15,9 +15,10 @@ HF_FFN_TENSORS = {
     "ffn_up": f"{_L}.mlp.up_proj.weight",
     "ffn_down": f"{_L}.mlp.down_proj.weight",
     "ffn_gate_inp": f"{_L}.mlp.gate.weight",
-    "ffn_gate_exps": f"{_L}.mlp.experts.{{xid}}.gate_proj.weight",
-    "ffn_up_exps": f"{_L}.mlp.experts.{{xid}}.up_proj.weight",
-    "ffn_down_exps": f"{_L}.mlp.experts.{{xid}}.down_proj.weight",
+    # per expert as the hub stores them; stacked as mlx-lm saves them (read only)
+    "ffn_gate_exps": (f"{_L}.mlp.experts.{{xid}}.gate_proj.weight", f"{_L}.mlp.switch_mlp.gate_proj.weight"),
+    "ffn_up_exps": (f"{_L}.mlp.experts.{{xid}}.up_proj.weight", f"{_L}.mlp.switch_mlp.up_proj.weight"),
+    "ffn_down_exps": (f"{_L}.mlp.experts.{{xid}}.down_proj.weight", f"{_L}.mlp.switch_mlp.down_proj.weight"),
 }
 
 HF_TENSORS = {

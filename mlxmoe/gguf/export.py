@@ -6,6 +6,7 @@ Names, metadata keys and per-tensor types follow llama.cpp's own converter
 
 from __future__ import annotations
 
+import logging
 import mmap
 import struct
 import time
@@ -29,6 +30,11 @@ from .vocab import add_tokenizer
 from .writer import GGUFWriter
 
 Q = gguf.GGMLQuantizationType
+log = logging.getLogger(__name__)
+GRID_WARNING = (
+    "{folder} arrived quantized, so the adapters are merged into its dequantized grid and the "
+    "GGUF carries that rounding; pass its full-precision release as base weights "
+    "(--base-weights) to merge into the original weights")
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
     "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
@@ -157,15 +163,20 @@ def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
 def export_gguf(
     model: str | Path, out: str | Path, file_type: str = "f16", adapter: str | Path | None = None,
     force: bool = False, on_tensor: Callable[[int, int, str], None] | None = None,
+    base_weights: str | Path | None = None,
 ) -> ExportReport:
     """Merge ``adapter`` (if any) into ``model`` and write a GGUF of ``file_type`` to ``out``.
+    ``base_weights``: the full-precision release of a ``model`` that arrived quantized
+    (see ``merge.MergedWeights``); without it such a model's grid is merged, with a warning.
 
     The file is written under a temporary name, its tensor table read back, then renamed:
     an interrupted export leaves nothing at ``out``."""
     if file_type not in FILE_TYPES:
         raise ExportError(f"GGUF type {file_type!r} is unknown (choose from: {', '.join(FILE_TYPES)})")
     started = time.perf_counter()
-    weights = MergedWeights(model, adapter, force)
+    weights = MergedWeights(model, adapter, force, base_weights)
+    if weights.from_grid:
+        log.warning(GRID_WARNING.format(folder=weights.ckpt.folder))
     plans = plan_tensors(weights, file_type)
     writer = GGUFWriter(None, weights.family.gguf_arch)
     write_hparams(writer, weights, file_type)
