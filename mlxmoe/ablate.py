@@ -147,12 +147,13 @@ def applicable_strategies(model: str, strategies: Sequence[str]) -> tuple[list[s
 def held_out_file(recipe: Recipe, eval_data: str | Path | None) -> Path:
     """The file every configuration is evaluated on: ``eval_data``, else DATA's test.jsonl
     (else valid.jsonl); never the training file."""
-    train_file, _ = data_files(recipe.data)
+    data = recipe.data.path
+    train_file, _ = data_files(data)
     if eval_data is None:
-        if not Path(recipe.data).is_dir():
-            raise MlxMoeError(f"{recipe.data}: ablate needs held-out data to evaluate on: pass "
+        if not Path(data).is_dir():
+            raise MlxMoeError(f"{data}: ablate needs held-out data to evaluate on: pass "
                               "--eval-data, or a data folder with test.jsonl or valid.jsonl")
-        eval_data = recipe.data
+        eval_data = data
     path = eval_file(eval_data)
     if path.resolve() == train_file.resolve():
         raise MlxMoeError(f"{path} is the training file; evaluate on held-out data (--eval-data)")
@@ -219,7 +220,7 @@ def ablate(
     say = note or (lambda message: None)
     if not recipe.model:
         raise MlxMoeError("no model: pass --model or set 'model' in the recipe")
-    if not recipe.data:
+    if not recipe.data.path:
         raise MlxMoeError("no data: pass --data or set 'data' in the recipe")
     if recipe.lora.targets:
         raise MlxMoeError(f"the recipe sets lora.targets {recipe.lora.targets}, which overrides "
@@ -341,7 +342,7 @@ def markdown_table(result: AblationResult) -> str:
         f"# Ablation: {model}",
         "",
         f"Evaluated on `{result.eval_data}`; every strategy trained on "
-        f"`{result.settings['recipe']['data']}` for {train['iters']} steps (batch {train['batch_size']} x {train['grad_accum']} accumulated, "
+        f"`{result.settings['recipe']['data']['path']}` for {train['iters']} steps (batch {train['batch_size']} x {train['grad_accum']} accumulated, "
         f"learning rate {train['learning_rate']:g}, seed {train['seed']}, LoRA rank {lora['rank']}, "
         f"base {'%d-bit' % train['quantize'] if train['quantize'] else 'float'}).",
         "",

@@ -19,6 +19,11 @@ template closes assistant turns with, e.g. ``<|im_end|>``), so the model learns 
 whatever the template writes after that (a newline) is not. Some templates render the last
 assistant turn differently from earlier ones (Qwen3 adds an empty ``<think>`` block); the
 end-of-turn token, not the prefix, then bounds the earlier turns.
+
+Reasoning (``thinking``): an answer without reasoning is located with the non-thinking
+generation prompt where the template renders it so (Qwen3's empty think block is then prompt,
+not answer), else with the plain one; an answer with reasoning (kept by ``thinking="keep"``,
+dropped by ``"off"``) with the plain one, so its think block is trained (``mlxmoe.thinking``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MlxMoeError
+from .thinking import (
+    DEFAULT_THINKING,
+    NON_THINKING,
+    check_thinking_mode,
+    for_training,
+    has_reasoning,
+)
 
 SAMPLE_KINDS = {
     "text": ("text",),
@@ -83,14 +95,16 @@ class Batch:
 
 
 def load_dataset(
-    path: str | Path, tokenizer: Any, max_seq_len: int, mask_prompt: bool = True
+    path: str | Path, tokenizer: Any, max_seq_len: int, mask_prompt: bool = True,
+    thinking: str = DEFAULT_THINKING,
 ) -> Dataset:
     """Tokenize a JSONL file. ``tokenizer`` is mlx-lm's TokenizerWrapper or a Hugging Face
-    tokenizer. Raises DataError naming the file and line of the first bad sample."""
+    tokenizer; ``thinking`` is ``data.thinking`` (``mlxmoe.thinking.THINKING_MODES``). Raises
+    DataError naming the file and line of the first bad sample."""
     if max_seq_len < 2:
         raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
     path = Path(path)
-    encoder = _Encoder(tokenizer)
+    encoder = _Encoder(tokenizer, thinking)
     examples, truncated, dropped, seen = [], 0, 0, 0
     for where, sample in _read_jsonl(path):
         seen += 1
@@ -166,6 +180,8 @@ def _validate(sample: Any, where: str) -> dict:
                 if key not in message:
                     raise DataError(f'{where}: messages[{i}] has no "{key}"')
                 _expect_str(message, key, f"{where}: messages[{i}]", sep="")
+            if message.get("reasoning_content") is not None:
+                _expect_str(message, "reasoning_content", f"{where}: messages[{i}]", sep="")
         if "tools" in sample and not isinstance(sample["tools"], list):
             raise DataError(f'{where}: "tools" must be an array, got {_json_type(sample["tools"])}')
     return sample
@@ -190,7 +206,8 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class _Encoder:
     """Turns one validated sample into (token ids, loss mask) with one tokenizer."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, thinking: str = DEFAULT_THINKING):
+        self.thinking = check_thinking_mode(thinking, DataError)
         self.tok = tokenizer
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
@@ -226,19 +243,13 @@ class _Encoder:
     def _encode_chat(self, messages: list[dict], tools, where: str):
         if not self.has_template:
             raise DataError(f'{where}: "messages" needs a tokenizer with a chat template')
+        messages = for_training(messages, self.thinking)
         tokens = self._render(messages, tools, False, where)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prefix = self._render(messages[:i], tools, True, where) if i else self._opening(tools)
-            start = _common_prefix(tokens, prefix)
-            if i and len(prefix) - start > MERGE_SLACK:  # (an opening answer: best effort)
-                raise DataError(
-                    f"{where}: the chat template renders the conversation before messages[{i}] "
-                    "differently from the whole conversation, so its answer cannot be located; "
-                    "use mask_prompt=False or fix the template"
-                )
+            start = self._answer_start(tokens, messages, i, tools, where)
             end = self._turn_end(tokens, start, messages, i, tools, where)
             spans.append((start, end))
         if spans and messages[-1]["role"] == "assistant" and spans[-1][1] == len(tokens):
@@ -249,6 +260,23 @@ class _Encoder:
         for start, end in spans:
             mask[start:end] = True
         return tokens, mask
+
+    def _answer_start(self, tokens, messages, i: int, tools, where: str) -> int:
+        """Where assistant messages[i] starts: after the generation prompt (non-thinking for an
+        answer without reasoning, where the template renders the answer so) that the whole
+        conversation's rendering continues."""
+        if i == 0:  # an opening answer: best effort
+            return _common_prefix(tokens, self._opening(tools))
+        for allow_thinking in [True] if has_reasoning(messages[i]) else [False, True]:
+            prefix = self._render(messages[:i], tools, True, where, allow_thinking)
+            start = _common_prefix(tokens, prefix)
+            if len(prefix) - start <= MERGE_SLACK:
+                return start
+        raise DataError(
+            f"{where}: the chat template renders the conversation before messages[{i}] "
+            "differently from the whole conversation, so its answer cannot be located; "
+            "use mask_prompt=False or fix the template"
+        )
 
     def _turn_end(self, tokens, start: int, messages, i: int, tools, where: str) -> int:
         """One past the token that closes assistant messages[i], which starts at ``start``."""
@@ -267,8 +295,15 @@ class _Encoder:
             f"{where}: cannot find where messages[{i}] ends in the chat template's output"
         )
 
-    def _render(self, messages, tools, generation_prompt: bool, where: str) -> np.ndarray:
+    def _render(self, messages, tools, generation_prompt: bool, where: str,
+                allow_thinking: bool | None = None) -> np.ndarray:
+        """The conversation's ids; ``allow_thinking`` False renders the non-thinking generation
+        prompt, None the ``thinking`` mode's rendering (non-thinking under ``off``)."""
+        if allow_thinking is None:
+            allow_thinking = self.thinking == "keep"
         extra = {"tools": tools} if tools is not None else {}
+        if not allow_thinking:
+            extra.update(NON_THINKING)
         try:
             text = self.tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt, **extra

@@ -75,7 +75,7 @@ def _no_tick(label: str, done: int, total: int) -> None:
 def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
     recipe = load_recipe(settings.recipe or recipes_dir() / DEMO_RECIPE,
                          train={"iters": settings.iters, "dtype": settings.dtype})
-    recipe.model, recipe.data = str(model), str(data)
+    recipe.model, recipe.data.path = str(model), str(data)
     return recipe
 
 
@@ -212,11 +212,12 @@ def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSetti
     from .llamacpp import open_gguf
     from .load import load_tokenizer
     from .ollama import chat_formats, detect_chat_format
+    from .thinking import non_thinking_prompt
 
     sample = held_out_question(data, settings.question)
     tokenizer = load_tokenizer(model)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": sample["prompt"]}],
-                                           add_generation_prompt=True, tokenize=False)
+    # The prompt `mlxmoe eval` scores answers after: a thinking model answers without a think block.
+    prompt = non_thinking_prompt(tokenizer, [{"role": "user", "content": sample["prompt"]}])
     started = time.perf_counter()
     with open_gguf(gguf_path, n_ctx=1024, logits_all=False) as llm:
         result = llm.create_completion(prompt, max_tokens=settings.max_new_tokens,

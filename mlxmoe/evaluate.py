@@ -8,7 +8,10 @@ What is measured, and how it relates to training:
   of a training run on that file is this perplexity (up to truncation: ``max_seq_len``).
 - ROUGE-L F1 (``rouge``) of a greedy answer against the reference answer: the completion,
   or the content of the last assistant message. The prompt is every token before the
-  answer, i.e. what the chat template renders before the assistant turn. Generation runs
+  answer, i.e. what the chat template renders before the assistant turn. Samples are rendered
+  as ``data.thinking: off`` trains them: reasoning in the data is dropped, and a thinking
+  model's template prompts for an answer without reasoning (Qwen3's ends the prompt with
+  its empty think block), so perplexity and ROUGE-L are of the answer alone. Generation runs
   through mlx-lm's ``stream_generate`` (argmax sampling, stops at an end-of-turn token or
   after ``max_new_tokens``). Samples in the ``text`` format have no reference: they count
   for perplexity only.
@@ -42,6 +45,7 @@ from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
 from .rouge import RougeL, rouge_l
+from .thinking import answer_text
 from .train.step import answer_cross_entropy
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -138,7 +142,7 @@ def evaluate(
         load_adapters(model, adapter)
     model.eval()
 
-    encoder = _Encoder(tokenizer)
+    encoder = _Encoder(tokenizer, thinking="off")
     samples = list(_read_jsonl(path))[:limit]
     if not samples:
         raise MlxMoeError(f"{path}: no samples")
@@ -270,10 +274,10 @@ def _quantization(adapter, quantize: int | None, group_size: int) -> tuple[int, 
 
 def _reference(sample: dict) -> str | None:
     if "completion" in sample:
-        return sample["completion"]
+        return answer_text(sample["completion"])
     messages = sample.get("messages")
     if messages and messages[-1]["role"] == "assistant":
-        return messages[-1]["content"]
+        return answer_text(messages[-1]["content"])
     return None
 
 

@@ -6,7 +6,9 @@ text/template syntax, and ``<format>.json`` holds its stop strings, default para
 ``probe``: what a Hugging Face chat template of that family renders for PROBE (with
 ``system_turn``, how it writes a default system prompt of its own). A model's format is found by
 rendering PROBE with the model's own template, so that a template that merely looks like a
-family's (Llama-2's ``[INST] <<SYS>>``, say) is not taken for it.
+family's (Llama-2's ``[INST] <<SYS>>``, say) is not taken for it. PROBE is rendered asking for an
+answer without reasoning (``thinking.NON_THINKING``), as training and evaluation prompt, so a
+thinking model's template (Qwen3's empty think block) tells its format from plain ChatML.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from .atomic import atomic_file
 from .checkpoint import read_json
 from .errors import CheckpointError, MlxMoeError
+from .thinking import NON_THINKING
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,9 @@ def chat_formats() -> dict[str, dict[str, Any]]:
 
 
 def detect_chat_format(model_dir: str | Path) -> str:
-    """The model's chat format: "mistral", "chatml", or "none" (plain completion) for a
-    model without a chat template. A template of no known family is "none", with a warning."""
+    """The model's chat format: "mistral", "chatml", "qwen3" (ChatML with think blocks), or
+    "none" (plain completion) for a model without a chat template. A template of no known family
+    is "none", with a warning."""
     name, _, problem = probe_chat_template(Path(model_dir))
     if problem:
         log.warning("%s; the Modelfile uses plain completion", problem)
@@ -163,7 +167,8 @@ def read_model_json(path: Path) -> dict:
 
 
 def render_hf_template(template: str, messages: list[dict], tokens: dict[str, str]) -> str:
-    """The template rendered with the jinja2 settings transformers' apply_chat_template uses."""
+    """The template rendered with the jinja2 settings transformers' apply_chat_template uses,
+    with the generation prompt for an answer without reasoning."""
     from datetime import datetime
 
     from jinja2.ext import loopcontrols
@@ -179,7 +184,7 @@ def render_hf_template(template: str, messages: list[dict], tokens: dict[str, st
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            **tokens)
+                                            **NON_THINKING, **tokens)
 
 
 # --- the Modelfile --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ flags override the recipe.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,6 +20,7 @@ from .dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from .errors import MlxMoeError
 from .losses import DEFAULT_AUX_COEF, DEFAULT_Z_COEF
 from .monitor import CollapseRule
+from .thinking import DEFAULT_THINKING, check_thinking_mode
 
 
 class RecipeError(MlxMoeError):
@@ -26,6 +28,22 @@ class RecipeError(MlxMoeError):
 
 
 BALANCE_SCOPES = ("global", "micro")
+
+
+@dataclass
+class DataConfig:
+    """``data: PATH`` is short for ``data: {path: PATH}``."""
+
+    path: str | None = None  # a folder with train.jsonl (and valid.jsonl), or one JSONL file
+    # What training makes of reasoning in the data (mlxmoe.thinking): off drops it and trains
+    # every answer after the template's non-thinking prompt; keep trains an answer given with
+    # reasoning with its think block, after the thinking prompt.
+    thinking: str | bool = DEFAULT_THINKING
+
+    def __post_init__(self):
+        if self.thinking is False:  # YAML 1.1 reads a bare `off` as false
+            self.thinking = "off"
+        check_thinking_mode(self.thinking, RecipeError)
 
 
 @dataclass
@@ -86,11 +104,17 @@ class TrainConfig:
 @dataclass
 class Recipe:
     model: str | None = None
-    data: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
     lora: AdapterSpec = field(default_factory=AdapterSpec)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     collapse: CollapseRule = field(default_factory=CollapseRule)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # As in YAML, a path for data is its path: `recipe.data = "data/faq"` keeps the rest.
+        if name == "data" and isinstance(value, (str, os.PathLike)):
+            value = dataclasses.replace(getattr(self, "data", DataConfig()), path=str(value))
+        super().__setattr__(name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,6 +180,8 @@ def load_recipe(path: str | Path | None = None, **sections: dict[str, Any]) -> R
             raise RecipeError(f"{path}: invalid YAML{line}") from exc
         if not isinstance(values, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")
+    if isinstance(values.get("data"), str) or values.get("data", {}) is None:
+        values["data"] = {"path": values["data"]}
     for section, overrides in sections.items():
         clean = {k: v for k, v in overrides.items() if v is not None}
         if clean:

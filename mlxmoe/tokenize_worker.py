@@ -19,6 +19,7 @@ import numpy as np
 
 from .data import DataError, Dataset, Example, load_dataset
 from .errors import MlxMoeError
+from .thinking import DEFAULT_THINKING
 
 DATA_ERROR, OTHER_ERROR = 3, 4
 
@@ -29,12 +30,13 @@ class TokenizeJob:
     Use as a context manager (a job left unfinished is killed) and call ``result()``."""
 
     def __init__(self, model_folder: str | Path, files: list[Path | None], max_seq_len: int,
-                 mask_prompt: bool):
+                 mask_prompt: bool, thinking: str = DEFAULT_THINKING):
         self.files = files
         self._tmp = tempfile.TemporaryDirectory(prefix="mlxmoe-tokenize-")
         self.folder = Path(self._tmp.name)
         job = {"model": str(model_folder), "files": [str(f) if f else None for f in files],
-               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "out": str(self.folder)}
+               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "thinking": thinking,
+               "out": str(self.folder)}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "mlxmoe.tokenize_worker", json.dumps(job)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -60,10 +62,11 @@ class TokenizeJob:
 
 
 def tokenize_files(
-    model_folder: str | Path, files: list[Path | None], max_seq_len: int, mask_prompt: bool
+    model_folder: str | Path, files: list[Path | None], max_seq_len: int, mask_prompt: bool,
+    thinking: str = DEFAULT_THINKING,
 ) -> list[Dataset | None]:
     """``TokenizeJob(...).result()``: the datasets, tokenized in a child process."""
-    with TokenizeJob(model_folder, files, max_seq_len, mask_prompt) as job:
+    with TokenizeJob(model_folder, files, max_seq_len, mask_prompt, thinking) as job:
         return job.result()
 
 
@@ -95,7 +98,7 @@ def main(job: dict) -> int:
         for i, path in enumerate(job["files"]):
             if path is not None:
                 write_dataset(out, i, load_dataset(path, tokenizer, job["max_seq_len"],
-                                                   job["mask_prompt"]))
+                                                   job["mask_prompt"], job["thinking"]))
     except MlxMoeError as exc:
         (out / "error.json").write_text(json.dumps({"message": str(exc)}))
         return DATA_ERROR if isinstance(exc, DataError) else OTHER_ERROR

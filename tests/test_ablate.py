@@ -90,7 +90,8 @@ def test_every_strategy_trains_on_the_same_data_budget_and_seed(setup, finished)
         assert saved["lora"].pop("strategy") == strategy
         recipes[strategy] = saved
     first = recipes["attention"]
-    assert first["data"] == str(data) and first["train"]["seed"] == 0 and first["train"]["iters"] == 6
+    assert first["data"] == {"path": str(data), "thinking": "off"}
+    assert first["train"]["seed"] == 0 and first["train"]["iters"] == 6
     assert all(saved == first for saved in recipes.values())
     assert "router" in str(read_adapter_config(result.out_dir / "experts+router")["targets"])
     assert "shared_expert" in str(read_adapter_config(result.out_dir / "shared")["targets"])

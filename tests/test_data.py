@@ -30,7 +30,9 @@ from mlxmoe.errors import MlxMoeError
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 # Mixtral-8x7B-Instruct-v0.1's tokenizer_config.json chat_template, verbatim.
 MIXTRAL_TEMPLATE = (FIXTURES / "mixtral-8x7b-instruct-v0.1.jinja").read_text()
-QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"  # Qwen3's template opens a final answer with it
+# Qwen3's template opens a final answer without reasoning with it; it ends the non-thinking
+# prompt, so it is prompt, not answer (tests/test_thinking.py).
+QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
@@ -129,19 +131,17 @@ def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, 
 
 def test_prompt_completion_with_template_trains_the_assistant_turn_and_its_end(tmp_path, qwen3):
     example = one_example(tmp_path, qwen3, {"prompt": "Capital of France?", "completion": "Paris."})
-    assert trained_spans(qwen3, example) == [QWEN3_EMPTY_THINK + "Paris.<|im_end|>"]
+    assert trained_spans(qwen3, example) == ["Paris.<|im_end|>"]
     assert untrained_text(qwen3, example) == (
-        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n\n"
+        "<|im_start|>user\nCapital of France?<|im_end|>\n"
+        f"<|im_start|>assistant\n{QWEN3_EMPTY_THINK}\n"
     )
 
 
 def test_messages_train_every_assistant_turn_and_mask_system_and_user(tmp_path, qwen3):
     sample = {"messages": [{"role": "system", "content": "Be brief."}, *CONVERSATION]}
     example = one_example(tmp_path, qwen3, sample)
-    assert trained_spans(qwen3, example) == [
-        "Four.<|im_end|>",
-        QWEN3_EMPTY_THINK + "Six, of course.<|im_end|>",
-    ]
+    assert trained_spans(qwen3, example) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
     prompt = untrained_text(qwen3, example)
     assert "Be brief." in prompt and "What is 2+2?" in prompt and "And 3+3?" in prompt
 
@@ -151,10 +151,7 @@ def test_turn_closer_is_learned_from_the_template_when_eos_differs(tmp_path, qwe
     base = copy.deepcopy(qwen3)
     base.eos_token = "<|endoftext|>"
     example = one_example(tmp_path, base, {"messages": CONVERSATION})
-    assert trained_spans(base, example) == [
-        "Four.<|im_end|>",
-        QWEN3_EMPTY_THINK + "Six, of course.<|im_end|>",
-    ]
+    assert trained_spans(base, example) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
     assert base.eos_token_id not in example.tokens
 
 
@@ -380,7 +377,7 @@ def test_loaded_dataset_batches_train_only_answers(tmp_path, qwen3):
     batch = as_np(BatchSchedule(dataset, 2, pad_multiple=8).batch(0))
     for targets, mask in zip(batch["targets"], batch["loss_mask"]):
         answer = qwen3.decode(targets[mask > 0])
-        assert answer.startswith(QWEN3_EMPTY_THINK) and answer.endswith("<|im_end|>")
+        assert answer[0].isdigit() and answer.endswith("<|im_end|>")
 
 
 def test_schedule_refuses_a_dataset_smaller_than_a_batch():

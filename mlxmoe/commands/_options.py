@@ -49,5 +49,5 @@ def recipe_from_options(recipe_file, model, data, *, iters, batch_size, grad_acc
     if model:
         recipe.model = model
     if data:
-        recipe.data = data
+        recipe.data.path = data
     return recipe

@@ -94,7 +94,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     cfg = recipe.train
     if not recipe.model:
         raise MlxMoeError("no model: pass --model or set 'model' in the recipe")
-    if not recipe.data:
+    if not recipe.data.path:
         raise MlxMoeError("no data: pass --data or set 'data' in the recipe")
     world = World.init()
     if cfg.batch_size % world.size:
@@ -108,13 +108,14 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
     if world.is_main and resume and previous is None:
         raise MlxMoeError(f"{out}: nothing to resume (no checkpoint)")
-    train_file, valid_file = data_files(recipe.data)
+    train_file, valid_file = data_files(recipe.data.path)
 
     mx.random.seed(cfg.seed)
     folder = resolve(recipe.model)
     # The tokenizer (transformers, torch: ~300 MB) lives in a child process only, which
     # tokenizes while the model loads.
-    with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt) as job:
+    with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt,
+                     recipe.data.thinking) as job:
         model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size,
                            dtype=cfg.dtype)
         train_set, valid_set = job.result()
