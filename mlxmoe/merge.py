@@ -220,11 +220,12 @@ class MergedWeights:
 
 
 def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None,
-              force: bool = False, dtype: str | None = None) -> Path:
+              force: bool = False, dtype: str | None = None,
+              base_weights: str | Path | None = None) -> Path:
     """The merged model as a Hugging Face checkpoint (transformers, vLLM, llama.cpp's own
     converter can read it): the family's HF names, per-expert tensors, the source's dtype
     unless ``dtype`` ("F32", "F16", "BF16") says otherwise."""
-    weights = MergedWeights(model, adapter, force)
+    weights = MergedWeights(model, adapter, force, base_weights)
     dtype = dtype or ("F32" if weights.from_grid else safetensors_index(weights.weights_folder)[0].dtype)
     cache: dict[str, np.ndarray] = {}
 
