@@ -1,4 +1,4 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files, and the required-proofs plugin (MLXMOE_REQUIRE)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import importlib.resources
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["required_proofs"]
 
 
 @pytest.fixture(scope="session")

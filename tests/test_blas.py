@@ -2,7 +2,7 @@
 command, checked against numpy, and training computes the same losses with it.
 
 The end-to-end tests need a system OpenBLAS (Debian: libopenblas0-pthread, which .ci/run
-installs) and skip where there is none.
+installs) and skip where there is none; under MLXMOE_REQUIRE=blas (.ci/run) they fail instead.
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ from tiny_models import make_trainable_checkpoint, write_qa_data
 from mlxmoe import blas
 
 SYSTEM_OPENBLAS = blas.choose_library("auto")
-needs_openblas = pytest.mark.skipif(
-    SYSTEM_OPENBLAS is None or not sys.platform.startswith("linux"),
-    reason="no system OpenBLAS (apt-get install libopenblas0-pthread)")
+
+
+def needs_openblas(test):
+    """Skipped without a system OpenBLAS, except under MLXMOE_REQUIRE=blas (.ci/run on Linux)."""
+    skip = pytest.mark.skipif(SYSTEM_OPENBLAS is None or not sys.platform.startswith("linux"),
+                              reason="no system OpenBLAS (apt-get install libopenblas0-pthread)")
+    return pytest.mark.proof("blas")(skip(test))
+
 
 # What a command sees after the re-exec: the BLAS mapped into it, and the matmul check.
 REPORT = """

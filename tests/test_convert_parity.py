@@ -4,9 +4,10 @@ model.
 For each family a tiny model with a real tokenizer and a trained adapter is merged two ways:
 ``export_gguf`` (base + adapter straight to GGUF) and ``export_hf`` (an HF folder) read by
 ``convert_hf_to_gguf.py --outtype f16|q8_0`` from the llama-cpp-python 0.3.36 sdist, run with
-its own gguf-py (LLAMA_CPP_SRC: the unpacked tree, which .ci/run fetches; skipped without it).
-Equal bytes mean llama.cpp computes our q8_0 file exactly as its own: whatever top-1 it
-reaches against the float model is the format's, not the exporter's.
+its own gguf-py (LLAMA_CPP_SRC: the unpacked tree, which .ci/run fetches; skipped without it,
+failed without it under MLXMOE_REQUIRE=converter, as .ci/run sets). Equal bytes mean llama.cpp
+computes our q8_0 file exactly as its own: whatever top-1 it reaches against the float model
+is the format's, not the exporter's.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ LLAMA_CPP_SRC = Path(os.environ.get(
     "LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
 ))
 CONVERTER = LLAMA_CPP_SRC / "convert_hf_to_gguf.py"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.proof("converter"), pytest.mark.skipif(
     not CONVERTER.is_file(),
     reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
-)
+)]
 
 # The general.* keys llama.cpp's loader reads; the others (name, size label, ...) only
 # describe the model, and the converter derives them from the folder it was given.

@@ -113,6 +113,7 @@ def test_long_answers_keep_whole_paragraphs_or_the_first_sentences():
     assert all(len(a) <= 200 for a in answers.values())
 
 
+@pytest.mark.proof("faq")
 def test_the_fixture_parses_as_the_installed_package_does():
     installed = faq.find_debian_faq()
     if installed is None or not (installed / "programming.rst.txt").is_file():

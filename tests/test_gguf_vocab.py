@@ -193,6 +193,7 @@ def test_a_vocab_only_gguf_needs_only_the_architecture_and_tokenizer_keys(case):
     assert {k for k in keys if not k.startswith("tokenizer.")} == {"general.architecture"}
 
 
+@pytest.mark.proof("converter")
 @pytest.mark.skipif(not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file(),
                     reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
 def test_metadata_equals_llama_cpps_own_converter_output(case, tmp_path):

@@ -290,6 +290,8 @@ def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
 
     (chunked_1k, full_1k), (chunked_4k, full_4k) = peaks(1024), peaks(4096)
     logits_4k = 4096 * vocab * 4  # 500 MiB of float32
+    print(f"gradient peak at 4096 answer tokens x {vocab} vocabulary: chunked {chunked_4k / 2**20:.0f} MiB, "
+          f"full logits {full_4k / 2**20:.0f} MiB (1024 tokens: {chunked_1k / 2**20:.0f} / {full_1k / 2**20:.0f})")
     assert full_4k > 2 * logits_4k and full_4k > 3.5 * full_1k  # logits, softmax, gradient
     assert chunked_4k - chunked_1k < 16 << 20  # a few MiB of gradient rows, no logits
     assert chunked_4k < logits_4k / 4
