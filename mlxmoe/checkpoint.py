@@ -19,10 +19,13 @@ from .errors import CheckpointError
 from .families import Family, family_for
 from .prequantized import (
     COMPONENTS,
+    MXFP4,
     CheckpointQuantization,
     checkpoint_quantization,
     component,
     dequantized,
+    dtype_str,
+    mxfp4_checkpoint,
     quantized_shape,
     refuse_foreign_tensor,
 )
@@ -47,6 +50,7 @@ class Checkpoint:
     family: Family
     weight_files: tuple[Path, ...]
     quantization: CheckpointQuantization | None = None  # arrives quantized (mlx-lm's format)
+    mxfp4: bool = False  # its experts arrive in MXFP4 (gpt-oss as published)
 
     @property
     def args(self) -> DecoderArgs:
@@ -61,6 +65,14 @@ class Checkpoint:
         names = self.family.hf_tensors.get(role, ours)
         name = names if isinstance(names, str) else names[0]
         return name.format(bid=bid, xid="N" if expert is None else expert)
+
+    def stored_name(self, ours: str) -> str:
+        """The checkpoint tensor that holds one of ours, for messages: its HF name, or the
+        fused tensor the family splits it from (gpt-oss's gate_up_proj)."""
+        found = role_of_path(ours)
+        if found is not None and found[0] in self.family.stored_in:
+            return self.family.stored_in[found[0]].format(bid=found[1])
+        return self.hf_name(ours)
 
     def tensors(self) -> Iterator[tuple[str, mx.array, Path]]:
         """(HF name, lazily loaded array, file) for every tensor in every weight file."""
@@ -99,7 +111,12 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     config = ConfigView(raw, config_path)
     family = family_for(raw.get("model_type"), str(config_path))
     quantization = checkpoint_quantization(raw, str(config_path))
-    return Checkpoint(folder, config, family, _weight_files(folder), quantization)
+    mxfp4 = mxfp4_checkpoint(raw)
+    if mxfp4 and not family.mxfp4_experts:
+        raise CheckpointError(
+            f"{config_path}: quantization_config.quant_method 'mxfp4' is read for gpt-oss's experts, "
+            f"not for {family.name}: use the model's float release")
+    return Checkpoint(folder, config, family, _weight_files(folder), quantization, mxfp4)
 
 
 def _weight_files(folder: Path) -> tuple[Path, ...]:
@@ -126,87 +143,128 @@ def _weight_files(folder: Path) -> tuple[Path, ...]:
 
 
 def read_weights(
-    ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: mx.Dtype
-) -> tuple[dict[str, mx.array], dict[str, tuple[int, int]]]:
+    ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: mx.Dtype, keep_mxfp4: bool = False
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, int, str]]]:
     """Checkpoint tensors renamed to our module paths, experts stacked, shapes checked; and
-    the modules that arrive quantized: module path -> (bits, group size)."""
+    the modules that arrive quantized: module path -> (bits, group size, mode). MXFP4 experts
+    are dequantized (exactly), or with ``keep_mxfp4`` kept in MLX's mxfp4 mode."""
     found: dict[str, mx.array] = {}
     experts: dict[str, dict[int, mx.array]] = defaultdict(dict)
     packed: dict[str, dict[str, mx.array]] = defaultdict(dict)  # quantized: weight, scales, biases
+    origin: dict[str, tuple[str, Path]] = {}  # "<ours>:<part>" -> the checkpoint's tensor, file
     tied = ckpt.args.tie_word_embeddings
-    for name, array, file in ckpt.tensors():
-        refuse_foreign_tensor(name, file)
-        hf_name, part = component(name) if ckpt.quantization else (name, "weight")
-        match = ckpt.family.match_hf(hf_name)
-        if match is None:
-            if name.endswith(IGNORED_SUFFIXES):
+    quantized = ckpt.quantization is not None or ckpt.mxfp4
+    for source, stored, file in ckpt.tensors():
+        refuse_foreign_tensor(source, file)
+        for name, array in ckpt.family.split(source, stored, file):
+            if not quantized and array.dtype in (mx.uint8, mx.uint32):
+                raise CheckpointError(f"{file}: tensor {source!r} is packed ({dtype_str(stored)}), "
+                                      "but config.json declares no quantization")
+            hf_name, part = component(name) if quantized else (name, "weight")
+            match = ckpt.family.match_hf(hf_name)
+            if match is None:
+                if source.endswith(IGNORED_SUFFIXES):
+                    continue
+                raise CheckpointError(f"{file}: unexpected tensor {source!r} for {ckpt.family.name}")
+            role, bid, xid = match
+            ours = ROLES[role].ours.format(bid=bid)
+            if role == "output" and tied:
+                continue  # some exporters store the tied head too
+            if ours not in expected:
+                raise CheckpointError(f"{file}: tensor {source!r} does not fit config.json ({ours})")
+            if quantized and (part != "weight" or array.dtype == mx.uint32):
+                if xid is not None:
+                    raise CheckpointError(f"{file}: tensor {source!r}: quantized experts must be stacked")
+                packed[ours][part] = array
+                origin[f"{ours}:{part}"] = (source, file)
                 continue
-            raise CheckpointError(f"{file}: unexpected tensor {name!r} for {ckpt.family.name}")
-        role, bid, xid = match
-        ours = ROLES[role].ours.format(bid=bid)
-        if role == "output" and tied:
-            continue  # some exporters store the tied head too
-        if ours not in expected:
-            raise CheckpointError(f"{file}: tensor {name!r} does not fit config.json ({ours})")
-        if ckpt.quantization and (part != "weight" or array.dtype == mx.uint32):
+            want = expected[ours][1:] if xid is not None else expected[ours]
+            if tuple(array.shape) != tuple(want):
+                part_of = "" if name == source else f" (its part {name!r}: {tuple(array.shape)})"
+                raise CheckpointError(
+                    f"{file}: tensor {source!r} has shape {tuple(stored.shape)}{part_of}, "
+                    f"config.json implies {tuple(want)}"
+                )
             if xid is not None:
-                raise CheckpointError(f"{file}: tensor {name!r}: quantized experts must be stacked")
-            packed[ours][part] = array
-            continue
-        want = expected[ours][1:] if xid is not None else expected[ours]
-        if tuple(array.shape) != tuple(want):
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
-                f"config.json implies {tuple(want)}"
-            )
-        if xid is not None:
-            if xid >= expected[ours][0]:
-                raise CheckpointError(f"{file}: tensor {name!r}: expert {xid} out of range")
-            experts[ours][xid] = array
-        else:
-            found[ours] = array
+                if xid >= expected[ours][0]:
+                    raise CheckpointError(f"{file}: tensor {source!r}: expert {xid} out of range")
+                experts[ours][xid] = array
+            else:
+                found[ours] = array
     for ours, parts in experts.items():
         missing = [x for x in range(expected[ours][0]) if x not in parts]
         if missing:
             raise CheckpointError(f"{ckpt.folder}: missing tensor {ckpt.hf_name(ours, missing[0])!r}")
         found[ours] = mx.stack([parts[x] for x in range(len(parts))])
-    specs = _quantized_modules(ckpt, packed, expected, found)
+    specs = _quantized_modules(ckpt, packed, expected, found, origin, keep_mxfp4, dtype)
     absent = [ours for ours in expected if ours not in found]
     if absent:
-        names = ", ".join(repr(ckpt.hf_name(o)) for o in absent[:3])
-        more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+        stored = list(dict.fromkeys(map(ckpt.stored_name, absent)))
+        names = ", ".join(repr(n) for n in stored[:3])
+        more = f" and {len(stored) - 3} more" if len(stored) > 3 else ""
         raise CheckpointError(f"{ckpt.folder}: missing tensor {names}{more}")
     # Routers stay float32: routing is the decision we must not perturb (see nn.moe.Router).
     return {
-        k: v if v.dtype == mx.uint32 else v.astype(mx.float32 if role_is_router(k) else dtype)
+        k: v if v.dtype in (mx.uint32, mx.uint8) else v.astype(mx.float32 if role_is_router(k) else dtype)
         for k, v in found.items()
     }, specs
 
 
 def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
-                       expected: dict[str, tuple[int, ...]], found: dict[str, mx.array]
-                       ) -> dict[str, tuple[int, int]]:
+                       expected: dict[str, tuple[int, ...]], found: dict[str, mx.array],
+                       origin: dict[str, tuple[str, Path]], keep_mxfp4: bool, dtype: mx.Dtype
+                       ) -> dict[str, tuple[int, int, str]]:
     """Adds the quantized tensors to ``found`` (routers and the other never-quantized roles
-    dequantized); returns module path -> (bits, group size) of those kept quantized."""
+    dequantized, MXFP4 experts too unless ``keep_mxfp4``); returns module path -> (bits,
+    group size, mode) of those kept quantized."""
+    mode = MXFP4 if ckpt.mxfp4 else "affine"
     specs = {}
     for ours, parts in packed.items():
-        missing = [p for p in ("weight", *COMPONENTS) if p not in parts]
-        if missing:
-            raise CheckpointError(f"{ckpt.folder}: quantized tensor {ckpt.hf_name(ours)!r} has no "
-                                  f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})")
-        bits, group = quantized_shape(ours, tuple(parts["weight"].shape), tuple(parts["scales"].shape),
-                                      expected[ours], str(ckpt.folder))
+        if mode == MXFP4:
+            bits, group = _mxfp4_shape(ours, parts, expected[ours], origin)
+        else:
+            missing = [p for p in ("weight", *COMPONENTS) if p not in parts]
+            if missing:
+                raise CheckpointError(f"{ckpt.folder}: quantized tensor {ckpt.hf_name(ours)!r} has no "
+                                      f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})")
+            bits, group = quantized_shape(ours, tuple(parts["weight"].shape),
+                                          tuple(parts["scales"].shape), expected[ours], str(ckpt.folder))
         role = role_of_path(ours)
-        if role is not None and role[0] in UNQUANTIZED_ROLES:
-            found[ours] = dequantized(parts, bits, group)
+        if (role is not None and role[0] in UNQUANTIZED_ROLES) or (mode == MXFP4 and not keep_mxfp4):
+            found[ours] = dequantized(parts, bits, group, mode, dtype)
             continue
         module = ours[: -len(".weight")]
-        found[ours] = parts["weight"]
-        found[f"{module}.scales"], found[f"{module}.biases"] = parts["scales"], parts["biases"]
-        specs[module] = (bits, group)
+        found[ours], found[f"{module}.scales"] = parts["weight"], parts["scales"]
+        if mode == "affine":
+            found[f"{module}.biases"] = parts["biases"]
+        specs[module] = (bits, group, mode)
     return specs
+
+
+def _mxfp4_shape(ours: str, parts: dict[str, mx.array], want: tuple[int, ...],
+                 origin: dict[str, tuple[str, Path]]) -> tuple[int, int]:
+    """(4, 32) for blocks and scales that hold a ``want`` weight; else an error naming the
+    checkpoint's tensor and file."""
+    present = next(iter(parts))
+    name, file = origin[f"{ours}:{present}"]
+    for part, other in (("weight", "scales"), ("scales", "weight")):
+        if part in parts and other not in parts:
+            name, file = origin[f"{ours}:{part}"]
+            raise CheckpointError(f"{file}: MXFP4 tensor {name!r} has no "
+                                  f"{'scales' if other == 'scales' else 'blocks'} beside it")
+    if sorted(parts) != ["scales", "weight"]:
+        raise CheckpointError(f"{file}: tensor {name!r}: MXFP4 has blocks and scales only, "
+                              f"found {sorted(parts)}")
+    name, file = origin[f"{ours}:weight"]
+    where = f"{file}: tensor {name!r}"
+    bits, group = quantized_shape(ours, tuple(parts["weight"].shape), tuple(parts["scales"].shape),
+                                  want, where)
+    if (bits, group) != (4, 32):
+        raise CheckpointError(f"{where}: MXFP4 stores 4-bit values in groups of 32; its shapes "
+                              f"say {bits} bits in groups of {group} for {ours} {want}")
+    return bits, group
 
 
 def role_is_router(ours: str) -> bool:
     found = role_of_path(ours)
-    return found is not None and found[0] == "ffn_gate_inp"
+    return found is not None and found[0] in ("ffn_gate_inp", "ffn_gate_inp.bias")

@@ -63,6 +63,16 @@ class DecoderArgs:
     qkv_bias: bool = False
     qk_norm: str | None = None  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE)
     clip_qkv: float | None = None  # OLMoE clamps q, k and v to +-clip_qkv
+    o_bias: bool = False  # a bias on the attention output too (gpt-oss)
+    attn_sinks: bool = False  # a learned logit per head in every attention softmax (gpt-oss)
+    sliding_window: int | None = None  # keys a "sliding_attention" layer sees, its own included
+    layer_types: list[str] | None = None  # per layer: "sliding_attention" or "full_attention"
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many positions ``layer`` attends to (None: all before it)."""
+        if self.sliding_window is None or self.layer_types is None:
+            return None
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     @classmethod
     def base_fields(cls, cfg: ConfigView, *, qkv_bias_default: bool = False) -> dict[str, Any]:
@@ -96,6 +106,14 @@ class MoEArgs(DecoderArgs):
     shared_expert_intermediate_size: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    router_bias: bool = False
+    # "all": softmax over every expert, then top-k (Mixtral, Qwen, OLMoE); "top_k": the k
+    # largest logits, softmaxed among themselves (gpt-oss)
+    router_softmax: str = "all"
+    expert_bias: bool = False
+    # Set both for gpt-oss's clamped SwiGLU (nn.moe.clamped_swiglu); None: silu(gate) * up
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return (

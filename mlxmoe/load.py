@@ -25,19 +25,25 @@ def load_model(
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> CausalLM:
-    """``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an ``mx.Dtype``; None is ``auto``."""
+    """``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an ``mx.Dtype``; None is ``auto``.
+
+    Experts that arrive in MXFP4 (gpt-oss) stay in MLX's mxfp4 mode when ``quantize`` is set
+    (exactly the published values, 4.25 bits a weight; the other layers are quantized to
+    ``quantize`` bits), and are dequantized to ``dtype``, exactly, when it is not."""
     folder = resolve(path_or_id, revision)
     ckpt = open_checkpoint(folder)
     model = ckpt.family.build(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     dtype = resolve_dtype(dtype)
-    weights, arrived_quantized = read_weights(ckpt, expected, dtype)
-    if arrived_quantized:
+    weights, arrived_quantized = read_weights(ckpt, expected, dtype, keep_mxfp4=bool(quantize))
+    prequantized = bool(arrived_quantized) and ckpt.quantization is not None  # mlx-lm's format
+    if prequantized:
         quantize, group_size = _as_stored(ckpt, quantize)
+    if arrived_quantized:
         nn.quantize(model, class_predicate=lambda path, _: _spec(arrived_quantized.get(path)))
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if quantize and not arrived_quantized:
+    if quantize and not prequantized:
         quantize_model(model, quantize, group_size)
     materialize(model)
     set_dispatch(model, "auto")
@@ -58,8 +64,8 @@ def _as_stored(ckpt, quantize: int | None) -> tuple[int, int]:
     return stored.bits, stored.group_size
 
 
-def _spec(stored: tuple[int, int] | None) -> dict | bool:
-    return {"bits": stored[0], "group_size": stored[1]} if stored else False
+def _spec(stored: tuple[int, int, str] | None) -> dict | bool:
+    return {"bits": stored[0], "group_size": stored[1], "mode": stored[2]} if stored else False
 
 
 def materialize(model: CausalLM) -> None:
@@ -98,7 +104,8 @@ def load(
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> tuple[CausalLM, Any | None]:
-    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / Llama checkpoint, optionally quantized to
-    4 or 8 bits. Returns (model, tokenizer); the tokenizer is None if the folder has none."""
+    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / gpt-oss / Llama checkpoint, optionally
+    quantized to 4 or 8 bits. Returns (model, tokenizer); the tokenizer is None if the folder
+    has none."""
     model = load_model(path_or_id, quantize, group_size, dtype, revision)
     return model, load_tokenizer(model.source)

@@ -14,10 +14,10 @@ from .nn import Attention, GatedMLP, SparseMoE
 class DecoderLayer(nn.Module):
     """Pre-norm attention, then pre-norm feed-forward: dense ``mlp`` or sparse ``moe``."""
 
-    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE):
+    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None):
         super().__init__()
         self.input_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.attn = Attention(args)
+        self.attn = Attention(args, window)
         self.post_attn_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if isinstance(ffn, SparseMoE):
             self.moe = ffn
@@ -92,7 +92,8 @@ def build_decoder(args: DecoderArgs, family: str) -> CausalLM:
             return SparseMoE(args)
         return GatedMLP(args.hidden_size, args.intermediate_size)
 
-    return CausalLM(args, [DecoderLayer(args, ffn(i)) for i in range(args.num_layers)], family)
+    layers = [DecoderLayer(args, ffn(i), args.attention_window(i)) for i in range(args.num_layers)]
+    return CausalLM(args, layers, family)
 
 
 def _checkpointed(layer: DecoderLayer, x: mx.array) -> tuple[mx.array, mx.array | None]:

@@ -7,8 +7,13 @@ size follow from its shapes, so per-module overrides need no parsing. Routers (a
 Qwen2-MoE's shared-expert gate) are dequantized to floats at load: routing runs on float
 weights here, and dequantizing reproduces exactly the values mlx-lm computes with.
 
+gpt-oss publishes its experts in MXFP4 (``quantization_config.quant_method: mxfp4``):
+``*_blocks`` hold 4-bit E2M1 values two a byte, ``*_scales`` a power-of-two exponent per 32
+values. Those bytes are MLX's ``mxfp4`` mode as they are (``mxfp4_weight``), so the experts
+either stay quantized, exactly, or dequantize to exactly the values transformers computes.
+
 Other quantized formats (FP8 with ``weight_scale_inv``, GPTQ, AWQ, bitsandbytes...) are
-refused with one error naming the format: mlxmoe reads float checkpoints and this one.
+refused with one error naming the format: mlxmoe reads float checkpoints and these two.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import mlx.core as mx
 from .errors import CheckpointError
 
 COMPONENTS = ("scales", "biases")
+MXFP4 = "mxfp4"
 MLX_BITS = (2, 3, 4, 5, 6, 8)
 # Tensor name suffixes of block-scaled formats we do not read.
 FOREIGN_SCALES = ("weight_scale_inv", "weight_scale", "qweight", "qzeros", "weight_format")
@@ -37,11 +43,11 @@ def checkpoint_quantization(raw: dict, source: str) -> CheckpointQuantization | 
     """The checkpoint's MLX quantization, None for a float checkpoint; an error for any
     other quantized format."""
     hf = raw.get("quantization_config")
-    if isinstance(hf, dict) and hf.get("quant_method"):
+    if isinstance(hf, dict) and hf.get("quant_method") and hf["quant_method"] != MXFP4:
         raise CheckpointError(
             f"{source}: quantization_config.quant_method is {hf['quant_method']!r}; mlxmoe reads "
-            "float checkpoints (F32, F16, BF16) and MLX's affine quantization (mlx-lm's format): "
-            "use the model's float release")
+            "float checkpoints (F32, F16, BF16), MLX's affine quantization (mlx-lm's format) and "
+            "gpt-oss's MXFP4 experts: use the model's float release")
     block = raw.get("quantization")
     if block is None:
         return None
@@ -51,6 +57,36 @@ def checkpoint_quantization(raw: dict, source: str) -> CheckpointQuantization | 
     if mode != "affine":
         raise CheckpointError(f"{source}: quantization.mode {mode!r} is not supported (only 'affine')")
     return CheckpointQuantization(int(block["bits"]), int(block["group_size"]))
+
+
+def mxfp4_checkpoint(raw: dict) -> bool:
+    """Whether config.json declares the hub's MXFP4 quantization (gpt-oss's experts)."""
+    hf = raw.get("quantization_config")
+    return isinstance(hf, dict) and hf.get("quant_method") == MXFP4
+
+
+def dtype_str(array: mx.array) -> str:
+    return str(array.dtype).rpartition(".")[2]  # "uint8", not "mlx.core.uint8"
+
+
+def mxfp4_weight(blocks: mx.array, name: str, file) -> mx.array:
+    """MXFP4 blocks [..., out, in / 32, 16] uint8 (two E2M1 codes a byte, the first in the
+    low nibble) as MLX's mxfp4 weight [..., out, in / 8] uint32: the same bytes, four at a
+    time, in the order MLX unpacks them (little-endian, low bits first)."""
+    if blocks.dtype != mx.uint8 or blocks.ndim < 3 or blocks.shape[-1] != 16:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} ({dtype_str(blocks)}, shape {tuple(blocks.shape)}) is no MXFP4 "
+            "blocks tensor: expected uint8 [..., out, in / 32, 16]")
+    return blocks.view(mx.uint32).flatten(-2)
+
+
+def mxfp4_scales(scales: mx.array, name: str, file) -> mx.array:
+    """MXFP4 scales [..., out, in / 32]: uint8 exponents e, each group's scale 2^(e - 127)."""
+    if scales.dtype != mx.uint8 or scales.ndim < 2:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} ({dtype_str(scales)}, shape {tuple(scales.shape)}) is no MXFP4 "
+            "scales tensor: expected uint8 [..., out, in / 32]")
+    return scales
 
 
 def refuse_foreign_tensor(name: str, file) -> None:
@@ -79,5 +115,12 @@ def quantized_shape(ours: str, packed: tuple[int, ...], scales: tuple[int, ...],
     return bits, group
 
 
-def dequantized(parts: dict[str, mx.array], bits: int, group: int) -> mx.array:
+def dequantized(parts: dict[str, mx.array], bits: int, group: int, mode: str = "affine",
+                dtype: mx.Dtype = mx.float32) -> mx.array:
+    if mode == MXFP4:
+        # float32 and bfloat16 hold every MXFP4 value exactly (a 2-bit significand, their
+        # exponent range); float16 does not, so it is reached through float32
+        exact = dtype if dtype in (mx.float32, mx.bfloat16) else mx.float32
+        return mx.dequantize(parts["weight"], parts["scales"], None, group, bits, mode=mode,
+                             dtype=exact)
     return mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group, bits)

@@ -31,6 +31,9 @@ ROLES: dict[str, Role] = {
     "attn_k.bias": Role("layers.{bid}.attn.k_proj.bias", "blk.{bid}.attn_k.bias"),
     "attn_v.bias": Role("layers.{bid}.attn.v_proj.bias", "blk.{bid}.attn_v.bias"),
     "attn_output": Role("layers.{bid}.attn.o_proj.weight", "blk.{bid}.attn_output.weight"),
+    "attn_output.bias": Role("layers.{bid}.attn.o_proj.bias", "blk.{bid}.attn_output.bias"),
+    # gpt-oss: one learned logit per head that every attention softmax also normalizes over
+    "attn_sinks": Role("layers.{bid}.attn.sinks", "blk.{bid}.attn_sinks.weight"),
     "attn_q_norm": Role("layers.{bid}.attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
     "attn_k_norm": Role("layers.{bid}.attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
     "ffn_norm": Role("layers.{bid}.post_attn_norm.weight", "blk.{bid}.ffn_norm.weight"),
@@ -40,6 +43,7 @@ ROLES: dict[str, Role] = {
     "ffn_down": Role("layers.{bid}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
     # mixture of experts
     "ffn_gate_inp": Role("layers.{bid}.moe.router.weight", "blk.{bid}.ffn_gate_inp.weight"),
+    "ffn_gate_inp.bias": Role("layers.{bid}.moe.router.bias", "blk.{bid}.ffn_gate_inp.bias"),
     "ffn_gate_exps": Role(
         "layers.{bid}.moe.experts.gate_proj.weight", "blk.{bid}.ffn_gate_exps.weight", True
     ),
@@ -48,6 +52,16 @@ ROLES: dict[str, Role] = {
     ),
     "ffn_down_exps": Role(
         "layers.{bid}.moe.experts.down_proj.weight", "blk.{bid}.ffn_down_exps.weight", True
+    ),
+    # gpt-oss: a bias per expert, stacked [n_experts, out]
+    "ffn_gate_exps.bias": Role(
+        "layers.{bid}.moe.experts.gate_proj.bias", "blk.{bid}.ffn_gate_exps.bias", True
+    ),
+    "ffn_up_exps.bias": Role(
+        "layers.{bid}.moe.experts.up_proj.bias", "blk.{bid}.ffn_up_exps.bias", True
+    ),
+    "ffn_down_exps.bias": Role(
+        "layers.{bid}.moe.experts.down_proj.bias", "blk.{bid}.ffn_down_exps.bias", True
     ),
     "ffn_gate_shexp": Role(
         "layers.{bid}.moe.shared_expert.gate_proj.weight", "blk.{bid}.ffn_gate_shexp.weight"
@@ -66,7 +80,7 @@ ROLES: dict[str, Role] = {
 # Never quantized: routing decisions are sensitive to small errors, and these are tiny.
 UNQUANTIZED_ROLES = frozenset(
     {"ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm", "output_norm",
-     "attn_q_norm", "attn_k_norm"}
+     "attn_q_norm", "attn_k_norm", "attn_sinks"}
 )
 
 # The decoder tensors every family here names the same way on the Hugging Face side.

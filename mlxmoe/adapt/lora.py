@@ -3,6 +3,11 @@
 B starts at zero, so an adapted model starts as the base model. For stacked experts each
 expert has its own A [E, r, in] and B [E, out, r], applied on the same routing (the same
 gather kernels, the same sorted dispatch) as the base experts.
+
+Biases (q/k/v/o in Qwen2-MoE and gpt-oss, gpt-oss's expert and router biases) stay frozen,
+also under ``router_mode: full`` (which trains the router's weight): the base layer adds its
+bias, LoRA adds only B A x, merging changes weights only, and an adapter-only GGUF (pairs of
+matrices for llama.cpp) could not carry a trained bias.
 """
 
 from __future__ import annotations
@@ -86,10 +91,13 @@ class LoRARouter(Router):
 
     def __init__(self, base: Router, rank: int, alpha: float, dropout: float = 0.0):
         num_experts, hidden = base.weight.shape
-        super().__init__(hidden, num_experts, base.top_k, base.normalize_top_k)
+        super().__init__(hidden, num_experts, base.top_k, base.normalize_top_k,
+                         "bias" in base, base.softmax)
         self.weight = base.weight
+        if "bias" in base:
+            self.bias = base.bias
         self.temperature, self.jitter = base.temperature, base.jitter
-        self.freeze(keys=["weight"])
+        self.freeze(keys=["weight", "bias"] if "bias" in base else ["weight"])
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.lora_a = _init_a((rank, hidden), hidden).astype(mx.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from .base import Family
+from .gpt_oss import FAMILY as GPT_OSS
 from .llama import FAMILY as LLAMA
 from .mixtral import FAMILY as MIXTRAL
 from .olmoe import FAMILY as OLMOE
@@ -12,7 +13,7 @@ from .qwen3_moe import FAMILY as QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+    for family in (GPT_OSS, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
     for model_type in family.model_types
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -26,6 +26,14 @@ class Family:
     # and refuses a config llama.cpp's graph for gguf_arch cannot compute.
     gguf_hparams: Callable[[DecoderArgs, Any], None]
     permute_qk: bool = False  # llama.cpp's "llama" arch stores q/k rows interleaved per head
+    # A checkpoint tensor -> the tensors hf_tensors names, for checkpoints that fuse or
+    # transpose several of ours into one (gpt-oss's gate_up_proj): (name, array, file) ->
+    # [(name, array)]. None: every tensor is one of ours as it is.
+    split_tensor: Callable[[str, Any, Any], list[tuple[str, Any]]] | None = None
+    # role -> the checkpoint tensor split_tensor derives it from, named in "missing" errors
+    stored_in: dict[str, str] = field(default_factory=dict)
+    # Reads quantization_config.quant_method "mxfp4" (the experts as gpt-oss publishes them)
+    mxfp4_experts: bool = False
 
     def build(self, args: DecoderArgs) -> CausalLM:
         return build_decoder(args, self.name)
@@ -37,6 +45,9 @@ class Family:
             for name in (names,) if isinstance(names, str) else names:
                 out.append((compile_pattern(name), role))
         return out
+
+    def split(self, name: str, array: Any, file: Any) -> list[tuple[str, Any]]:
+        return [(name, array)] if self.split_tensor is None else self.split_tensor(name, array, file)
 
     def match_hf(self, name: str) -> tuple[str, int | None, int | None] | None:
         """HF tensor name -> (role, block index, expert index), or None if unknown."""

@@ -1,4 +1,5 @@
-"""Grouped-query attention with rotary embeddings (Hugging Face's rotate-half layout)."""
+"""Grouped-query attention with rotary embeddings (Hugging Face's rotate-half layout), and
+gpt-oss's options: attention sinks, a sliding window on some layers, a bias on the output."""
 
 from __future__ import annotations
 
@@ -6,25 +7,44 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import DecoderArgs
+from .rope import YarnRoPE
 
 
 def make_rope(args: DecoderArgs) -> nn.Module:
-    """Plain (or linearly scaled) rotary embeddings ourselves; other scalings (llama3, yarn,
-    longrope) from mlx-lm, imported only then: importing mlx-lm loads transformers (and
-    torch where it is installed), hundreds of MB that export and training otherwise skip."""
+    """Plain, linearly scaled and YaRN rotary embeddings ourselves (YaRN as transformers
+    computes it: see ``rope.py``); other scalings (llama3, longrope) from mlx-lm, imported
+    only then: importing mlx-lm loads transformers (and torch where it is installed),
+    hundreds of MB that export and training otherwise skip."""
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("default", "linear"):
         scale = 1.0 / float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
         return nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta, scale=scale)
+    if kind == "yarn":
+        return YarnRoPE(args.head_dim, args.rope_theta, scaling, args.max_position_embeddings)
     from mlx_lm.models.rope_utils import initialize_rope
 
     return initialize_rope(args.head_dim, args.rope_theta, False, args.rope_scaling,
                            args.max_position_embeddings)
 
 
+def sliding_window_mask(queries: int, keys: int, window: int) -> mx.array:
+    """[queries, keys] bool: key j is seen by query i iff i - window < j <= i (transformers'
+    sliding window: the query and the window - 1 positions before it). The queries are the
+    last of the keys' positions, as with a KV cache that keeps every key."""
+    q = mx.arange(keys - queries, keys)[:, None]
+    k = mx.arange(keys)[None]
+    return (k <= q) & (k > q - window)
+
+
 class Attention(nn.Module):
-    def __init__(self, args: DecoderArgs):
+    """``window``: attend to that many positions only (a sliding-window layer), None: all.
+
+    With ``args.attn_sinks`` each head has a learned logit ``sinks[h]`` that joins every
+    softmax over the keys and takes its share of the probability mass, attending to
+    nothing (gpt-oss; MLX's fused attention takes it as ``sinks``)."""
+
+    def __init__(self, args: DecoderArgs, window: int | None = None):
         super().__init__()
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
@@ -34,7 +54,10 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, args.num_heads * hd, bias=args.qkv_bias)
         self.k_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.num_heads * hd, d, bias=False)
+        self.o_proj = nn.Linear(args.num_heads * hd, d, bias=args.o_bias)
+        if args.attn_sinks:
+            self.sinks = mx.zeros((args.num_heads,))
+        self.window = window
         self.qk_norm, self.clip_qkv = args.qk_norm, args.clip_qkv
         if args.qk_norm == "head":
             self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
@@ -63,5 +86,9 @@ class Attention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if self.window is not None and k.shape[2] > self.window:
+            window = sliding_window_mask(length, k.shape[2], self.window)
+            mask = window if mask is None or isinstance(mask, str) else mask & window
+        sinks = self.sinks.astype(q.dtype) if "sinks" in self else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

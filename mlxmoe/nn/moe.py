@@ -39,18 +39,30 @@ class Router(nn.Module):
     the causes of diverging MoE fine-tunes. ``temperature`` divides the logits;
     ``jitter`` multiplies the router's input by uniform noise in [1 - j, 1 + j] while
     training (Switch Transformer's router jitter, applied to the router input only).
+
+    ``softmax`` "all": softmax over every expert, then the top k probabilities
+    (renormalized if ``normalize_top_k``); "top_k": the k largest logits, softmaxed among
+    themselves (gpt-oss). Both choose the same experts, and "top_k" weighs them as "all"
+    renormalized does, up to rounding; "top_k" is what gpt-oss's reference computes.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
+                 bias: bool = False, softmax: str = "all"):
         super().__init__()
+        if softmax not in ("all", "top_k"):
+            raise ValueError(f"router softmax must be 'all' or 'top_k', got {softmax!r}")
         self.weight = mx.zeros((num_experts, hidden_size), dtype=mx.float32)
+        if bias:
+            self.bias = mx.zeros((num_experts,), dtype=mx.float32)
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
+        self.softmax = softmax
         self.temperature = 1.0
         self.jitter = 0.0
 
     def raw_logits(self, x: mx.array) -> mx.array:
-        return x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        return logits + self.bias.astype(mx.float32) if "bias" in self else logits
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Returns (router logits [..., E] float32, expert indices [..., k], weights [..., k])."""
@@ -60,8 +72,12 @@ class Router(nn.Module):
         logits = self.raw_logits(x)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        probs = mx.softmax(logits, axis=-1, precise=True)
         k = self.top_k
+        if self.softmax == "top_k":
+            indices = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
+            top = mx.take_along_axis(logits, indices, axis=-1)
+            return logits, indices, mx.softmax(top, axis=-1, precise=True)
+        probs = mx.softmax(logits, axis=-1, precise=True)
         indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         weights = mx.take_along_axis(probs, indices, axis=-1)
         if self.normalize_top_k:
@@ -70,21 +86,34 @@ class Router(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """A bias-free linear layer per expert; ``weight`` is [n_experts, out, in]."""
+    """A linear layer per expert; ``weight`` is [n_experts, out, in], the optional ``bias``
+    (gpt-oss) [n_experts, out]."""
 
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, bias: bool = False):
         super().__init__()
         bound = math.sqrt(1.0 / input_dims)
         self.weight = mx.random.uniform(-bound, bound, (num_experts, output_dims, input_dims))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         """``indices`` None: every expert on every row, x [1 or E, T, in] -> [E, T, out]."""
         if indices is None:
-            return x @ self.weight.swapaxes(-1, -2)
-        return gather_matmul(x, self.weight.swapaxes(-1, -2), indices, sorted_indices)
+            return with_expert_bias(self, x @ self.weight.swapaxes(-1, -2), None)
+        y = gather_matmul(x, self.weight.swapaxes(-1, -2), indices, sorted_indices)
+        return with_expert_bias(self, y, indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
+
+
+def with_expert_bias(layer: nn.Module, y: mx.array, indices: mx.array | None) -> mx.array:
+    """``y`` plus each row's expert's bias, if ``layer`` has one: y is [E, T, out] for the
+    dense dispatch (``indices`` None), else [..., 1, out] with indices [...]."""
+    if "bias" not in layer:
+        return y
+    bias = layer.bias[:, None, :] if indices is None else mx.expand_dims(layer.bias[indices], -2)
+    return y + bias.astype(y.dtype)
 
 
 def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
@@ -98,31 +127,40 @@ def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: b
 
 
 class QuantizedExpertLinear(nn.Module):
-    """Affine-quantized expert weights, run with ``gather_qmm``."""
+    """Quantized expert weights, run with ``gather_qmm``: MLX's affine mode (our QLoRA base),
+    or ``mxfp4`` (gpt-oss's experts as published: 4-bit floats, a power-of-two scale per 32,
+    no ``biases``). ``bias`` is the experts' own additive bias, kept in float."""
 
-    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine",
+                 bias: mx.array | None = None):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight, self.scales, self.biases = mx.quantize(weight, group_size, bits, mode=mode)
+        packed = mx.quantize(weight, group_size, bits, mode=mode)
+        self.weight, self.scales = packed[0], packed[1]
+        if mode == "affine":
+            self.biases = packed[2]
+        if bias is not None:
+            self.bias = bias
         self.freeze()
 
     @classmethod
     def from_float(cls, layer: ExpertLinear, group_size: int, bits: int, mode: str = "affine"):
-        return cls(layer.weight, group_size, bits, mode)
+        return cls(layer.weight, group_size, bits, mode, layer.get("bias"))
 
     def dequantized_weight(self) -> mx.array:
-        return mx.dequantize(
-            self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode
-        )
+        # mxfp4's scales are uint8 exponents: ask for float32, which holds its values exactly
+        dtype = None if self.mode == "affine" else mx.float32
+        return mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size,
+                             self.bits, mode=self.mode, dtype=dtype)
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         if indices is None:
             raise ValueError("quantized experts run with the gather dispatch only")
-        return mx.gather_qmm(
+        y = mx.gather_qmm(
             x,
             self.weight,
             self.scales,
-            self.biases,
+            self.get("biases"),
             rhs_indices=indices,
             transpose=True,
             group_size=self.group_size,
@@ -130,6 +168,7 @@ class QuantizedExpertLinear(nn.Module):
             mode=self.mode,
             sorted_indices=sorted_indices,
         )
+        return with_expert_bias(self, y, indices)
 
 
 def sort_by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -141,26 +180,44 @@ def sort_by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, 
     return x.flatten(0, -3)[order // k], flat[order], mx.argsort(order)
 
 
-class SwitchExperts(nn.Module):
-    """SwiGLU experts: ``down(silu(gate(x)) * up(x))`` for each token's k chosen experts."""
+def clamped_swiglu(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
+    """gpt-oss's expert activation: g * sigmoid(alpha * g) * (u + 1), with g = min(gate, limit)
+    and u = up clipped to [-limit, limit] (transformers' GptOssExperts; alpha and limit are
+    ``swiglu_alpha`` and ``swiglu_limit`` of config.json)."""
+    gate = mx.minimum(gate, limit)
+    up = mx.clip(up, -limit, limit)
+    return gate * mx.sigmoid(alpha * gate) * (up + 1)
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+
+class SwitchExperts(nn.Module):
+    """SwiGLU experts: ``down(silu(gate(x)) * up(x))`` for each token's k chosen experts;
+    with ``swiglu`` = (alpha, limit), gpt-oss's ``clamped_swiglu`` instead of silu(g) * u.
+    ``bias``: each projection has a bias per expert (gpt-oss)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 bias: bool = False, swiglu: tuple[float, float] | None = None):
         super().__init__()
-        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
+        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts, bias)
+        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts, bias)
+        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts, bias)
+        self.swiglu_alpha, self.swiglu_limit = swiglu or (None, None)
+
+    def activation(self, gate: mx.array, up: mx.array) -> mx.array:
+        if self.swiglu_limit is None:
+            return nn.silu(gate) * up
+        return clamped_swiglu(gate, up, self.swiglu_alpha, self.swiglu_limit)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [..., D], indices [..., k] -> each chosen expert's output [..., k, D]."""
         rows, experts, restore, do_sort = self.dispatch(x, indices)
-        h = nn.silu(self.gate_proj(rows, experts, do_sort)) * self.up_proj(rows, experts, do_sort)
+        h = self.activation(self.gate_proj(rows, experts, do_sort), self.up_proj(rows, experts, do_sort))
         y = self.down_proj(h, experts, do_sort)
         return self.combine(y, indices, restore)
 
     def all_experts(self, x: mx.array) -> mx.array:
         """x [..., D] -> every expert's output [E, ..., D] (the dense dispatch)."""
         rows = x.reshape(1, -1, x.shape[-1])
-        h = nn.silu(self.gate_proj(rows, None)) * self.up_proj(rows, None)
+        h = self.activation(self.gate_proj(rows, None), self.up_proj(rows, None))
         return self.down_proj(h, None).reshape(-1, *x.shape)
 
     @staticmethod
@@ -184,8 +241,11 @@ class SparseMoE(nn.Module):
     def __init__(self, args: MoEArgs):
         super().__init__()
         d = args.hidden_size
-        self.router = Router(d, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)
-        self.experts = SwitchExperts(d, args.moe_intermediate_size, args.num_experts)
+        self.router = Router(d, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob,
+                             args.router_bias, args.router_softmax)
+        swiglu = None if args.swiglu_limit is None else (args.swiglu_alpha, args.swiglu_limit)
+        self.experts = SwitchExperts(d, args.moe_intermediate_size, args.num_experts,
+                                     args.expert_bias, swiglu)
         if args.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(d, 1, bias=False)
