@@ -18,6 +18,7 @@ from .checkpoint import open_checkpoint
 from .dtypes import dtype_name
 from .errors import MlxMoeError
 from .model import CausalLM
+from .safetensors_io import save_arrays
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,6 +29,10 @@ _SAMPLE_BYTES = 4096
 
 class AdapterError(MlxMoeError):
     pass
+
+
+REQUIRED_KEYS = ("family", "base_fingerprint", "rank", "alpha", "lora")
+SPEC_KEYS = frozenset(f.name for f in dataclasses.fields(AdapterSpec))
 
 
 def weights_fingerprint(model_folder: str | Path) -> str:
@@ -75,7 +80,7 @@ def adapter_config(model: CausalLM, spec: AdapterSpec, adapted: list[str], base:
 def save_adapters(model: CausalLM, folder: str | Path, config: dict[str, Any]) -> None:
     folder = Path(folder)
     with atomic_file(folder / ADAPTER_FILE) as tmp:
-        mx.save_safetensors(str(tmp), adapter_tensors(model), metadata={"format": FORMAT})
+        save_arrays(tmp, adapter_tensors(model), metadata={"format": FORMAT})
     write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
@@ -87,9 +92,37 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if config.get("format") != FORMAT:
-        raise AdapterError(f"{path}: not an mlxmoe adapter (format {config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise AdapterError(f"{path}: not an mlxmoe adapter (format {found!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise AdapterError(f"{path}: missing key {missing[0]!r}")
+    if not isinstance(config["lora"], dict) or set(config["lora"]) - SPEC_KEYS:
+        raise AdapterError(
+            f"{path}: 'lora' is not a LoRA spec (known keys: {', '.join(sorted(SPEC_KEYS))})")
     return config
+
+
+def read_adapter_tensors(folder: str | Path) -> dict[str, mx.array]:
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"{folder}: no {ADAPTER_FILE} (the adapter folder is incomplete)")
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as exc:  # MLX's errors for a truncated or corrupt file
+        raise AdapterError(f"{path}: cannot read safetensors ({exc})") from exc
+
+
+def check_adapter_base(folder: str | Path, model_folder: str | Path) -> None:
+    """Refuses an adapter trained on other base weights than ``model_folder``'s."""
+    trained_on = read_adapter_config(folder)["base_fingerprint"]
+    here = weights_fingerprint(model_folder)
+    if trained_on != here:
+        raise AdapterError(
+            f"{folder}: adapter was trained on different base weights than {model_folder} "
+            f"(fingerprint {trained_on} vs {here}); use the base it was trained on, or force "
+            "it (--force)")
 
 
 def load_adapters(model: CausalLM, folder: str | Path, check_base: bool = True) -> dict[str, Any]:
@@ -98,19 +131,19 @@ def load_adapters(model: CausalLM, folder: str | Path, check_base: bool = True) 
     config = read_adapter_config(folder)
     if config["family"] != model.family:
         raise AdapterError(f"{folder}: adapter is for {config['family']}, model is {model.family}")
-    if check_base and config["base_fingerprint"] != weights_fingerprint(model.source):
-        raise AdapterError(
-            f"{folder}: adapter was trained on different base weights than {model.source} "
-            f"(fingerprint {config['base_fingerprint']} vs {weights_fingerprint(model.source)}); "
-            "use the base it was trained on, or force"
-        )
+    if check_base:
+        check_adapter_base(folder, model.source)
     spec = AdapterSpec(**config["lora"])
     apply_adapters(model, spec)
-    weights = mx.load(str(Path(folder) / ADAPTER_FILE))
+    weights = read_adapter_tensors(folder)
     expected = adapter_tensors(model)
     unknown = sorted(set(weights) - set(expected))
     if unknown:
         raise AdapterError(f"{folder}/{ADAPTER_FILE}: tensor {unknown[0]!r} fits no adapter")
+    absent = sorted(set(expected) - set(weights))
+    if absent:
+        raise AdapterError(f"{folder}/{ADAPTER_FILE}: no tensor {absent[0]!r} "
+                           f"({len(absent)} of the {len(expected)} its config implies are missing)")
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise AdapterError(

@@ -10,6 +10,7 @@ import pkgutil
 import sys
 
 import click
+from rich.markup import escape
 
 from . import blas, commands
 from .commands._ui import console
@@ -17,14 +18,28 @@ from .errors import MlxMoeError
 
 
 class Group(click.Group):
-    """Prints our own errors as one line instead of a traceback."""
+    """Prints our own errors, and the system's (a full disk, a folder we may not write), as
+    one line instead of a traceback. Writes are atomic (``atomic``): a failed one leaves the
+    target as it was."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MlxMoeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(describe_os_error(exc))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason`` (the errno's text), as the shell's own tools say it."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 @click.group(cls=Group)
@@ -46,8 +61,7 @@ def run() -> None:
             if blas.loaded_blas() != "bundled":
                 blas.check_matmul()
         except MlxMoeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _fail(str(exc))
     main()
 
 

@@ -139,7 +139,9 @@ def _read_jsonl(path: Path):
         try:
             text = line.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: not UTF-8 text") from exc
+            at = exc.start + len(line) - len(exc.object)  # utf-8-sig decodes past a BOM
+            raise DataError(f"{where}: not UTF-8 text (byte 0x{line[at]:02x}, byte {at + 1} of "
+                            "the line); save the file as UTF-8") from exc
         if not text.strip():
             continue
         try:

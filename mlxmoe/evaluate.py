@@ -37,9 +37,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .adapters import load_adapters, read_adapter_config
+from .adapters import check_adapter_base, load_adapters, read_adapter_config
 from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
 from .errors import MlxMoeError
+from .hub import resolve
 from .dtypes import dtype_name
 from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
@@ -119,6 +120,7 @@ def evaluate(
     generate: bool = True,
     progress: Callable[[int, int], None] | None = None,
     generate_limit: int | None = None,
+    force: bool = False,
 ) -> EvalReport:
     """Perplexity, ROUGE-L, expert load, speed and memory of a model on ``data_path``.
 
@@ -127,7 +129,8 @@ def evaluate(
     the file. ``generate`` False skips generation (perplexity and experts only). ``progress``
     is called with (samples done, samples in all) after each sample. ``generate_limit``
     generates answers for the first N samples only (perplexity still covers all). ``dtype``:
-    what the model computes in (``dtypes.DTYPE_CHOICES``; None is auto).
+    what the model computes in (``dtypes.DTYPE_CHOICES``; None is auto). An adapter trained on
+    other base weights is refused unless ``force``.
     """
     if max_new_tokens < 1:
         raise MlxMoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -136,10 +139,12 @@ def evaluate(
     path = eval_file(data_path)
     mx.reset_peak_memory()
     bits, group_size = _quantization(adapter, quantize, group_size)
+    if adapter is not None and not force:  # before the model loads: an error in seconds
+        check_adapter_base(adapter, resolve(model_path))
     model = load_model(model_path, quantize=bits or None, group_size=group_size, dtype=dtype)
     tokenizer = require_tokenizer(model.source)
     if adapter is not None:
-        load_adapters(model, adapter)
+        load_adapters(model, adapter, check_base=False)
     model.eval()
 
     encoder = _Encoder(tokenizer, thinking="off")

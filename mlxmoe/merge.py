@@ -7,6 +7,7 @@ round it away entirely.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ from .adapters import (
     ADAPTER_FILE,
     AdapterError,
     read_adapter_config,
+    read_adapter_tensors,
     weights_fingerprint,
 )
 from .atomic import atomic_dir
 from .checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from .errors import CheckpointError
 from .hub import resolve
-from .prequantized import COMPONENTS, component, quantized_shape
+from .prequantized import COMPONENTS, MXFP4, component, dequantized, quantized_shape
 from .safetensors_io import (
     TensorIn,
     TensorOut,
@@ -36,7 +38,7 @@ from .safetensors_io import (
     safetensors_index,
     write_safetensors,
 )
-from .tensor_names import ROLES, role_of_path
+from .tensor_names import ROLES, compile_pattern, role_of_path
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,12 @@ class Adapter:
     @classmethod
     def read(cls, folder: str | Path) -> Adapter:
         config = read_adapter_config(folder)
-        arrays = mx.load(str(Path(folder) / ADAPTER_FILE))
+        arrays = read_adapter_tensors(folder)
         tensors = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
+        for name, value in tensors.items():
+            if not all_finite(value):
+                raise AdapterError(f"{Path(folder) / ADAPTER_FILE}: tensor {name!r} holds NaN or "
+                                   f"infinity (at {first_non_finite(value)}); refusing to merge it")
         return cls(config["alpha"] / config["rank"], tensors, config)
 
     @cached_property
@@ -86,6 +92,8 @@ class MergedWeights:
         lazy = self.family.build(self.args)
         self.shapes = {k: tuple(v.shape) for k, v in tree_flatten(lazy.parameters())}
         self._sources, self._parts = self._index(self.ckpt)
+        self._stored = self._index_stored(self.ckpt)
+        self._split_cache: tuple[tuple[str, ...], dict[str, np.ndarray]] = ((), {})
         self.from_grid = self.ckpt.quantization is not None and base_weights is None
         self.weights_folder = self.ckpt.folder  # where the merged weights are read
         if base_weights is not None:
@@ -99,7 +107,7 @@ class MergedWeights:
             raise AdapterError(
                 f"the adapter was trained on other base weights than {self.ckpt.folder} "
                 f"(fingerprint {config['base_fingerprint']} vs {weights_fingerprint(self.ckpt.folder)}); "
-                "pass the base it was trained on, or force"
+                "pass the base it was trained on, or force it (--force)"
             )
 
     def _index(self, ckpt: Checkpoint) -> tuple[dict[tuple[str, int | None], TensorIn],
@@ -115,11 +123,48 @@ class MergedWeights:
                     continue
                 role, bid, xid = match
                 ours = ROLES[role].ours.format(bid=bid)
+                if xid is not None and ours in self.shapes and xid >= self.shapes[ours][0]:
+                    raise CheckpointError(f"{source.file}: tensor {source.name!r}: expert {xid} out "
+                                          f"of range (config.json has {self.shapes[ours][0]})")
                 if part == "weight":
                     sources[(ours, xid)] = source
                 else:
                     parts.setdefault(ours, {})[part] = source
         return sources, parts
+
+    def _index_stored(self, ckpt: Checkpoint) -> dict[str, list[TensorIn]]:
+        """Ours -> the checkpoint tensors the family splits it from (family.stored_in:
+        gpt-oss's fused gate_up_proj, or its MXFP4 blocks and scales)."""
+        patterns = [(compile_pattern(name), role) for role, name in self.family.stored_in.items()]
+        stored: dict[str, list[TensorIn]] = {}
+        for file in ckpt.weight_files if patterns else ():
+            for source in safetensors_header(file):
+                fused = source.name.removesuffix("_blocks").removesuffix("_scales")
+                for pattern, role in patterns:
+                    m = pattern.match(fused)
+                    if m:
+                        stored.setdefault(ROLES[role].ours.format(bid=m["bid"]), []).append(source)
+        return stored
+
+    def _split(self, ours: str) -> np.ndarray:
+        """One of ours out of the fused tensor(s) holding it, as float32 (MXFP4 dequantized,
+        exactly); the other parts are kept for the next call (gate, then up)."""
+        sources = self._stored[ours]
+        key = tuple(s.name for s in sources)
+        if self._split_cache[0] != key:
+            parts: dict[str, dict[str, mx.array]] = {}
+            for source in sources:
+                stored = (mx.array(np.frombuffer(source.read(), np.uint8).reshape(source.shape))
+                          if source.dtype == "U8" else mx.array(source.float32()))
+                for name, array in self.family.split(source.name, stored, source.file):
+                    hf_name, part = component(name)
+                    match = self.family.match_hf(hf_name)
+                    if match is not None:
+                        parts.setdefault(ROLES[match[0]].ours.format(bid=match[1]), {})[part] = array
+            self._split_cache = key, {
+                path: np.array(dequantized(p, 4, 32, MXFP4) if "scales" in p else p["weight"].astype(mx.float32))
+                for path, p in parts.items()}
+        return self._split_cache[1].pop(ours)
 
     def _use_base_weights(self, full: Checkpoint) -> None:
         if full.quantization is not None:
@@ -180,6 +225,8 @@ class MergedWeights:
         shape = self.shapes[ours]
         if ours in self._parts:
             return self._dequantized(ours)
+        if ours in self._stored:
+            return self._split(ours)
         if (ours, None) in self._sources:
             return self._read(self._sources[(ours, None)])
         if (ours, 0) in self._sources:  # per-expert tensors, stacked like our module holds them
@@ -194,7 +241,12 @@ class MergedWeights:
         raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours)!r}")
 
     def tensor(self, ours: str) -> np.ndarray:
+        """The merged tensor; an error if it holds NaN or infinity: an exported model would
+        compute NaN from it, and llama.cpp loads a float GGUF without looking."""
         weight = self.base(ours)
+        if not all_finite(weight):
+            raise CheckpointError(f"{self.weights_folder}: tensor {self._non_finite(ours, weight)} "
+                                  "holds NaN or infinity; refusing to export it")
         if self.adapter is None:
             return weight
         if ours in self.adapter.replacements:
@@ -203,10 +255,22 @@ class MergedWeights:
         pair = self.adapter.pairs.get(module)
         if pair is not None and ours.endswith(".weight"):
             a, b = pair
-            delta = b @ a
-            delta *= self.adapter.scale
-            weight += delta  # in place: one extra copy of the tensor, not two
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                delta = b @ a
+                delta *= self.adapter.scale
+                weight += delta  # in place: one extra copy of the tensor, not two
+            if not all_finite(weight):
+                raise AdapterError(f"merging the adapter into {self._non_finite(ours, weight)} "
+                                   "overflows to infinity; refusing to export it")
         return weight
+
+    def _non_finite(self, ours: str, weight: np.ndarray) -> str:
+        """The checkpoint's tensor holding the first non-finite value, and where in it."""
+        role, _ = self.role(ours)
+        at = first_non_finite(weight)
+        if ROLES[role].per_expert:
+            return f"{self.ckpt.hf_name(ours, at[0])!r} (at {at[1:]})"
+        return f"{self.ckpt.hf_name(ours)!r} (at {at})"
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.names():
@@ -219,6 +283,16 @@ class MergedWeights:
         return found
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether no value is NaN or infinite, without a temporary of the tensor's size: a
+    float64 sum of float32 or float16 values is finite exactly when every value is."""
+    return bool(np.isfinite(x.sum(dtype=np.float64)))
+
+
+def first_non_finite(x: np.ndarray) -> list[int]:
+    return [int(i) for i in np.argwhere(~np.isfinite(x))[0]]
+
+
 def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None,
               force: bool = False, dtype: str | None = None,
               base_weights: str | Path | None = None) -> Path:
@@ -226,7 +300,8 @@ def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None
     converter can read it): the family's HF names, per-expert tensors, the source's dtype
     unless ``dtype`` ("F32", "F16", "BF16") says otherwise."""
     weights = MergedWeights(model, adapter, force, base_weights)
-    dtype = dtype or ("F32" if weights.from_grid else safetensors_index(weights.weights_folder)[0].dtype)
+    floats = [t.dtype for t in safetensors_index(weights.weights_folder) if t.dtype in ("F32", "F16", "BF16")]
+    dtype = dtype or ("F32" if weights.from_grid or not floats else floats[0])
     cache: dict[str, np.ndarray] = {}
 
     def merged(ours: str) -> np.ndarray:
@@ -236,20 +311,43 @@ def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None
         return cache[ours]
 
     tensors = []
+    joined: dict[str, dict[str, str]] = {}  # a fused hub tensor -> {role: ours} it joins
     for ours in weights.names():
-        role, _ = weights.role(ours)
+        role, bid = weights.role(ours)
         shape = weights.shapes[ours]
-        if ROLES[role].per_expert:
+        if role in weights.family.stored_in and weights.family.join_tensor is not None:
+            stored = weights.family.stored_in[role].format(bid=bid)
+            if stored not in joined:
+                joined[stored] = {}
+                tensors.append(stored)  # replaced below, once all its parts are known
+            joined[stored][role] = ours
+        elif ROLES[role].per_expert:
             for x in range(shape[0]):
                 tensors.append(TensorOut(weights.ckpt.hf_name(ours, x), dtype, shape[1:],
                                          lambda o=ours, x=x: from_float32(merged(o)[x], dtype)))
         else:
             tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, shape,
                                      lambda o=ours: from_float32(merged(o), dtype)))
+    tensors = [_joined_tensor(weights, t, joined[t], dtype) if isinstance(t, str) else t for t in tensors]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)
         for name in ("config.json", *TOKENIZER_FILES):
             if (weights.ckpt.folder / name).is_file():
                 shutil.copy2(weights.ckpt.folder / name, tmp / name)
+        if weights.ckpt.mxfp4:  # the experts are written in float now
+            config = dict(weights.ckpt.config.raw)
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def _joined_tensor(weights: MergedWeights, stored: str, parts: dict[str, str], dtype: str) -> TensorOut:
+    """The hub's fused tensor ``stored`` from our merged ``parts`` (role -> ours)."""
+    join = weights.family.join_tensor
+    shape = join(stored, {role: mx.zeros(weights.shapes[o]) for role, o in parts.items()}).shape  # lazy
+
+    def produce() -> bytes:
+        return from_float32(np.array(join(stored, {r: mx.array(weights.tensor(o)) for r, o in parts.items()})), dtype)
+
+    return TensorOut(stored, dtype, tuple(shape), produce)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -28,6 +29,7 @@ class RecipeError(MlxMoeError):
 
 
 BALANCE_SCOPES = ("global", "micro")
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -146,13 +148,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads YAML 1.1: `1e-4` (no dot) is a string there
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (bool, str) and isinstance(value, kind):
             return value
         if getattr(kind, "__origin__", None) is list and isinstance(value, list):
             return value
-    names = "/".join(getattr(k, "__name__", str(k)) for k in allowed)
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
     raise RecipeError(f"{where}: expected {names}, got {value!r}")
 
 
@@ -176,8 +180,9 @@ def load_recipe(path: str | Path | None = None, **sections: dict[str, Any]) -> R
             raise RecipeError(f"{path}: no such recipe file") from exc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark else ""
-            raise RecipeError(f"{path}: invalid YAML{line}") from exc
+            line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = f": {exc.problem}" if getattr(exc, "problem", None) else ""
+            raise RecipeError(f"{path}: invalid YAML{line}{problem}") from exc
         if not isinstance(values, dict):
             raise RecipeError(f"{path}: expected a mapping at the top level")
     if isinstance(values.get("data"), str) or values.get("data", {}) is None:

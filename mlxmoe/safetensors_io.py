@@ -67,6 +67,13 @@ def write_safetensors(path: Path, tensors: Iterable[TensorOut]) -> None:
             f.write(data)
 
 
+def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    """``mx.save_safetensors`` through a Python file: a failed write (a full disk) raises
+    ``OSError`` with its errno, where MLX's own file writer raises a bare ``RuntimeError``."""
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, arrays, metadata=metadata)
+
+
 # --- reading the dense checkpoint without converting anything ---------------------------
 
 

@@ -151,16 +151,17 @@ from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 real_save = mx.save_safetensors
 calls = {"n": 0}
-def dying_save(path, arrays, *a, **k):
+def dying_save(file, arrays, *a, **k):  # mlxmoe saves through an open file
     calls["n"] += 1
     if calls["n"] > int(os.environ["SAVES_BEFORE_KILL"]):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+        file.write(b"half a file")
+        file.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(path, arrays, *a, **k)
+    return real_save(file, arrays, *a, **k)
 mx.save_safetensors = dying_save
 r = load_recipe(None, train=dict(iters=8, batch_size=4, quantize=0, save_every=4, warmup=0,
-                                 report_every=4, val_every=0, max_seq_len=64))
+                                 report_every=4, val_every=0, max_seq_len=64, learning_rate=2e-3,
+                                 dtype="float32"))  # the resume below must use the same settings
 r.model, r.data = sys.argv[1], sys.argv[2]
 train(r, sys.argv[3], show_progress=False)
 """
@@ -177,9 +178,11 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(qwen2_moe
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-000004"
     assert not (checkpoints / "step-000008").exists()
+    assert [p.name.split(".")[1] for p in checkpoints.glob(".step-*")] == ["step-000008"]  # its temp
     r = recipe(qwen2_moe, data, iters=8, save_every=4, report_every=4, val_every=0)
     result = train(r, out, resume=True, show_progress=False)
     assert result.steps == 8
+    assert not list(checkpoints.glob(".step-*"))  # the killed write's temp is gone
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(qwen2_moe, data, tmp_path):

@@ -33,8 +33,10 @@ def _num(value, spec: str) -> str:
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
               help="PNG of the per-layer x per-expert load (default with --json: beside it).")
 @click.option("--no-plots", is_flag=True, help="Write no PNG, even with --json.")
+@click.option("--force", is_flag=True,
+              help="Attach the adapter even if it was trained on other base weights.")
 def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, quantize, dtype,
-                     no_generate, json_out, plot_out, no_plots) -> None:
+                     no_generate, json_out, plot_out, no_plots, force) -> None:
     """Evaluate MODEL (with ADAPTER) on DATA: answer perplexity, ROUGE-L of greedy answers,
     expert-load spread per layer, tokens/s and peak memory."""
     from rich.progress import Progress
@@ -49,6 +51,7 @@ def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, q
             model, data, adapter=adapter, max_new_tokens=max_new_tokens, limit=limit,
             max_seq_len=max_seq_len, quantize=bits, dtype=dtype, generate=not no_generate,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            force=force,
         )
 
     summary = Table(title=f"eval: {report.data}", show_header=False)

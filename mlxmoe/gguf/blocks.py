@@ -78,7 +78,8 @@ def cast(x: np.ndarray, dtype: np.dtype, threads: int | None = None,
     flat_in, flat_out = x.reshape(-1), out.reshape(-1)
 
     def run(start: int) -> None:
-        flat_out[start:start + chunk_values] = flat_in[start:start + chunk_values]
+        with np.errstate(over="ignore"):  # the exporter refuses what overflows (export.produce)
+            flat_out[start:start + chunk_values] = flat_in[start:start + chunk_values]
 
     _each(run, range(0, flat_in.size, chunk_values), threads)
     return out

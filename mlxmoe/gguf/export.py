@@ -22,8 +22,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..config import MoEArgs
 from ..errors import MlxMoeError
-from ..merge import MergedWeights
-from ..tensor_names import ROLES
+from ..merge import MergedWeights, all_finite
 from .blocks import cast, quantize_legacy
 from .kquants import QUANTIZERS, q4_k_m_type
 from .vocab import add_tokenizer
@@ -42,7 +41,10 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0),
     "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, None),  # per tensor, as llama-quantize picks
+    # experts in MXFP4, the rest f16: what the converter writes from gpt-oss as published
+    "mxfp4": (gguf.LlamaFileType.MOSTLY_MXFP4_MOE, Q.F16),
 }
+MXFP4_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 ALWAYS_F32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers, as the converter keeps them
 
 
@@ -84,7 +86,7 @@ def tensor_type(gguf_name: str, role: str, shape: tuple[int, ...], file_type: st
     if file_type == "q4_k_m":  # llama-quantize's own per-tensor choices and fallbacks
         return q4_k_m_type(gguf_name, n_layers, n_experts or None, row_length=shape[-1],
                            tied_embeddings=tied_embeddings)
-    qtype = FILE_TYPES[file_type][1]
+    qtype = Q.MXFP4 if file_type == "mxfp4" and role in MXFP4_ROLES else FILE_TYPES[file_type][1]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         return Q.F16  # the converter's fallback when a row does not split into blocks
@@ -112,7 +114,7 @@ def encoded_info(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype]:
 def write_hparams(writer: gguf.GGUFWriter, weights: MergedWeights, file_type: str) -> None:
     """The keys the converter's TextModel.set_gguf_parameters writes, then the family's own."""
     args, raw = weights.args, weights.ckpt.config.raw
-    if args.rope_scaling is not None:
+    if args.rope_scaling is not None and not weights.family.gguf_rope_scaling:
         raise ExportError(f"cannot export rope scaling {args.rope_scaling!r} to GGUF yet")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(weights.ckpt.folder.name)
@@ -142,7 +144,7 @@ def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
     plans = []
     for ours in weights.names():
         role, bid = weights.role(ours)
-        name = ROLES[role].gguf.format(bid=bid)
+        name = weights.family.gguf_name(role, bid)
         shape = weights.shapes[ours]
         plans.append(TensorPlan(ours, name, shape, tensor_type(
             name, role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings)))
@@ -157,7 +159,15 @@ def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
             data = permute_qk(data, args.num_heads)
         elif plan.ours.endswith("attn.k_proj.weight"):
             data = permute_qk(data, args.num_kv_heads)
-    return encode(data, plan.qtype)
+    try:
+        encoded = encode(data, plan.qtype)
+    except ValueError as exc:  # a block type's refusal: rows that do not split, scale overflow
+        raise ExportError(f"tensor {plan.gguf_name}: {exc}") from exc
+    if plan.qtype == Q.F16 and not all_finite(encoded):
+        raise ExportError(
+            f"tensor {plan.gguf_name}: values up to {float(np.abs(data).max()):.4g} overflow float16 "
+            "(largest 65504) and would be written as infinity: export bf16 or f32")
+    return encoded
 
 
 def export_gguf(

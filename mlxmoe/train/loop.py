@@ -19,8 +19,9 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..adapt import apply_adapters, trainable_report
-from ..adapters import adapter_config, adapter_tensors, save_adapters
+from ..adapters import adapter_config, adapter_tensors, save_adapters, weights_fingerprint
 from ..data import BatchSchedule
+from ..dtypes import dtype_name, resolve_dtype
 from ..errors import MlxMoeError
 from ..hub import resolve
 from ..load import load_model
@@ -30,9 +31,17 @@ from ..blas import describe as describe_blas
 from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
 from ..tokenize_worker import TokenizeJob
-from .distributed import World, share_run
+from .distributed import World, fingerprint, share_run
 from .progress import TrainProgress
-from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import (
+    RunState,
+    check_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    remove_stale_checkpoints,
+    save_checkpoint,
+)
 from .step import Stepper, evaluate_loss
 
 log = logging.getLogger(__name__)
@@ -108,10 +117,17 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
     if world.is_main and resume and previous is None:
         raise MlxMoeError(f"{out}: nothing to resume (no checkpoint)")
+    if world.is_main:
+        remove_stale_checkpoints(out)
     train_file, valid_file = data_files(recipe.data.path)
+    recipe_dict = recipe.to_dict()
+    saved = read_checkpoint(previous) if resume and world.is_main else None
 
     mx.random.seed(cfg.seed)
     folder = resolve(recipe.model)
+    if saved is not None:  # settings, weights and dtype: refused before anything loads
+        check_resume(previous, saved, recipe_dict, base=weights_fingerprint(folder),
+                     dtype=dtype_name(resolve_dtype(cfg.dtype)))
     # The tokenizer (transformers, torch: ~300 MB) lives in a child process only, which
     # tokenizes while the model loads.
     with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt,
@@ -119,6 +135,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size,
                            dtype=cfg.dtype)
         train_set, valid_set = job.result()
+    data_fingerprint = fingerprint([(e.tokens, e.loss_mask) for e in train_set.examples]).hex()[:32]
+    if saved is not None:
+        check_resume(previous, saved, recipe_dict, data=data_fingerprint)
     for _, module in model.named_modules():
         if isinstance(module, Router):
             module.temperature, module.jitter = recipe.loss.router_temperature, recipe.loss.router_jitter
@@ -141,20 +160,20 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         monitor = ExpertMonitor(model.moe_layers, model.args.num_experts,
                                 model.args.num_experts_per_tok, recipe.collapse)
     state = RunState()
-    recipe_dict = recipe.to_dict()
     if resume and world.is_main:
-        state, saved_recipe = load_checkpoint(previous, model, optimizer)
-        if saved_recipe["lora"] != recipe_dict["lora"]:
-            raise MlxMoeError(f"{previous}: was trained with other LoRA settings than this recipe")
+        state, _ = load_checkpoint(previous, model, optimizer)
         _rewind_metrics(out / METRICS_FILE, state.step)
     config = adapter_config(model, recipe.lora, adapted, str(recipe.model))
+    # what a resume compares (state.check_resume)
+    fingerprints = {"base": config["base_fingerprint"], "data": data_fingerprint,
+                    "dtype": config["dtype"]}
 
     def checkpoint() -> None:
         world.check_same(f"adapters at step {state.step}", adapter_tensors(model))
         if monitor is not None:
             state.lora_update_counts = {"counts": monitor.lora_update_counts.tolist()}
         if world.is_main:
-            save_checkpoint(out, model, optimizer, state, recipe_dict)
+            save_checkpoint(out, model, optimizer, state, recipe_dict, fingerprints)
 
     window = _Window()
     alarmed_seen: set[int] = set()
