@@ -54,6 +54,7 @@ BF16_MAX_ABS = 0.2  # measured 0.0446, mixtral
 Q8_MIN_TOP1 = 0.85
 Q8_NEAR_TIE = 1.0
 Q4_K_M_MAX_PPL_RATIO = 1.25
+ROUTING_NEAR_TIE = 1e-3
 Q4_0_MAX_PPL_RATIO = 1.25  # measured 0.97, mixtral
 
 
@@ -97,10 +98,19 @@ class Exported:
             return llama_cpp_logits(model, self.tokens)
 
     def merged_mlx(self) -> np.ndarray:
+        return self.merged_mlx_and_routing()[0]
+
+    def merged_mlx_and_routing(self) -> tuple[np.ndarray, np.ndarray]:
+        """Our logits, and per position the smallest margin in any layer between the k-th
+        and the (k+1)-th router probability (near zero: a near tie of the expert choice)."""
         model, _ = mlxmoe.load(self.model, dtype=mx.float32)
         load_adapters(model, self.adapter)
         model.eval()
-        return np.array(model(mx.array([self.tokens]))[0])
+        logits, routers = model(mx.array([self.tokens]), return_router_logits=True)
+        k = model.args.num_experts_per_tok
+        margins = [mx.sort(mx.softmax(r[0], axis=-1), axis=-1)[:, ::-1] for r in routers]
+        margin = np.min([np.array(p[:, k - 1] - p[:, k]) for p in margins], axis=0)
+        return np.array(logits[0]), margin
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -119,11 +129,17 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
 
 
 def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    ours = exported.merged_mlx()
+    ours, margin = exported.merged_mlx_and_routing()
     theirs = exported.llama_cpp(exported.gguf["f16"])
-    print(f"{exported.family} f16: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}")
+    # Where two experts tie to within ROUTING_NEAR_TIE, f16 weights may pick the other one
+    # (measured: a margin of 5e-6 in Qwen2-MoE's layer 1 moved one position by 0.43).
+    clear = margin >= ROUTING_NEAR_TIE
+    diff = np.abs(ours - theirs).max(-1)
+    print(f"{exported.family} f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
+          f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}")
     assert top1(ours, theirs) == 1.0
-    assert np.abs(ours - theirs).max() < F16_MAX_ABS
+    assert clear.mean() >= 0.9
+    assert diff[clear].max() < F16_MAX_ABS
 
 
 def test_q8_0_gguf_agrees_on_top1(exported):
