@@ -29,7 +29,7 @@ from .prequantized import (
     quantized_shape,
     refuse_foreign_tensor,
 )
-from .tensor_names import ROLES, UNQUANTIZED_ROLES, role_of_path
+from .tensor_names import FLOAT32_ROLES, ROLES, UNQUANTIZED_ROLES, role_of_path
 
 # Files that make up a tokenizer (and its chat template), copied along with weights.
 TOKENIZER_FILES = (
@@ -205,7 +205,7 @@ def read_weights(
         raise CheckpointError(f"{ckpt.folder}: missing tensor {names}{more}")
     # Routers stay float32: routing is the decision we must not perturb (see nn.moe.Router).
     return {
-        k: v if v.dtype in (mx.uint32, mx.uint8) else v.astype(mx.float32 if role_is_router(k) else dtype)
+        k: v if v.dtype in (mx.uint32, mx.uint8) else v.astype(mx.float32 if stays_float32(k) else dtype)
         for k, v in found.items()
     }, specs
 
@@ -263,6 +263,11 @@ def _mxfp4_shape(ours: str, parts: dict[str, mx.array], want: tuple[int, ...],
         raise CheckpointError(f"{where}: MXFP4 stores 4-bit values in groups of 32; its shapes "
                               f"say {bits} bits in groups of {group} for {ours} {want}")
     return bits, group
+
+
+def stays_float32(ours: str) -> bool:
+    found = role_of_path(ours)
+    return found is not None and found[0] in FLOAT32_ROLES
 
 
 def role_is_router(ours: str) -> bool:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .nn.gated_deltanet import DeltaNetArgs
 
 _MISSING = object()
 
@@ -66,7 +69,22 @@ class DecoderArgs:
     o_bias: bool = False  # a bias on the attention output too (gpt-oss)
     attn_sinks: bool = False  # a learned logit per head in every attention softmax (gpt-oss)
     sliding_window: int | None = None  # keys a "sliding_attention" layer sees, its own included
-    layer_types: list[str] | None = None  # per layer: "sliding_attention" or "full_attention"
+    # per layer: "sliding_attention" or "full_attention" (gpt-oss), "linear_attention" or
+    # "full_attention" (Qwen3-Next, Qwen3.5)
+    layer_types: list[str] | None = None
+    # q_proj yields, per head, the query and then a gate: attention output * sigmoid(gate)
+    attn_output_gate: bool = False
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * factor dims only
+    # RMSNorms scale by offset + weight: 1.0 where weights are stored zero-centred (Qwen3-Next)
+    norm_weight_offset: float = 0.0
+    linear_attention: DeltaNetArgs | None = None  # the Gated DeltaNet of "linear_attention" layers
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear_attention(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
 
     def attention_window(self, layer: int) -> int | None:
         """How many positions ``layer`` attends to (None: all before it)."""

@@ -9,16 +9,24 @@ import mlx.nn as nn
 
 from .config import DecoderArgs, MoEArgs
 from .nn import Attention, GatedMLP, SparseMoE
+from .nn.gated_deltanet import DeltaNetCache, GatedDeltaNet
+from .nn.norm import rms_norm
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention, then pre-norm feed-forward: dense ``mlp`` or sparse ``moe``."""
+    """Pre-norm token mixing, then pre-norm feed-forward: dense ``mlp`` or sparse ``moe``.
+    The mixer is ``attn`` (softmax attention), or ``linear_attn`` (Gated DeltaNet) where
+    ``args.layer_types`` says "linear_attention"."""
 
-    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None):
+    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None,
+                 linear: bool = False):
         super().__init__()
-        self.input_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.attn = Attention(args, window)
-        self.post_attn_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_norm = rms_norm(args.hidden_size, args)
+        if linear:
+            self.linear_attn = GatedDeltaNet(args.linear_attention)
+        else:
+            self.attn = Attention(args, window)
+        self.post_attn_norm = rms_norm(args.hidden_size, args)
         if isinstance(ffn, SparseMoE):
             self.moe = ffn
         else:
@@ -29,7 +37,8 @@ class DecoderLayer(nn.Module):
         return "moe" in self
 
     def __call__(self, x: mx.array, mask: Any = "causal", cache=None) -> tuple[mx.array, mx.array | None]:
-        h = x + self.attn(self.input_norm(x), mask, cache)
+        mixer = self.linear_attn if "linear_attn" in self else self.attn
+        h = x + mixer(self.input_norm(x), mask, cache)
         if self.is_moe:
             out, router_logits = self.moe(self.post_attn_norm(h))
             return h + out, router_logits
@@ -43,7 +52,7 @@ class CausalLM(nn.Module):
         self.family = family
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = rms_norm(args.hidden_size, args)
         self.grad_checkpoint = False  # recompute each layer's activations in the backward pass
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -84,16 +93,30 @@ class CausalLM(nn.Module):
         return (logits, router_logits) if return_router_logits else logits
 
 
+class HybridCausalLM(CausalLM):
+    """Linear-attention layers among the attention ones (Qwen3-Next, Qwen3.5): their
+    generation state is a ``DeltaNetCache``, which mlx-lm's ``make_prompt_cache`` takes from
+    ``make_cache``."""
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import KVCache
+
+        return [DeltaNetCache() if "linear_attn" in layer else KVCache() for layer in self.layers]
+
+
 def build_decoder(args: DecoderArgs, family: str) -> CausalLM:
-    """Dense layers, or sparse ones wherever the MoE config places them."""
+    """Dense layers, or sparse ones wherever the MoE config places them; linear attention
+    where ``layer_types`` places it."""
 
     def ffn(layer: int) -> GatedMLP | SparseMoE:
         if isinstance(args, MoEArgs) and args.is_moe_layer(layer):
             return SparseMoE(args)
         return GatedMLP(args.hidden_size, args.intermediate_size)
 
-    layers = [DecoderLayer(args, ffn(i), args.attention_window(i)) for i in range(args.num_layers)]
-    return CausalLM(args, layers, family)
+    layers = [DecoderLayer(args, ffn(i), args.attention_window(i), args.is_linear_attention(i))
+              for i in range(args.num_layers)]
+    hybrid = any("linear_attn" in layer for layer in layers)
+    return (HybridCausalLM if hybrid else CausalLM)(args, layers, family)
 
 
 def _checkpointed(layer: DecoderLayer, x: mx.array) -> tuple[mx.array, mx.array | None]:

@@ -4,6 +4,20 @@ The default, ``experts``, adapts attention and the routed experts and freezes th
 seed 001's advice, since a LoRA over a Linear(dim, 8) router is larger than the router
 and half-precision router updates destabilize training. ``experts+router`` exists so
 users can measure seed 000's opposite claim on their own data.
+
+What each strategy adapts (the groups of ``TARGET_GROUPS``), in layers that have them:
+
+- ``attention``: attention only;
+- ``experts`` (default): attention and the routed experts;
+- ``shared``: attention and the shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5);
+- ``experts+router``: attention, the routed experts and the router;
+- ``all``: attention, the routed and shared experts, dense MLPs and the router.
+
+"attention" is the token mixer's projections: q, k, v and o of softmax attention, and in the
+linear-attention layers of Qwen3-Next and Qwen3.5 the Gated DeltaNet's input projections
+(``in_proj_qkvz``, ``in_proj_ba``; Qwen3.5: ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
+``in_proj_a``) and ``out_proj``. Its convolution, ``A_log``, ``dt_bias`` and norms are never
+adapted, nor is the shared expert's gate.
 """
 
 from __future__ import annotations
@@ -25,7 +39,14 @@ log = logging.getLogger(__name__)
 
 # Layer-relative module paths, grouped the way users think of them.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
+    "attention": (
+        "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+        # Gated DeltaNet (linear attention): Qwen3-Next's fused projections, Qwen3.5's apart
+        "linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba",
+        "linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
+        "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+        "linear_attn.out_proj",
+    ),
     "experts": ("moe.experts.gate_proj", "moe.experts.up_proj", "moe.experts.down_proj"),
     "shared_expert": (
         "moe.shared_expert.gate_proj",

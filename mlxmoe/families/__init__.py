@@ -9,11 +9,13 @@ from .llama import FAMILY as LLAMA
 from .mixtral import FAMILY as MIXTRAL
 from .olmoe import FAMILY as OLMOE
 from .qwen2_moe import FAMILY as QWEN2_MOE
+from .qwen3_5_moe import FAMILY as QWEN3_5_MOE
 from .qwen3_moe import FAMILY as QWEN3_MOE
+from .qwen3_next import FAMILY as QWEN3_NEXT
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (GPT_OSS, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+    for family in (GPT_OSS, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT)
     for model_type in family.model_types
 }
 

@@ -1,5 +1,6 @@
 """Grouped-query attention with rotary embeddings (Hugging Face's rotate-half layout), and
-gpt-oss's options: attention sinks, a sliding window on some layers, a bias on the output."""
+gpt-oss's options: attention sinks, a sliding window on some layers, a bias on the output;
+Qwen3-Next's: a sigmoid gate on each head's output, RoPE on part of each head."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import DecoderArgs
+from .norm import rms_norm
 from .rope import YarnRoPE
 
 
@@ -19,12 +21,12 @@ def make_rope(args: DecoderArgs) -> nn.Module:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("default", "linear"):
         scale = 1.0 / float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-        return nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta, scale=scale)
+        return nn.RoPE(args.rotary_dims, traditional=False, base=args.rope_theta, scale=scale)
     if kind == "yarn":
-        return YarnRoPE(args.head_dim, args.rope_theta, scaling, args.max_position_embeddings)
+        return YarnRoPE(args.rotary_dims, args.rope_theta, scaling, args.max_position_embeddings)
     from mlx_lm.models.rope_utils import initialize_rope
 
-    return initialize_rope(args.head_dim, args.rope_theta, False, args.rope_scaling,
+    return initialize_rope(args.rotary_dims, args.rope_theta, False, args.rope_scaling,
                            args.max_position_embeddings)
 
 
@@ -42,7 +44,11 @@ class Attention(nn.Module):
 
     With ``args.attn_sinks`` each head has a learned logit ``sinks[h]`` that joins every
     softmax over the keys and takes its share of the probability mass, attending to
-    nothing (gpt-oss; MLX's fused attention takes it as ``sinks``)."""
+    nothing (gpt-oss; MLX's fused attention takes it as ``sinks``).
+
+    With ``args.attn_output_gate`` q_proj yields twice the queries' width: per head, the
+    query and then a gate, and each head's output is multiplied by sigmoid(gate) before
+    o_proj (Qwen3-Next's and Qwen3.5's full-attention layers)."""
 
     def __init__(self, args: DecoderArgs, window: int | None = None):
         super().__init__()
@@ -51,7 +57,9 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
         d, hd = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(d, args.num_heads * hd, bias=args.qkv_bias)
+        self.output_gate = args.attn_output_gate
+        self.q_proj = nn.Linear(d, args.num_heads * hd * (2 if self.output_gate else 1),
+                                bias=args.qkv_bias)
         self.k_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * hd, d, bias=args.o_bias)
@@ -60,8 +68,8 @@ class Attention(nn.Module):
         self.window = window
         self.qk_norm, self.clip_qkv = args.qk_norm, args.clip_qkv
         if args.qk_norm == "head":
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.q_norm = rms_norm(hd, args)
+            self.k_norm = rms_norm(hd, args)
         elif args.qk_norm == "full":
             self.q_norm = nn.RMSNorm(args.num_heads * hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(args.num_kv_heads * hd, eps=args.rms_norm_eps)
@@ -71,6 +79,9 @@ class Attention(nn.Module):
         """``cache``: an mlx-lm KV cache (generation); keys and values are appended to it."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = mx.split(q.reshape(batch, length, self.num_heads, 2 * self.head_dim), 2, axis=-1)
+            q = q.reshape(batch, length, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -91,4 +102,7 @@ class Attention(nn.Module):
             mask = window if mask is None or isinstance(mask, str) else mask & window
         sinks = self.sinks.astype(q.dtype) if "sinks" in self else None
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, sinks=sinks)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+        out = out.transpose(0, 2, 1, 3)
+        if self.output_gate:
+            out = out * mx.sigmoid(gate)
+        return self.o_proj(out.reshape(batch, length, -1))
