@@ -93,7 +93,7 @@ class MergedWeights:
         self.shapes = {k: tuple(v.shape) for k, v in tree_flatten(lazy.parameters())}
         self._sources, self._parts = self._index(self.ckpt)
         self._stored = self._index_stored(self.ckpt)
-        self._split_cache: tuple[tuple[str, ...], dict[str, np.ndarray]] = ((), {})
+        self._split_cache: tuple[tuple[str, ...], dict[str, dict[str, mx.array]]] = ((), {})
         self.from_grid = self.ckpt.quantization is not None and base_weights is None
         self.weights_folder = self.ckpt.folder  # where the merged weights are read
         if base_weights is not None:
@@ -148,7 +148,27 @@ class MergedWeights:
 
     def _split(self, ours: str) -> np.ndarray:
         """One of ours out of the fused tensor(s) holding it, as float32 (MXFP4 dequantized,
-        exactly); the other parts are kept for the next call (gate, then up)."""
+        exactly)."""
+        p = self._split_parts(ours)
+        return np.array(dequantized(p, 4, 32, MXFP4) if "scales" in p else p["weight"].astype(mx.float32))
+
+    def mxfp4_parts(self, ours: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The checkpoint's MXFP4 blocks [..., out, in / 32, 16] and scales [..., out, in / 32]
+        of ``ours``, when it arrived in MXFP4 and the adapter leaves it as it is; else None."""
+        if ours not in self._stored or self.from_grid:
+            return None
+        if self.adapter is not None and (ours in self.adapter.replacements
+                                         or ours.rsplit(".", 1)[0] in self.adapter.pairs):
+            return None
+        p = self._split_parts(ours)
+        if "scales" not in p:
+            return None
+        blocks = np.array(p["weight"]).view(np.uint8)
+        return blocks.reshape(*blocks.shape[:-1], -1, 16), np.array(p["scales"])
+
+    def _split_parts(self, ours: str) -> dict[str, mx.array]:
+        """The family's split of the fused tensor(s) holding ``ours``, kept for the next call
+        (gate, then up, come from one gate_up_proj)."""
         sources = self._stored[ours]
         key = tuple(s.name for s in sources)
         if self._split_cache[0] != key:
@@ -161,10 +181,8 @@ class MergedWeights:
                     match = self.family.match_hf(hf_name)
                     if match is not None:
                         parts.setdefault(ROLES[match[0]].ours.format(bid=match[1]), {})[part] = array
-            self._split_cache = key, {
-                path: np.array(dequantized(p, 4, 32, MXFP4) if "scales" in p else p["weight"].astype(mx.float32))
-                for path, p in parts.items()}
-        return self._split_cache[1].pop(ours)
+            self._split_cache = key, parts
+        return self._split_cache[1][ours]
 
     def _use_base_weights(self, full: Checkpoint) -> None:
         if full.quantization is not None:
@@ -325,6 +343,11 @@ def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None
             for x in range(shape[0]):
                 tensors.append(TensorOut(weights.ckpt.hf_name(ours, x), dtype, shape[1:],
                                          lambda o=ours, x=x: from_float32(merged(o)[x], dtype)))
+        elif (layout := weights.family.hub_layout) is not None and \
+                (hub := layout(role, mx.zeros(shape))) is not None:  # lazy: the shape only
+            tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, tuple(hub.shape),
+                                     lambda o=ours, r=role: from_float32(
+                                         np.array(layout(r, mx.array(merged(o)))), dtype)))
         else:
             tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, shape,
                                      lambda o=ours: from_float32(merged(o), dtype)))
@@ -348,6 +371,7 @@ def _joined_tensor(weights: MergedWeights, stored: str, parts: dict[str, str], d
     shape = join(stored, {role: mx.zeros(weights.shapes[o]) for role, o in parts.items()}).shape  # lazy
 
     def produce() -> bytes:
-        return from_float32(np.array(join(stored, {r: mx.array(weights.tensor(o)) for r, o in parts.items()})), dtype)
+        merged = {role: mx.array(weights.tensor(o)) for role, o in parts.items()}
+        return from_float32(np.array(join(stored, merged)), dtype)
 
     return TensorOut(stored, dtype, tuple(shape), produce)

@@ -37,6 +37,22 @@ ROLES: dict[str, Role] = {
     "attn_q_norm": Role("layers.{bid}.attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
     "attn_k_norm": Role("layers.{bid}.attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
     "ffn_norm": Role("layers.{bid}.post_attn_norm.weight", "blk.{bid}.ffn_norm.weight"),
+    # Gated DeltaNet, the linear attention of Qwen3-Next and Qwen3.5 (llama.cpp's qwen3next and
+    # qwen35moe names). Qwen3-Next fuses q, k, v and z per key head (ssm_in; llama.cpp's
+    # converter regroups and splits it into attn_qkv and attn_gate) and beta with alpha (ssm_ba);
+    # Qwen3.5 stores them apart. llama.cpp stores conv1d squeezed to [C, K] and ssm_a as
+    # -exp(A_log).
+    "ssm_in": Role("layers.{bid}.linear_attn.in_proj_qkvz.weight", "blk.{bid}.ssm_in.weight"),
+    "attn_qkv": Role("layers.{bid}.linear_attn.in_proj_qkv.weight", "blk.{bid}.attn_qkv.weight"),
+    "attn_gate": Role("layers.{bid}.linear_attn.in_proj_z.weight", "blk.{bid}.attn_gate.weight"),
+    "ssm_ba": Role("layers.{bid}.linear_attn.in_proj_ba.weight", "blk.{bid}.ssm_ba.weight"),
+    "ssm_beta": Role("layers.{bid}.linear_attn.in_proj_b.weight", "blk.{bid}.ssm_beta.weight"),
+    "ssm_alpha": Role("layers.{bid}.linear_attn.in_proj_a.weight", "blk.{bid}.ssm_alpha.weight"),
+    "ssm_conv1d": Role("layers.{bid}.linear_attn.conv1d.weight", "blk.{bid}.ssm_conv1d.weight"),
+    "ssm_dt.bias": Role("layers.{bid}.linear_attn.dt_bias", "blk.{bid}.ssm_dt.bias"),
+    "ssm_a": Role("layers.{bid}.linear_attn.A_log", "blk.{bid}.ssm_a"),
+    "ssm_norm": Role("layers.{bid}.linear_attn.norm.weight", "blk.{bid}.ssm_norm.weight"),
+    "ssm_out": Role("layers.{bid}.linear_attn.out_proj.weight", "blk.{bid}.ssm_out.weight"),
     # dense feed-forward
     "ffn_gate": Role("layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
     "ffn_up": Role("layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight"),
@@ -77,11 +93,18 @@ ROLES: dict[str, Role] = {
     ),
 }
 
-# Never quantized: routing decisions are sensitive to small errors, and these are tiny.
+# Never quantized: routing decisions are sensitive to small errors, and these are tiny. So
+# are the linear attention's beta and decay projections (one output per value head), whose
+# errors the recurrent state compounds token after token.
 UNQUANTIZED_ROLES = frozenset(
     {"ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm", "output_norm",
-     "attn_q_norm", "attn_k_norm", "attn_sinks"}
+     "attn_q_norm", "attn_k_norm", "attn_sinks", "ssm_ba", "ssm_beta", "ssm_alpha",
+     "ssm_conv1d", "ssm_dt.bias", "ssm_a", "ssm_norm"}
 )
+
+# Kept in float32 whatever the model's dtype: the routers (see nn.moe.Router) and the linear
+# attention's A_log, whose exp scales every decay (mlx-lm keeps it float32 too).
+FLOAT32_ROLES = frozenset({"ffn_gate_inp", "ffn_gate_inp.bias", "ssm_a"})
 
 # The decoder tensors every family here names the same way on the Hugging Face side.
 HF_DECODER_TENSORS: dict[str, str] = {

@@ -194,9 +194,14 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
     merged = exported.llama_cpp(exported.gguf["f16"])
     base_plus_lora = exported.llama_cpp(exported.base_gguf, lora=exported.adapter_gguf)
     base = exported.llama_cpp(exported.base_gguf)
-    print(f"{exported.family} base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}")
-    assert np.abs(base - merged).max() > 10 * np.abs(merged - base_plus_lora).max()  # the adapter matters
-    assert np.abs(merged - base_plus_lora).max() < F16_MAX_ABS
+    _, margin = exported.merged_mlx_and_routing()
+    clear = margin >= ROUTING_NEAR_TIE  # as in the f16 test: a near tie may pick another expert
+    diff = np.abs(merged - base_plus_lora).max(-1)
+    print(f"{exported.family} base+lora vs merged: max-abs {diff[clear].max():.4f} at {clear.sum()} "
+          f"positions with a clear expert choice ({diff.max():.4f} at all {len(diff)})")
+    assert np.abs(base - merged).max() > 10 * diff[clear].max()  # the adapter matters
+    assert clear.mean() >= 0.9
+    assert diff[clear].max() < F16_MAX_ABS
     # two f16 computations (merged weights vs base + LoRA at run time): a flip only on a tie
     for position in np.nonzero(merged.argmax(-1) != base_plus_lora.argmax(-1))[0]:
         row = merged[position]

@@ -8,10 +8,54 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from ..config import ConfigView, DecoderArgs, MoEArgs
 from ..errors import MlxMoeError
 from ..model import CausalLM, build_decoder
-from ..tensor_names import compile_pattern
+from ..tensor_names import ROLES, compile_pattern
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    """One GGUF tensor made of one of ours: the rows (axis 0) and columns (last axis) at
+    these indices, in this order (None: all, as they are), then ``value`` elementwise, then
+    size-1 axes dropped if ``squeeze``. Picking rows and columns keeps a LoRA delta B @ A
+    factored: its rows are B's, its columns A's; ``value`` does not, and is for tensors no
+    adapter trains (norms, A_log)."""
+    role: str
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    value: Callable[[np.ndarray], np.ndarray] | None = None
+    squeeze: bool = False
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = list(shape)
+        if self.rows is not None:
+            shape[0] = len(self.rows)
+        if self.cols is not None:
+            shape[-1] = len(self.cols)
+        return tuple(n for n in shape if n != 1 or not self.squeeze)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            x = x[self.rows]
+        if self.cols is not None:
+            x = x[..., self.cols]
+        if self.value is not None:
+            x = self.value(x)
+        return x.reshape(self.shape(x.shape)) if self.squeeze else x
+
+    def lora(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A [.., r, in] and B [.., out, r] of a delta B @ A -> those of this part's delta."""
+        if self.value is not None or self.squeeze:
+            raise MlxMoeError(f"cannot write a LoRA of {self.role}: its GGUF tensor is not a "
+                              "selection of rows and columns of ours")
+        if self.rows is not None:
+            b = b[..., self.rows, :]
+        if self.cols is not None:
+            a = a[..., self.cols]
+        return a, b
 
 
 @dataclass(frozen=True)
@@ -34,6 +78,25 @@ class Family:
     stored_in: dict[str, str] = field(default_factory=dict)
     # Reads quantization_config.quant_method "mxfp4" (the experts as gpt-oss publishes them)
     mxfp4_experts: bool = False
+    # The inverse of split_tensor, for export_hf: (checkpoint name, {role: array}) -> the
+    # tensor stored_in names, in the hub's layout (MLX arrays: lazy, so shapes cost nothing)
+    join_tensor: Callable[[str, dict[str, Any]], Any] | None = None
+    # role -> GGUF name, where gguf_arch names a role otherwise than tensor_names.ROLES
+    gguf_names: dict[str, str] = field(default_factory=dict)
+    # gguf_hparams writes (and checks) rope scaling; other families' exports refuse it
+    gguf_rope_scaling: bool = False
+    # role -> the GGUF tensors gguf_arch makes of it, where that is not the tensor as it is
+    # (Qwen3-Next: in_proj_qkvz regrouped and split, norms + 1): (role, args) -> [GGUFPart],
+    # or None for the tensor as it is
+    gguf_parts: Callable[[str, DecoderArgs], list[GGUFPart] | None] | None = None
+    # Hyper-parameters the converter writes from config.json's keys as they are spelled, not
+    # from what they mean (Qwen3-Next: layer_types only where the config lists them):
+    # (config, writer), after gguf_hparams
+    gguf_config_hparams: Callable[[ConfigView, Any], None] | None = None
+    # (role, MLX array) -> one of ours in the hub's layout, for export_hf, or None where that
+    # is ours (Qwen3-Next's conv1d: ours [C, K, 1], torch's [C, 1, K]); lazy, so shapes cost
+    # nothing
+    hub_layout: Callable[[str, Any], Any] | None = None
 
     def build(self, args: DecoderArgs) -> CausalLM:
         return build_decoder(args, self.name)
@@ -45,6 +108,14 @@ class Family:
             for name in (names,) if isinstance(names, str) else names:
                 out.append((compile_pattern(name), role))
         return out
+
+    def gguf_name(self, role: str, bid: int | None) -> str:
+        return self.gguf_names.get(role, ROLES[role].gguf).format(bid=bid)
+
+    def gguf_tensor_parts(self, role: str, args: DecoderArgs) -> list[GGUFPart]:
+        """The GGUF tensors one of ours (of ``role``) becomes: itself unless gguf_parts says."""
+        parts = self.gguf_parts(role, args) if self.gguf_parts is not None else None
+        return parts or [GGUFPart(role)]
 
     def split(self, name: str, array: Any, file: Any) -> list[tuple[str, Any]]:
         return [(name, array)] if self.split_tensor is None else self.split_tensor(name, array, file)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import gguf
+import mlx.core as mx
+
 from ..config import ConfigView, MoEArgs
 from ..errors import CheckpointError, MlxMoeError
+from ..nn.rope import yarn_frequencies, yarn_mscale
 from ..prequantized import mxfp4_scales, mxfp4_weight
 from ..tensor_names import HF_DECODER_TENSORS
-from .base import Family
+from .base import Family, require_llama_cpp_routing
 
 _L = "model.layers.{bid}"
 _X = f"{_L}.mlp.experts"
@@ -49,6 +53,10 @@ DEFAULT_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_sl
                 "truncate": False, "original_max_position_embeddings": 4096}
 DEFAULT_SWIGLU_ALPHA = 1.702  # hub configs (transformers 4) carry only swiglu_limit
 LAYER_TYPES = ("sliding_attention", "full_attention")
+LLAMA_CPP_SWIGLU = (1.702, 7.0)  # llama-graph.cpp, LLM_FFN_SWIGLU_OAI_MOE: (alpha, limit)
+
+# llama.cpp's gpt-oss names the norm before the experts ATTN_POST_NORM
+GGUF_NAMES = {"ffn_norm": "blk.{bid}.post_attention_norm.weight"}
 
 
 def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
@@ -111,9 +119,75 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
 
 
+def join_tensor(name: str, parts: dict[str, mx.array]) -> mx.array:
+    """split_tensor's inverse, for export_hf: ours ([E, out, in], biases [E, out]) -> the
+    hub's fused tensor ``name`` ([E, in, out], gate and up interleaved)."""
+    if name.endswith("gate_up_proj_bias"):
+        gate, up = parts["ffn_gate_exps.bias"], parts["ffn_up_exps.bias"]
+        return mx.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+    if name.endswith("gate_up_proj"):
+        gate, up = parts["ffn_gate_exps"], parts["ffn_up_exps"]
+        return mx.stack([gate, up], axis=-2).reshape(gate.shape[0], -1, gate.shape[-1]).swapaxes(-1, -2)
+    if name.endswith("down_proj_bias"):
+        return parts["ffn_down_exps.bias"]
+    return parts["ffn_down_exps"].swapaxes(-1, -2)
+
+
 def gguf_hparams(args: MoEArgs, writer) -> None:
-    raise MlxMoeError("cannot export gpt_oss to GGUF yet (issue #17): it loads and trains only")
+    """What the converter's GptOssModel adds; refuses what llama.cpp's gpt-oss graph
+    (src/models/openai-moe.cpp) would compute otherwise: it hard-codes the SwiGLU's alpha and
+    limit, takes layer i as sliding exactly when i is even, and reads YaRN's factor and
+    original context alone (beta_fast 32, beta_slow 1, attention factor 0.1 ln(factor) + 1).
+    It always rounds YaRN's correction range to whole dimensions, as transformers does only
+    with ``truncate``: gpt-oss ships ``truncate: false``, which llama.cpp, like every
+    published gpt-oss GGUF, computes rounded (tests/test_gpt_oss_export.py measures it)."""
+    require_llama_cpp_routing(args, "gpt-oss", normalized=True)
+    refuse = []
+    if (args.swiglu_alpha, args.swiglu_limit) != LLAMA_CPP_SWIGLU:
+        refuse.append(f"SwiGLU alpha {args.swiglu_alpha} and limit {args.swiglu_limit} (llama.cpp "
+                      f"computes {LLAMA_CPP_SWIGLU[0]} and {LLAMA_CPP_SWIGLU[1]})")
+    alternating = [LAYER_TYPES[i % 2] for i in range(args.num_layers)]
+    if args.sliding_window is None or list(args.layer_types) != alternating:
+        refuse.append(f"layer_types {list(args.layer_types)} with sliding_window {args.sliding_window} "
+                      "(llama.cpp slides a window over the even layers, full attention on the odd ones)")
+    rope = args.rope_scaling
+    if rope is not None:
+        refuse += _yarn_refusals(args)
+    if refuse:
+        raise MlxMoeError("cannot export gpt_oss to GGUF: llama.cpp's gpt-oss computes other "
+                          "values for " + "; ".join(refuse))
+    if rope is not None:  # the keys TextModel.set_gguf_parameters writes for YaRN
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if "extrapolation_factor" in rope:
+            writer.add_rope_scaling_yarn_ext_factor(rope["extrapolation_factor"])
+        attention = rope.get("attention_factor", rope.get("attn_factor"))
+        if attention is not None:
+            writer.add_rope_scaling_yarn_attn_factor(attention)
+        if "beta_fast" in rope:
+            writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        if "beta_slow" in rope:
+            writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    writer.add_sliding_window(args.sliding_window)
+    writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+
+
+def _yarn_refusals(args: MoEArgs) -> list[str]:
+    rope = args.rope_scaling
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind != "yarn" or not rope.get("factor") or "original_max_position_embeddings" not in rope:
+        return [f"rope scaling {rope!r} (it reads rope_type yarn with factor and "
+                "original_max_position_embeddings)"]
+    _, attention = yarn_frequencies(args.head_dim, args.rope_theta, rope, args.max_position_embeddings)
+    ours = {"beta_fast": rope.get("beta_fast") or 32.0, "beta_slow": rope.get("beta_slow") or 1.0,
+            "extrapolation_factor": rope.get("extrapolation_factor", 1.0), "attention factor": attention}
+    theirs = {"beta_fast": 32.0, "beta_slow": 1.0, "extrapolation_factor": 1.0,
+              "attention factor": yarn_mscale(rope["factor"])}
+    return [f"YaRN {k} {ours[k]} (llama.cpp: {theirs[k]})" for k in ours
+            if abs(ours[k] - theirs[k]) > 1e-6 * abs(theirs[k])]
 
 
 FAMILY = Family("gpt_oss", ("gpt_oss",), "gpt-oss", HF_TENSORS, args_from_config, gguf_hparams,
-                split_tensor=split_tensor, stored_in=STORED_IN, mxfp4_experts=True)
+                split_tensor=split_tensor, stored_in=STORED_IN, mxfp4_experts=True,
+                join_tensor=join_tensor, gguf_names=GGUF_NAMES, gguf_rope_scaling=True)

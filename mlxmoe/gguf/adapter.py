@@ -18,7 +18,6 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..merge import MergedWeights
-from ..tensor_names import ROLES
 from .export import ExportError, ExportReport, TensorPlan, permute_qk, validate
 
 
@@ -30,17 +29,21 @@ def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:
     for module, (a, b) in adapter.pairs.items():
         ours = f"{module}.weight"
         role, bid = weights.role(ours)
-        name = ROLES[role].gguf.format(bid=bid)
         if weights.family.permute_qk and role in ("attn_q", "attn_k"):
             # delta = B A: permuting the delta's rows is permuting B's rows
             b = permute_qk(b, args.num_heads if role == "attn_q" else args.num_kv_heads)
-        # our scale is alpha / our rank, llama.cpp's alpha / (rows of A): the same rank
-        out.append((f"{name}.lora_a", a))
-        out.append((f"{name}.lora_b", b))
+        # the family's GGUF tensors of this one (Qwen3-Next's in_proj_qkvz: attn_qkv and
+        # attn_gate, rows regrouped): B's rows and A's columns picked as the weight's
+        for part in weights.family.gguf_tensor_parts(role, args):
+            part_a, part_b = part.lora(a, b)
+            name = weights.family.gguf_name(part.role, bid)
+            # our scale is alpha / our rank, llama.cpp's alpha / (rows of A): the same rank
+            out.append((f"{name}.lora_a", part_a))
+            out.append((f"{name}.lora_b", part_b))
     for ours, trained in adapter.replacements.items():
         # A router trained in full is the exact rank-E update: B = I, A = delta * E / alpha.
         role, bid = weights.role(ours)
-        name = ROLES[role].gguf.format(bid=bid)
+        name = weights.family.gguf_name(role, bid)
         delta = trained - weights.base(ours)
         rank = delta.shape[0]
         out.append((f"{name}.lora_a", delta * (rank / alpha)))

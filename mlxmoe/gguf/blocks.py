@@ -97,3 +97,13 @@ def quantize_legacy(x: np.ndarray, qtype: Q, threads: int | None = None) -> np.n
         return gguf.quants.quantize(blocks.reshape(1, -1), qtype).reshape(len(blocks), -1)
 
     return encode_blocks(x, qtype, encode, threads)
+
+
+def mxfp4_from_hub(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The hub's MXFP4 (blocks [..., n / 32, 16], value 2k in byte k's low nibble, 2k + 1 in
+    its high one; scales [..., n / 32]) as ggml's block_mxfp4 rows [..., n / 32 * 17]: the
+    exponent, then value j in byte j's low nibble and j + 16 in its high one. The same codes
+    and exponents, moved (the converter's GptOssModel.repack_mxfp4)."""
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = np.concatenate([scales[..., None], codes[..., :16] | (codes[..., 16:] << 4)], axis=-1)
+    return packed.reshape(*packed.shape[:-2], -1).astype(np.uint8)

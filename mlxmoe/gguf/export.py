@@ -22,8 +22,9 @@ import numpy as np
 from ..atomic import atomic_file
 from ..config import MoEArgs
 from ..errors import MlxMoeError
+from ..families.base import GGUFPart
 from ..merge import MergedWeights, all_finite
-from .blocks import cast, quantize_legacy
+from .blocks import cast, mxfp4_from_hub, quantize_legacy
 from .kquants import QUANTIZERS, q4_k_m_type
 from .vocab import add_tokenizer
 from .writer import GGUFWriter
@@ -45,7 +46,8 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
     "mxfp4": (gguf.LlamaFileType.MOSTLY_MXFP4_MOE, Q.F16),
 }
 MXFP4_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-ALWAYS_F32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")  # routers, as the converter keeps them
+# routers, and the recurrent layers' convolutions, as the converter keeps them for every arch
+ALWAYS_F32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "ssm_conv1d")
 
 
 class ExportError(MlxMoeError):
@@ -58,6 +60,7 @@ class TensorPlan:
     gguf_name: str
     shape: tuple[int, ...]
     qtype: Q
+    part: GGUFPart | None = None  # how the family makes it of ours, where not as it is
 
 
 @dataclass
@@ -130,12 +133,15 @@ def write_hparams(writer: gguf.GGUFWriter, weights: MergedWeights, file_type: st
     if isinstance(args, MoEArgs):
         writer.add_expert_count(args.num_experts)
         writer.add_expert_used_count(args.num_experts_per_tok)
-    if raw.get("head_dim") is not None:
+    # the converter reads a multimodal config's text_config as if at the top level
+    if {**raw, **(raw.get("text_config") or {})}.get("head_dim") is not None:
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
     writer.add_file_type(FILE_TYPES[file_type][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     weights.family.gguf_hparams(args, writer)
+    if weights.family.gguf_config_hparams is not None:
+        weights.family.gguf_config_hparams(weights.ckpt.config, writer)
 
 
 def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
@@ -144,15 +150,21 @@ def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
     plans = []
     for ours in weights.names():
         role, bid = weights.role(ours)
-        name = weights.family.gguf_name(role, bid)
-        shape = weights.shapes[ours]
-        plans.append(TensorPlan(ours, name, shape, tensor_type(
-            name, role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings)))
+        for part in weights.family.gguf_tensor_parts(role, args):
+            name = weights.family.gguf_name(part.role, bid)
+            shape = part.shape(weights.shapes[ours])
+            plans.append(TensorPlan(ours, name, shape, tensor_type(
+                name, part.role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings),
+                part))
     return plans
 
 
 def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
+    if plan.qtype == Q.MXFP4 and (published := weights.mxfp4_parts(plan.ours)) is not None:
+        return mxfp4_from_hub(*published)  # as published: moved, not rounded again
     data = weights.tensor(plan.ours)
+    if plan.part is not None:
+        data = plan.part.apply(data)
     args = weights.args
     if weights.family.permute_qk:
         if plan.ours.endswith("attn.q_proj.weight"):

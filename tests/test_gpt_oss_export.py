@@ -1,0 +1,292 @@
+"""gpt-oss to GGUF: what llama.cpp's converter writes, and what llama.cpp computes from it.
+
+A tiny gpt-oss (sliding and full attention alternating, sinks, biases everywhere, the hub's
+YaRN with ``truncate: false``) with an adapter trained for a few steps is merged two ways:
+``export_gguf`` (f16) and ``export_hf`` read by ``convert_hf_to_gguf.py --outtype f16`` from
+the llama-cpp-python 0.3.36 sdist. The tokenizer is Qwen3's: gpt-oss's own (o200k with the
+harmony tokens) ships with no package installable here (tiktoken downloads it at run time)
+and the converter writes any byte-level BPE through the same ``_set_vocab_gpt2``.
+
+The ``mxfp4`` type writes the experts as gpt-oss is published in GGUF (``MXFP4_MOE``): our
+encoder's bytes are gguf-py's and ggml's own quantizer's, and from a checkpoint published in
+MXFP4 our file equals the converter's: experts the adapter left alone are repacked, not rounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from assets import qwen3_tokenizer_folder
+from safetensors.torch import load_file, save_file
+from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, run_converter, tensors
+from test_export import F16_MAX_ABS, HELD_OUT, top1
+from test_gpt_oss import encode_mxfp4, make_gpt_oss
+from tiny_models import write_qa_data
+
+import mlxmoe
+from mlxmoe.adapters import load_adapters
+from mlxmoe.errors import MlxMoeError
+from mlxmoe.gguf.adapter import export_adapter_gguf
+from mlxmoe.gguf.blocks import quantize_legacy
+from mlxmoe.gguf.export import export_gguf
+from mlxmoe.llamacpp import logits as llama_cpp_logits
+from mlxmoe.llamacpp import open_gguf
+from mlxmoe.merge import export_hf
+from mlxmoe.recipe import load_recipe
+from mlxmoe.train import train
+
+Q = gguf.GGMLQuantizationType
+needs_converter = pytest.mark.skipif(
+    not CONVERTER.is_file(), reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+# Every row a multiple of 32 (MXFP4's block); a window shorter than the held-out text.
+CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+              sliding_window=4, max_position_embeddings=131072)
+# llama.cpp rounds YaRN's correction range to whole dimensions (ggml_rope_yarn_corr_dims),
+# transformers only with truncate: true, and gpt-oss ships false. Measured on this model:
+# against the YaRN llama.cpp computes, max-abs 0.040 (F16_MAX_ABS holds); against
+# transformers' 0.103, top-1 still 100%.
+YARN_ROUNDING_MAX_ABS = 0.25
+# ggml's CPU kernels multiply MXFP4 weights with activations rounded to Q8_0 (vec_dot_type):
+# against our model with the same MXFP4 experts, measured max-abs 0.255, top-1 100%.
+MXFP4_MAX_ABS = 0.5
+
+
+def make_model(folder: Path, seed: int = 0) -> Path:
+    vocab = qwen3_tokenizer_folder(folder)
+    hf = make_gpt_oss(seed, vocab_size=vocab, **CONFIG)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(4.0)  # better-separated logits: top-1 is meaningful
+    hf.save_pretrained(folder)
+    return folder
+
+
+def truncated_yarn(folder: Path, out: Path) -> Path:
+    """The same checkpoint with ``truncate: true``."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+class Exported:
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = make_model(root / "model")
+        r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
+                                         quantize=0, report_every=3, val_every=0, max_seq_len=48),
+                        lora=dict(strategy="all", router_mode="lora", rank=4))
+        r.model, r.data = str(self.model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
+        train(r, root / "adapter", show_progress=False)
+        self.adapter = root / "adapter"
+        self.f16 = export_gguf(self.model, root / "f16.gguf", "f16", self.adapter).path
+        self.base = export_gguf(self.model, root / "base-f16.gguf", "f16").path
+        self.adapter_gguf = export_adapter_gguf(self.model, self.adapter, root / "adapter.gguf").path
+        self.merged_hf = export_hf(self.model, root / "merged", self.adapter)
+        with open_gguf(self.f16, vocab_only=True) as vocab:
+            self.tokens = vocab.tokenize(HELD_OUT.encode(), add_bos=True, special=False)
+
+    def truncated(self) -> Path:
+        """The merged model with YaRN's correction range rounded, as llama.cpp computes it."""
+        out = self.root / "merged-truncated"
+        return out if out.is_dir() else truncated_yarn(self.merged_hf, out)
+
+    def llama_cpp(self, path: Path, lora: Path | None = None) -> np.ndarray:
+        with open_gguf(path, lora=lora, n_ctx=128) as model:
+            return llama_cpp_logits(model, self.tokens)
+
+    def mlx(self, folder: Path, expert_weights=None) -> np.ndarray:
+        model, _ = mlxmoe.load(folder, dtype=mx.float32)
+        if expert_weights is not None:
+            for layer in model.layers:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    module = layer.moe.experts[proj]
+                    module.weight = mx.array(expert_weights(np.array(module.weight)))
+        model.eval()
+        return np.array(model(mx.array([self.tokens]))[0])
+
+    def merged_mlx(self) -> np.ndarray:
+        model, _ = mlxmoe.load(self.model, dtype=mx.float32)
+        load_adapters(model, self.adapter)
+        model.eval()
+        return np.array(model(mx.array([self.tokens]))[0])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Exported:
+    return Exported(tmp_path_factory.mktemp("gpt-oss"))
+
+
+@pytest.fixture(scope="module")
+def converted(exported) -> dict[str, gguf.GGUFReader]:
+    theirs = run_converter(exported.merged_hf, "f16", exported.root / "converter-f16.gguf")
+    return {"ours": gguf.GGUFReader(exported.f16), "theirs": gguf.GGUFReader(theirs)}
+
+
+# --- the converter's file ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.proof("converter")
+@needs_converter
+def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, exported):
+    ours, theirs = tensors(converted["ours"]), tensors(converted["theirs"])
+    assert sorted(ours) == sorted(theirs)
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
+        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {"blk.0.post_attention_norm.weight", "blk.1.ffn_gate_exps.bias", "blk.0.attn_sinks.weight",
+            "blk.0.ffn_gate_inp.bias"} <= set(ours)
+    differ = [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
+    assert differ == []
+    # export_hf wrote the hub's fused layout, which the converter split again
+    hub = load_file(exported.merged_hf / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in hub
+    assert "model.layers.0.mlp.experts.gate_proj.weight" not in hub
+
+
+@pytest.mark.slow
+@pytest.mark.proof("converter")
+@needs_converter
+def test_loading_metadata_equals_the_converters(converted):
+    ours, theirs = loading_kv(converted["ours"]), loading_kv(converted["theirs"])
+    assert ours["general.architecture"][1] == "gpt-oss"
+    for key in ("gpt-oss.rope.scaling.type", "gpt-oss.attention.sliding_window",
+                "gpt-oss.expert_feed_forward_length", "tokenizer.ggml.pre"):
+        assert key in ours, key
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+
+
+# --- llama.cpp runs it ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
+    ours = exported.merged_mlx()
+    theirs = exported.llama_cpp(exported.f16)
+    rounded = exported.mlx(exported.truncated())
+    print(f"gpt_oss f16: max-abs {np.abs(rounded - theirs).max():.4f}, top-1 {top1(rounded, theirs):.3f} "
+          f"(YaRN rounded as llama.cpp does); against the merged model as transformers computes it: "
+          f"max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}")
+    assert top1(rounded, theirs) == 1.0
+    assert np.abs(rounded - theirs).max() < F16_MAX_ABS
+    assert top1(ours, theirs) == 1.0
+    assert np.abs(ours - theirs).max() < YARN_ROUNDING_MAX_ABS
+
+
+@pytest.mark.slow
+def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
+    merged = exported.llama_cpp(exported.f16)
+    base_plus_lora = exported.llama_cpp(exported.base, lora=exported.adapter_gguf)
+    base = exported.llama_cpp(exported.base)
+    print(f"gpt_oss base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}, "
+          f"base vs merged {np.abs(base - merged).max():.4f}")
+    assert np.abs(base - merged).max() > 10 * np.abs(merged - base_plus_lora).max()  # the adapter matters
+    assert np.abs(merged - base_plus_lora).max() < F16_MAX_ABS
+    for position in np.nonzero(merged.argmax(-1) != base_plus_lora.argmax(-1))[0]:
+        row = merged[position]
+        assert row.max() - row[base_plus_lora[position].argmax()] < 2 * F16_MAX_ABS
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(swiglu_limit=5.0), r"SwiGLU alpha 1\.702 and limit 5\.0"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types \['full_attention'"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=16.0,
+                               beta_slow=1.0, original_max_position_embeddings=4096)),
+     r"YaRN beta_fast 16\.0 \(llama\.cpp: 32\.0\)"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, attention_factor=1.1,
+                               original_max_position_embeddings=4096)),
+     r"YaRN attention factor 1\.1 "),
+])
+def test_a_config_llama_cpp_computes_otherwise_is_refused(tmp_path, config, message):
+    hf = make_gpt_oss(vocab_size=96, **{**CONFIG, "max_position_embeddings": 256, **config})
+    hf.save_pretrained(tmp_path / "model")
+    with pytest.raises(MlxMoeError, match=message):
+        export_gguf(tmp_path / "model", tmp_path / "x.gguf", "f16")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# --- MXFP4 experts, as gpt-oss is published ----------------------------------------------
+
+def ggml_mxfp4(x: np.ndarray) -> np.ndarray:
+    """ggml's own quantizer (ggml_quantize_chunk, in the llama.cpp llama-cpp-python runs)."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, np.float32)
+    rows, row = x.reshape(-1, x.shape[-1]).shape
+    out = np.zeros((rows, row // 32 * 17), np.uint8)
+    lib.ggml_quantize_chunk(int(Q.MXFP4), x.ctypes.data, out.ctypes.data, 0, rows, row, None)
+    return out
+
+
+def test_mxfp4_encoder_bytes_equal_gguf_py_and_ggml():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 8, 256)).astype(np.float32) * 10.0 ** rng.integers(-6, 4, size=(24, 8, 1))
+    x[0, 0, :64] = 0.0
+    x[0, 1, :32] = -0.0
+    x[1] = np.round(x[1] * 2) / 2  # values on the E2M1 grid, and ties between two codes
+    x[2, :, ::7] = 6.0 * 2.0 ** rng.integers(-10, 10, size=(8, 1))
+    ours = quantize_legacy(x, Q.MXFP4, threads=2)
+    assert ours.tobytes() == gguf.quants.quantize(x, Q.MXFP4).tobytes()
+    assert ours.tobytes() == ggml_mxfp4(x).tobytes()
+
+
+@pytest.mark.slow
+def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_rounded(exported):
+    path = export_gguf(exported.model, exported.root / "mxfp4.gguf", "mxfp4", exported.adapter).path
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert {n for n, t in types.items() if t == Q.MXFP4} == {
+        f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("gate", "up", "down")}
+    assert types["blk.0.attn_q.weight"] == Q.F16 and types["blk.0.ffn_gate_exps.bias"] == Q.F32
+
+    def rounded(weight: np.ndarray) -> np.ndarray:
+        return gguf.quants.dequantize(gguf.quants.quantize(weight, Q.MXFP4), Q.MXFP4)
+
+    ours = exported.mlx(exported.truncated(), rounded)
+    theirs = exported.llama_cpp(path)
+    print(f"gpt_oss mxfp4: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f} "
+          f"(float experts: max-abs {np.abs(exported.mlx(exported.truncated()) - theirs).max():.4f})")
+    assert top1(ours, theirs) == 1.0
+    assert np.abs(ours - theirs).max() < MXFP4_MAX_ABS
+
+
+@pytest.mark.slow
+@pytest.mark.proof("converter")
+@needs_converter
+def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(exported):
+    """Experts no adapter touched keep the hub's codes, moved into ggml's block layout as the
+    converter moves them (re-encoding would turn the hub's -0 codes into +0: equal values,
+    other bytes); the rest is f16, as from the converter."""
+    folder = exported.root / "published"
+    make_model(folder, seed=1)
+    hub = load_file(folder / "model.safetensors")
+    for name in [n for n in hub if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = encode_mxfp4(hub.pop(name).transpose(-1, -2).float().numpy())
+        hub[f"{name}_blocks"], hub[f"{name}_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+    save_file(hub, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+    ours = gguf.GGUFReader(export_gguf(folder, exported.root / "published-mxfp4.gguf", "mxfp4").path)
+    theirs = gguf.GGUFReader(run_converter(folder, "f16", exported.root / "published-converter.gguf"))
+    ours_t, theirs_t = tensors(ours), tensors(theirs)
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours_t.items()} == \
+        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs_t.items()}
+    assert "MXFP4" in {t.tensor_type.name for t in ours_t.values()}
+    differ = [n for n in ours_t if np.asarray(ours_t[n].data).tobytes() != np.asarray(theirs_t[n].data).tobytes()]
+    assert differ == []
+    assert loading_kv(ours) == loading_kv(theirs)  # general.file_type MXFP4_MOE included
