@@ -14,10 +14,13 @@ from __future__ import annotations
 from ..config import ConfigView, MoEArgs
 from ..errors import MlxMoeError
 from . import qwen3_next
-from .base import Family
+from .base import Family, GGUFPart
 
 # Never read: the vision tower and the multi-token-prediction layer
 SKIPPED_PREFIXES = ("model.visual.", "mtp.", "model.mtp.")
+# The multimodal RoPE's sections llama.cpp's qwen35moe requires, where config.json has none
+# (the converter's default, transformers' too)
+DEFAULT_MROPE_SECTION = (11, 11, 10)
 
 
 def text_config(cfg: ConfigView) -> ConfigView:
@@ -41,10 +44,30 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
                                   norm_topk_prob=True)
 
 
-def gguf_hparams(args: MoEArgs, writer) -> None:
-    raise MlxMoeError("cannot export qwen3_5_moe to GGUF yet (issue #18): it loads and trains only")
+def gguf_parts(role: str, args: MoEArgs) -> list[GGUFPart] | None:
+    return qwen3_next.gguf_parts(role, args, tiled=True)
+
+
+def gguf_config_hparams(cfg: ConfigView, writer) -> None:
+    """Qwen3-Next's, from ``text_config``, and the multimodal RoPE's sections (four, padded
+    with 0): on text all three position axes are the token's, so any sections give plain RoPE."""
+    text = text_config(cfg)
+    qwen3_next.gguf_config_hparams(text, writer)
+    rope = text.raw.get("rope_parameters", text.raw.get("rope_scaling")) or {}
+    sections = list(rope.get("mrope_section", DEFAULT_MROPE_SECTION))[:4]
+    head_dim = int(text.get("head_dim", default=0)) or int(text.get("hidden_size")) // int(
+        text.get("num_attention_heads"))
+    rotary_pairs = int(head_dim * qwen3_next.partial_rotary_factor(text)) // 2
+    if sum(sections) > rotary_pairs:  # ggml's rope asserts it, and the process aborts
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's qwen35moe needs the multimodal RoPE sections "
+            f"{sections} to cover at most the {rotary_pairs} rotary pairs of a head "
+            "(rope_parameters.mrope_section)")
+    writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
 
 
 FAMILY = Family("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"), "qwen35moe",
                 qwen3_next.hf_tensors(("model.language_model", "model"), False),
-                args_from_config, gguf_hparams, split_tensor=split_tensor)
+                args_from_config, qwen3_next.gguf_hparams, split_tensor=split_tensor,
+                gguf_parts=gguf_parts, gguf_config_hparams=gguf_config_hparams,
+                hub_layout=qwen3_next.hub_layout, gguf_names=qwen3_next.GGUF_NAMES)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from ..config import ConfigView, MoEArgs
 from ..errors import CheckpointError, MlxMoeError
 from ..nn.gated_deltanet import DeltaNetArgs
-from .base import Family
+from .base import Family, GGUFPart, require_llama_cpp_routing
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 DEFAULT_INTERVAL = 4  # transformers' full_attention_interval when config.json has neither key
@@ -143,9 +145,101 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
 
 
+# --- GGUF: what llama.cpp's converter (Qwen3NextModel; Qwen3.5: Qwen3_5MoeTextModel) writes --
+
+# llama.cpp scales these RMSNorms by w, transformers (and we) by 1 + w; the linear attention's
+# gated norm is w in both
+OFFSET_NORMS = ("attn_norm", "ffn_norm", "output_norm", "attn_q_norm", "attn_k_norm")
+# llama.cpp's qwen3next and qwen35moe name the norm before the feed-forward so
+GGUF_NAMES = {"ffn_norm": "blk.{bid}.post_attention_norm.weight"}
+# The linear attention's tensors whose rows (ssm_out: columns) are value heads
+VALUE_HEAD_ROLES = ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_a", "ssm_dt.bias",
+                    "ssm_conv1d", "ssm_out")
+
+
+def plus_one(weight: np.ndarray) -> np.ndarray:
+    return weight + np.float32(1)
+
+
+def decay_rate(a_log: np.ndarray) -> np.ndarray:
+    """llama.cpp's ssm_a, -exp(A_log), correctly rounded to float32 (the converter's torch.exp
+    is within one ulp of it)."""
+    return (-np.exp(a_log.astype(np.float64))).astype(np.float32)
+
+
+def regrouped_rows(d: DeltaNetArgs) -> tuple[np.ndarray, np.ndarray]:
+    """in_proj_qkvz's rows ([q k v z] per key head) in the order of llama.cpp's attn_qkv (every
+    head's q, then every k, then every v) and attn_gate (every z)."""
+    per_value = d.values_per_key * d.value_head_dim
+    widths = (d.key_head_dim, d.key_head_dim, per_value, per_value)
+    rows = np.arange(d.num_key_heads * sum(widths)).reshape(d.num_key_heads, sum(widths))
+    q, k, v, z = np.split(rows, np.cumsum(widths)[:-1], axis=1)
+    return np.concatenate([q.ravel(), k.ravel(), v.ravel()]), z.ravel()
+
+
+def tiled_value_heads(d: DeltaNetArgs, width: int) -> np.ndarray:
+    """Value heads (``width`` rows each) from the hub's order, grouped by key head (key head
+    0's value heads, then key head 1's), to llama.cpp's qwen35moe order, tiled (every key
+    head's first value head, then every key head's second): ggml broadcasts that way."""
+    heads = np.arange(d.num_value_heads * width).reshape(d.num_key_heads, d.values_per_key, width)
+    return heads.swapaxes(0, 1).ravel()
+
+
+def gguf_parts(role: str, args: MoEArgs, tiled: bool = False) -> list[GGUFPart] | None:
+    """``tiled``: value heads reordered as llama.cpp's qwen35moe wants them (Qwen3.5)."""
+    d = args.linear_attention
+    if role in OFFSET_NORMS:
+        return [GGUFPart(role, value=plus_one)]
+    if role == "ssm_in":
+        qkv, z = regrouped_rows(d)
+        return [GGUFPart("attn_qkv", rows=qkv), GGUFPart("attn_gate", rows=z)]
+    part = GGUFPart(role, value=decay_rate if role == "ssm_a" else None, squeeze=role == "ssm_conv1d")
+    if tiled and d.num_key_heads != d.num_value_heads and role in VALUE_HEAD_ROLES:
+        width = 1 if role in ("ssm_beta", "ssm_alpha", "ssm_a", "ssm_dt.bias") else d.value_head_dim
+        heads = tiled_value_heads(d, width)
+        if role == "ssm_out":
+            return [replace(part, cols=heads)]
+        if role in ("attn_qkv", "ssm_conv1d"):  # q and k channels first, as they are
+            heads = np.concatenate([np.arange(2 * d.key_dim), 2 * d.key_dim + heads])
+        return [replace(part, rows=heads)]
+    return [part] if part != GGUFPart(role) else None
+
+
 def gguf_hparams(args: MoEArgs, writer) -> None:
-    raise MlxMoeError("cannot export qwen3_next to GGUF yet (issue #18): it loads and trains only")
+    # llama.cpp's qwen3next / qwen35moe graphs: every layer sparse, top-k renormalized
+    require_llama_cpp_routing(args, "qwen3next / qwen35moe", normalized=True)
+    d = args.linear_attention
+    if d.key_head_dim != d.value_head_dim:  # llama.cpp reads one size for both: ssm.state_size
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's qwen3next / qwen35moe take the linear attention's "
+            f"value heads as wide as its key heads; this config has linear_key_head_dim="
+            f"{d.key_head_dim}, linear_value_head_dim={d.value_head_dim}")
+    writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+    writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
+    writer.add_ssm_conv_kernel(d.conv_kernel_size)
+    writer.add_ssm_state_size(d.key_head_dim)
+    writer.add_ssm_group_count(d.num_key_heads)
+    writer.add_ssm_time_step_rank(d.num_value_heads)
+    writer.add_ssm_inner_size(d.value_dim)
+    writer.add_rope_dimension_count(int(args.head_dim * args.partial_rotary_factor))
+
+
+def gguf_config_hparams(cfg: ConfigView, writer) -> None:
+    """As the converter writes them: the layer types where config.json lists them, and the
+    interval it says (4 where it says none, even beside a list)."""
+    if cfg.get("layer_types", default=None) is not None:
+        # the key gguf-py's add_recurrent_layers writes (newer than the gguf-py we install)
+        writer.add_array(f"{writer.arch}.attention.recurrent_layers",
+                         [t == "linear_attention" for t in cfg.get("layer_types")])
+    writer.add_full_attention_interval(int(cfg.get("full_attention_interval", default=DEFAULT_INTERVAL)))
+
+
+def hub_layout(role: str, array):
+    """conv1d back to torch's [C, 1, K] (ours: nn.Conv1d's [C, K, 1])."""
+    return array.swapaxes(1, 2) if role == "ssm_conv1d" else None
 
 
 FAMILY = Family("qwen3_next", ("qwen3_next",), "qwen3next", hf_tensors(("model",), True),
-                args_from_config, gguf_hparams, split_tensor=split_tensor)
+                args_from_config, gguf_hparams, split_tensor=split_tensor, gguf_parts=gguf_parts,
+                gguf_config_hparams=gguf_config_hparams, hub_layout=hub_layout,
+                gguf_names=GGUF_NAMES)
