@@ -1,14 +1,20 @@
-"""Predicted against measured peak memory of real training steps (issue 6, part 2).
+"""Predicted against measured peak memory of real training steps (issue 6, part 2; issue 16).
 
-Each setting runs in a fresh process: a model built from a config (random weights, cast and
-quantized as ``mlxmoe.load`` does), the recipe's adapters, mlxmoe's own ``Stepper`` and AdamW,
-and one optimizer step on a [batch, seq_len] micro-batch of answer tokens. Measured are
-``mx.get_peak_memory()`` over that step and the rise of the process's peak RSS above its
-RSS before the model was built (Linux: VmHWM, reset through /proc/self/clear_refs). The
-prediction is ``mlxmoe.plan.plan_training`` for the same recipe on this backend.
+Each setting runs in a fresh process (tests/step_memory.py, shared with the tests): a model
+built from a config (random weights, cast and quantized as ``mlxmoe.load`` does), the
+recipe's adapters, mlxmoe's own ``Stepper`` and AdamW, and one optimizer step on a
+[batch, seq_len] micro-batch of answer tokens. Measured are ``mx.get_peak_memory()`` over
+that step and the rise of the process's peak RSS above its RSS before the model was built
+(Linux: VmHWM, reset through /proc/self/clear_refs). The prediction is
+``mlxmoe.plan.plan_training`` for the same recipe on the backend the step ran on.
 
-    .venv/bin/python bench/memory_plan.py            # every setting (a few minutes on 2 cores)
-    .venv/bin/python bench/memory_plan.py --quick    # the tiny ones
+Two profiles: the model's default dtype on this backend (float32 on MLX's CPU), and the
+Mac's (bfloat16 activations over a 4-bit base, float32 LoRA and routing) run on the CPU,
+with group sizes that divide every width and ones that leave some matrices float.
+
+    .venv/bin/python bench/memory_plan.py                # every setting (~30 min on 2 busy cores)
+    .venv/bin/python bench/memory_plan.py --quick        # the tiny ones
+    .venv/bin/python bench/memory_plan.py --profile mac  # the Mac profile only
 
 MoE settings name their dispatch (gather or dense) explicitly, so the measured process runs it
 whatever BLAS it loaded and the prediction assumes the same.
@@ -22,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # shared helpers
+from step_memory import measure_fresh, predict, setting  # noqa: E402
 
 TINY = dict(model_type="qwen3_moe", vocab_size=2048, hidden_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
@@ -43,15 +52,6 @@ OLMOE = dict(model_type="olmoe", vocab_size=8192, hidden_size=256, num_hidden_la
              num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, clip_qkv=None,
              max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1e4,
              tie_word_embeddings=False)
-
-
-def setting(name, config, bits=0, batch=2, seq=256, checkpoint=False, strategy="experts",
-            accum=1, rank=8, dispatch="gather", dtype="auto", group=64):
-    """``dispatch`` is set explicitly (never auto) so that the measured process, which runs
-    MLX's bundled BLAS, and the prediction assume the same MoE dispatch."""
-    return dict(name=name, config=config, bits=bits, batch=batch, seq=seq, checkpoint=checkpoint,
-                strategy=strategy, accum=accum, rank=rank, dispatch=dispatch, dtype=dtype,
-                group=group)
 
 
 QUICK = [
@@ -80,97 +80,45 @@ SETTINGS = QUICK + [
     setting("small qwen2-moe", SMALL_SHARED, dispatch="dense"),
 ]
 
-
-def recipe_for(s: dict):
-    from mlxmoe.recipe import load_recipe
-
-    return load_recipe(
-        None,
-        lora={"strategy": s["strategy"], "rank": s["rank"]},
-        train={"quantize": s["bits"], "group_size": s["group"], "batch_size": s["batch"],
-               "max_seq_len": s["seq"], "grad_checkpoint": s["checkpoint"],
-               "grad_accum": s["accum"], "moe_dispatch": s["dispatch"], "dtype": s["dtype"]},
-    )
-
-
-def _rss_now_and_peak() -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
-
-
-def measure(s: dict) -> dict:
-    """Run in a fresh process: peak memory of two real training steps."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    from mlxmoe.adapt import apply_adapters
-    from mlxmoe.checkpoint import role_is_router
-    from mlxmoe.config import ConfigView
-    from mlxmoe.data import Batch
-    from mlxmoe.info import lazy_model
-    from mlxmoe.dtypes import resolve_dtype
-    from mlxmoe.nn.moe import set_dispatch
-    from mlxmoe.quantize import quantize_model
-    from mlxmoe.train.step import Stepper
-
-    recipe = recipe_for(s)
-    t = recipe.train
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    rss_before, _ = _rss_now_and_peak()
-    mx.random.seed(0)
-    model = lazy_model(ConfigView(s["config"]))
-    dtype = resolve_dtype(t.dtype)
-    model.update(tree_unflatten([(k, v.astype(mx.float32 if role_is_router(k) else dtype))
-                                 for k, v in tree_flatten(model.parameters())]))
-    if t.quantize:
-        quantize_model(model, t.quantize, t.group_size)
-    mx.eval(model.parameters())
-    apply_adapters(model, recipe.lora)
-    set_dispatch(model, t.moe_dispatch)
-    model.grad_checkpoint = t.grad_checkpoint
-    model.train()
-    optimizer = optim.AdamW(learning_rate=1e-4)
-    optimizer.init(model.trainable_parameters())
-    mx.eval(model.parameters(), optimizer.state)
-    stepper = Stepper(model, optimizer, recipe.loss, t.grad_clip, t.compile)
-    rng = np.random.default_rng(0)
-    shape = (t.batch_size, t.max_seq_len)
-    vocab = s["config"]["vocab_size"]
-    batches = [Batch(mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
-                     mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
-                     mx.ones(shape), mx.ones(shape), shape[0] * shape[1], shape[0] * shape[1])
-               for _ in range(t.grad_accum)]
-    mx.eval([(b.inputs, b.targets, b.loss_mask, b.token_mask) for b in batches])
-    mx.reset_peak_memory()
-    stepper.step(batches)  # the first step: compiled, optimizer state written; later ones peak alike
-    _, rss_peak = _rss_now_and_peak()
-    return {"mlx_peak": mx.get_peak_memory(), "rss_rise": rss_peak - rss_before}
-
-
-def predict(s: dict) -> tuple[int, str]:
-    import mlx.core as mx
-
-    from mlxmoe.config import ConfigView
-    from mlxmoe.plan import plan_training
-
-    device = "cpu" if mx.default_device() == mx.cpu else "gpu"
-    plan = plan_training(ConfigView(s["config"]), recipe_for(s), device)
-    return plan.peak, plan.phase
+# Widths a group size does not divide stay float (quantize.should_quantize): the CPU runs such
+# experts through gather_mm in float32, a float32 copy of their weights per layer.
+TINY_F96 = {**TINY, "moe_intermediate_size": 96}  # group 64: down projections float
+SMALL_F960 = {**SMALL, "intermediate_size": 960}  # group 128: down projections float
+SHARED_D320 = {**SMALL_SHARED, "hidden_size": 320, "num_attention_heads": 5,
+               "num_key_value_heads": 5}  # group 128: all but the down projections float
+OLMOE_F192 = {**OLMOE, "intermediate_size": 192}  # group 128: down projections float
+MAC = dict(bits=4, dtype="bfloat16", device="cpu")
+MAC_QUICK = [
+    setting("tiny qwen3", TINY, **MAC),
+    setting("tiny qwen3 F96", TINY_F96, checkpoint=True, **MAC),
+    setting("tiny qwen3", TINY, strategy="all", accum=2, **MAC),
+]
+MAC_PROFILE = MAC_QUICK + [
+    setting("small mixtral", SMALL, strategy="attention", **MAC),
+    setting("small mixtral F960", SMALL_F960, group=128, **MAC),
+    setting("small mixtral", SMALL, batch=2, seq=512, checkpoint=True, **MAC),
+    setting("small qwen2-moe", SMALL_SHARED, strategy="shared", **MAC),
+    setting("small qwen2-moe", SMALL_SHARED, strategy="shared", checkpoint=True, **MAC),
+    setting("qwen2-moe D320", SHARED_D320, group=128, strategy="experts+router", **MAC),
+    setting("qwen2-moe D320", SHARED_D320, group=128, checkpoint=True, **MAC),
+    setting("small olmoe", OLMOE, batch=2, seq=512, strategy="experts+router", **MAC),
+    setting("olmoe F192", OLMOE_F192, group=128, checkpoint=True, **MAC),
+]
 
 
 def run_all(settings: list[dict]) -> list[dict]:
+    from mlxmoe.dtypes import dtype_name
+
     rows = []
     print_header()
     for s in settings:
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(s)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-            raise SystemExit(f"{s['name']}: measurement failed\n{out.stderr[-2000:]}")
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
-        predicted, phase = predict(s)
-        rows.append({**s, **measured, "predicted": predicted, "phase": phase})
+        try:
+            measured = measure_fresh(s)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from exc
+        plan = predict(s)
+        rows.append({**s, **measured, "predicted": plan.peak, "phase": plan.phase,
+                     "dtype": dtype_name(plan.dtype)})
         print_row(rows[-1])
     worst = max(abs(r["predicted"] / r["mlx_peak"] - 1) for r in rows)
     print(f"\nlargest deviation from mx.get_peak_memory: {100 * worst:.1f}%")
@@ -184,7 +132,6 @@ EXPORTS = [("f16", False), ("q8_0", False), ("q8_0", True), ("q4_k_m", True)]
 
 def make_export_model(root: Path) -> Path:
     """A float32 Mixtral-layout checkpoint with Mixtral's tokenizer, and a rank-8 adapter."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import mlx.core as mx
 
     from assets import mixtral_tokenizer_folder
@@ -259,8 +206,8 @@ def print_exports(rows: list[dict]) -> None:
 
 
 MiB = 2**20
-HEADER = (f"{'model':<16} {'bits':>4} {'batch x seq':>11} {'ckpt':>4} {'strategy':<15} {'accum':>5} "
-          f"{'dispatch':<8} "
+HEADER = (f"{'model':<18} {'dtype':<8} {'bits':>4} {'group':>5} {'batch x seq':>11} {'ckpt':>4} "
+          f"{'strategy':<15} {'accum':>5} {'dispatch':<8} "
           f"{'predicted':>10} {'mx peak':>10} {'ratio':>6} {'RSS rise':>10} {'ratio':>6}  phase")
 
 
@@ -270,30 +217,36 @@ def print_header() -> None:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['name']:<16} {r['bits']:>4} {str(r['batch']) + ' x ' + str(r['seq']):>11} "
+    rss = (f"{r['rss_rise'] / MiB:>8.1f}Mi {r['predicted'] / r['rss_rise']:>6.3f}" if r["rss_rise"]
+           else f"{'-':>10} {'-':>6}")
+    print(f"{r['name']:<18} {r['dtype']:<8} {r['bits']:>4} {r['group']:>5} "
+          f"{str(r['batch']) + ' x ' + str(r['seq']):>11} "
           f"{'on' if r['checkpoint'] else 'off':>4} {r['strategy']:<15} {r['accum']:>5} "
           f"{r['dispatch']:<8} {r['predicted'] / MiB:>8.1f}Mi {r['mlx_peak'] / MiB:>8.1f}Mi "
-          f"{r['predicted'] / r['mlx_peak']:>6.3f} {r['rss_rise'] / MiB:>8.1f}Mi "
-          f"{r['predicted'] / r['rss_rise']:>6.3f}  {r['phase']}", flush=True)
+          f"{r['predicted'] / r['mlx_peak']:>6.3f} {rss}  {r['phase']}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the tiny settings")
+    parser.add_argument("--profile", choices=("both", "float32", "mac"), default="both",
+                        help="float32: this backend's default dtype; mac: bfloat16 over 4 bits")
     parser.add_argument("--exports-only", action="store_true", help="only the GGUF exports")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--export", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
-        return
     if args.export:
         print(json.dumps(measure_export(json.loads(args.export))))
         return
     if not args.exports_only:
-        run_all(QUICK if args.quick else SETTINGS)
-    with tempfile.TemporaryDirectory() as tmp:
-        print_exports(run_exports(Path(tmp)))
+        settings = {"float32": QUICK if args.quick else SETTINGS,
+                    "mac": MAC_QUICK if args.quick else MAC_PROFILE}
+        for profile, chosen in settings.items():
+            if args.profile in (profile, "both"):
+                print(f"\n{profile} profile")
+                run_all(chosen)
+    if args.profile != "mac":
+        with tempfile.TemporaryDirectory() as tmp:
+            print_exports(run_exports(Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from math import prod
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import read_json, role_is_router
@@ -20,7 +21,9 @@ from .errors import CheckpointError
 from .families import family_for
 from .hub import is_hub_id, resolve
 from .model import CausalLM
+from .prequantized import MXFP4, mxfp4_checkpoint
 from .quantize import quantize_model
+from .tensor_names import role_of_path
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ def read_config(path_or_id: str | Path) -> ConfigView:
 
 def lazy_model(cfg: ConfigView) -> CausalLM:
     family = family_for(cfg.raw.get("model_type"), cfg.source)
-    return family.build(family.args_from_config(cfg))
+    model = family.build(family.args_from_config(cfg))
+    model.mxfp4 = family.mxfp4_experts and mxfp4_checkpoint(cfg.raw)
+    return model
 
 
 def weight_bytes(model: CausalLM, bits: int, group_size: int = 64) -> int:
@@ -74,8 +79,26 @@ def weight_bytes(model: CausalLM, bits: int, group_size: int = 64) -> int:
         )
     )
     if bits < 16:
-        quantize_model(model, bits, group_size)
+        quantize_as_loaded(model, bits, group_size)
     return sum(prod(v.shape) * v.dtype.size for _, v in tree_flatten(model.parameters()))
+
+
+# The experts gpt-oss publishes in MXFP4: load_model keeps them so whenever it quantizes.
+MXFP4_EXPERTS = {"bits": 4, "group_size": 32, "mode": MXFP4}
+MXFP4_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def quantize_as_loaded(model: CausalLM, bits: int, group_size: int = 64) -> None:
+    """Quantize as ``load_model`` does: experts that arrive in MXFP4 (``model.mxfp4``, set by
+    ``lazy_model`` from config.json) stay MXFP4, 4.25 bits a weight, whatever ``bits``; the
+    other layers are quantized to ``bits``."""
+    if getattr(model, "mxfp4", False):
+        def is_mxfp4(path: str, _module) -> dict | bool:
+            role = role_of_path(f"{path}.weight")
+            return MXFP4_EXPERTS if role is not None and role[0] in MXFP4_ROLES else False
+
+        nn.quantize(model, class_predicate=is_mxfp4)
+    quantize_model(model, bits, group_size)
 
 
 def model_info(path_or_id: str | Path, group_size: int = 64) -> ModelInfo:

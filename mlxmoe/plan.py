@@ -10,6 +10,9 @@ when the backward pass starts (every kept activation alive, plus the loss's grad
 large adapters, during the AdamW update. Each term (mlxmoe/plan_activations.py) names the
 arrays it counts; where MLX's evaluation order decides what is alive at once, the term says
 it was measured (bench/memory_plan.py compares the whole prediction with real steps).
+Activations are in the recipe's ``train.dtype`` on the planned device; routing, LoRA
+parameters and the loss's logits are float32 whatever it is, and MLX's CPU backend keeps
+float32 copies in a 16-bit model (norm inputs, gather_mm operands, unquantized experts).
 """
 
 from __future__ import annotations
@@ -161,8 +164,10 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
     dispatch = planned_dispatch(memory.model.args, t, device)
     shape = Shape(t.batch_size, t.max_seq_len, answer_tokens)
     acts = activations(memory.model, memory.adapted, shape, dtype, recipe.lora.rank,
-                       t.grad_checkpoint, t.compile, dispatch)
+                       t.grad_checkpoint, t.compile, dispatch, device)
     bits = f"{t.quantize}-bit, group {t.group_size}" if t.quantize else "not quantized"
+    if t.quantize and getattr(memory.model, "mxfp4", False):
+        bits += "; experts MXFP4 as published"
     static = [
         LineItem("base weights (quantized)", memory.quantized, bits) if memory.quantized else None,
         LineItem("base weights (unquantized)", memory.unquantized, ", ".join(memory.unquantized_kinds)),
@@ -173,7 +178,8 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
     static = [item for item in static if item is not None]
     # Gradients of the micro-batches accumulated so far are held through the next backward.
     held_grads = memory.adapters if t.grad_accum > 1 else 0
-    details = {"MoE dispatch": DISPATCH_DETAIL[dispatch]}
+    details = {"MoE dispatch": DISPATCH_DETAIL[dispatch],
+               "float experts, float32 copies": "unquantized experts, cast for the CPU's gather_mm"}
     backward = [LineItem(f"activations: {kind}", size, details.get(kind, ""))
                 for kind, size in acts.kept.most_common() if size]
     name, working = max(acts.working.items(), key=lambda kv: kv[1])

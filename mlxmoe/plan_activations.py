@@ -57,12 +57,20 @@ def _targets_by_layer(adapted: tuple[str, ...]) -> dict[int, set[str]]:
 
 def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: mx.Dtype,
                 rank: int, checkpoint: bool, compiled: bool = True,
-                dispatch: str = "gather") -> Activations:
+                dispatch: str = "gather", device: str = "gpu") -> Activations:
     """Arrays the backward pass reads, for the layers at and above the lowest adapted one
     (below it nothing depends on a trainable parameter, so nothing is kept). ``dispatch``
-    is how the MoE layers run their experts (nn.moe.set_dispatch)."""
+    is how the MoE layers run their experts (nn.moe.set_dispatch); ``model`` is quantized
+    as training will be (its float expert matrices are the ones gather_mm runs).
+
+    Arrays are ``dtype`` wide (``a`` bytes a value) except where they are float32 whatever
+    the dtype: routing, the loss's logits, and, on MLX's CPU backend (``device`` "cpu"),
+    ``f``: the inputs of RMSNorm (its CPU fallback normalizes a float32 copy and its
+    gradient reads it) and both operands of gather_mm (dtypes.gather_dtype: float32-only
+    on the CPU), so a 16-bit model keeps float32 copies where a GPU keeps 16-bit arrays."""
     args = model.args
     a = dtype.size
+    f = 4 if device == "cpu" else a
     T, D = shape.tokens, args.hidden_size
     if isinstance(args, MoEArgs) and T * args.num_experts_per_tok < DENSE_MIN_PAIRS:
         dispatch = "gather"  # SparseMoE falls back to gather for so few (token, expert) pairs
@@ -73,7 +81,7 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
         targets = by_layer.get(i, set())
         if not grad and not targets:
             continue
-        saved = _layer_kept(args, layer.is_moe, targets, grad, shape, a, rank, compiled, dispatch)
+        saved = _layer_kept(args, layer, targets, grad, shape, (a, f), rank, compiled, dispatch)
         if checkpoint:
             # mx.checkpoint keeps the layer's input (and its outputs: the router logits the
             # losses read); the rest is recomputed during this layer's backward.
@@ -85,24 +93,31 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
             out.kept.update(saved)
             recompute = 0
         out.working[f"layer {i} backward"] = recompute + _layer_backward_working(
-            args, layer.is_moe, targets, shape, a, dispatch)
+            args, layer, targets, shape, (a, f), dispatch)
         grad = True
     # Final norm's input. Logits only at answer positions (train.step), and in chunks
     # (losses.linear_cross_entropy): what stays is the hidden-state gradient of the answer
-    # rows. The working set, measured on MLX 0.32: ~4 float32 [chunk, V] arrays when one
-    # chunk holds every row, ~10 when there are several (two chunks' temporaries overlap;
-    # 10.0 at 256-1024 x 32000 and 512 x 152064), plus about eight [T, D] arrays (the final
-    # norm's and the row gather's gradients).
-    out.kept["residual stream"] += T * D * a
+    # rows, in the model's dtype. The working set, measured on MLX 0.32: 4 float32
+    # [chunk, V] arrays a chunk (logits, exp, their gradient before and after the target's
+    # correction), plus in a 16-bit model 2 16-bit ones (the head's logits and the gradient
+    # cast back); the chunks overlap: 1 or 2 chunks all alive, ~2.5 chunks' worth with more
+    # (10.0 float32 arrays at 256-1024 x 32000 and 512 x 152064, 12.5-14 float32-sized in
+    # bfloat16 at 512-4096 rows x 2048-32000); plus about eight [T, D] arrays (the final
+    # norm's and the row gather's gradients, float32 on the CPU).
+    out.kept["residual stream"] += T * D * f
     rows, vocab = shape.logit_rows, args.vocab_size
-    out.kept["answer rows (loss gradient)"] += rows * D * 4
+    out.kept["answer rows (loss gradient)"] += rows * D * a
     chunk_rows = ce_chunk_rows(vocab)
-    copies = 4 if rows <= chunk_rows else 10
-    loss_working = copies * min(rows, chunk_rows) * vocab * 4 + 8 * T * D * a
+    chunks = -(-rows // chunk_rows)
+    in_flight = chunks if chunks <= 2 else 2.5
+    chunk_bytes = min(rows, chunk_rows) * vocab * (4 * 4 + (2 * a if a < 4 else 0))
+    loss_working = int(in_flight * chunk_bytes) + 8 * T * D * f
     if checkpoint:
-        # The top layer's recomputed forward is evaluated beside the loss's gradient.
         # MLX evaluates the chunked loss beside the top layer's recomputation (measured: the
-        # larger of the two under-predicts by 25-33%).
+        # larger of the two under-predicts by 25-33%) when the routed experts are adapted
+        # and the router is not; with the router trained, or only attention or the shared
+        # expert adapted, bench/memory_plan.py's steps (float32 and bfloat16, four families)
+        # recompute after the loss: the sum over-predicts those by up to the smaller term.
         top = max(out.working.values(), default=0)
         out.working = {"cross-entropy + the largest layer, recomputed": loss_working + top}
     else:
@@ -110,9 +125,12 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
     return out
 
 
-def _layer_kept(args, is_moe: bool, targets: set[str], grad: bool, shape: Shape, a: int,
+def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths: tuple[int, int],
                 rank: int, compiled: bool, dispatch: str) -> Counter:
-    """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan.py's docstring)."""
+    """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan.py's docstring);
+    ``widths``: bytes a value of the model's dtype and of the arrays the CPU keeps in float32
+    (``a`` and ``f`` in ``activations``)."""
+    a, f = widths
     T, B, L, D = shape.tokens, shape.batch, shape.seq_len, args.hidden_size
     hd = args.head_dim
     q_width, kv_width = args.num_heads * hd, args.num_kv_heads * hd
@@ -120,12 +138,12 @@ def _layer_kept(args, is_moe: bool, targets: set[str], grad: bool, shape: Shape,
     attn = {t.split(".")[1] for t in targets if t.startswith("attn.")}
     kept["LoRA"] += len(attn) * T * rank * a  # x A^T, read by dB
     if grad:
-        kept["residual stream"] += T * D * a  # layer input, read by the input norm's gradient
+        kept["residual stream"] += T * D * f  # layer input, read by the input norm's gradient
     if attn & {"q_proj", "k_proj", "v_proj"}:
         kept["attention"] += T * D * a  # normed input, read by dA of the q/k/v LoRAs
     if grad or attn & {"q_proj", "k_proj", "v_proj"}:
         if args.qk_norm:
-            kept["attention"] += T * (q_width + kv_width) * a  # q, k before their norms
+            kept["attention"] += T * (q_width + kv_width) * f  # q, k before their norms
         if args.clip_qkv is not None:
             kept["attention"] += T * (q_width + 2 * kv_width) * a
         # scaled_dot_product_attention in training runs unfused (MLX's fallback, on Metal
@@ -136,10 +154,11 @@ def _layer_kept(args, is_moe: bool, targets: set[str], grad: bool, shape: Shape,
         kept["attention"] += T * q_width * a  # o_proj's input, read by its dA
     grad = grad or bool(attn)
     if grad:
-        kept["residual stream"] += T * D * a  # post-attention residual, read by its norm
+        kept["residual stream"] += T * D * f  # post-attention residual, read by its norm
     ffn = {t for t in targets if not t.startswith("attn.")}
-    if is_moe:
-        kept.update(_moe_kept(args, ffn, grad, shape, a, rank, compiled, dispatch))
+    if layer.is_moe:
+        kept.update(_moe_kept(args, layer.moe.experts, ffn, grad, shape, widths, rank, compiled,
+                              dispatch))
     elif grad or ffn:
         inter = args.intermediate_size
         kept["LoRA"] += len(ffn) * T * rank * a
@@ -159,8 +178,9 @@ def _router_kept(args: MoEArgs, T: int, compiled: bool, checkpoint: bool = False
     return (1 + softmaxes) * T * args.num_experts * 4
 
 
-def _moe_kept(args: MoEArgs, ffn: set[str], grad: bool, shape: Shape, a: int, rank: int,
-              compiled: bool, dispatch: str) -> Counter:
+def _moe_kept(args: MoEArgs, experts_module, ffn: set[str], grad: bool, shape: Shape,
+              widths: tuple[int, int], rank: int, compiled: bool, dispatch: str) -> Counter:
+    a, f = widths
     T, D, k, inter = shape.tokens, args.hidden_size, args.num_experts_per_tok, args.moe_intermediate_size
     E = args.num_experts
     kept: Counter = Counter()
@@ -188,16 +208,25 @@ def _moe_kept(args: MoEArgs, ffn: set[str], grad: bool, shape: Shape, a: int, ra
         # nn.moe.SwitchExperts: token rows gathered in expert order [T*k, D], expert
         # outputs gathered back [T*k, D] (read by the routing weights' gradient) and the
         # int32 permutations the gathers' gradients scatter with.
+        # The expert LoRAs read gather_mm's operands: on the CPU, float32 copies (one for
+        # gate and up: mx.compile merges the two identical casts).
         rows = T * k
         if experts & {"gate_proj", "up_proj"}:
-            kept["MoE dispatch"] += rows * D * a
+            kept["MoE dispatch"] += rows * D * f
         if grad or router_trained:
             kept["MoE dispatch"] += rows * D * a
         kept["MoE dispatch"] += 4 * rows * 4
+        # gather_mm's input gradient reads the float experts' weights, cast per call
+        needs_dx = {"gate_proj": grad, "up_proj": grad,
+                    "down_proj": grad or bool(experts & {"gate_proj", "up_proj"})}
+        copies = sum(_float_values(getattr(experts_module, p)) for p, needed in needs_dx.items()
+                     if needed) if f != a else 0
+        kept["float experts, float32 copies"] += copies * 4
+    lora_in = a if dispatch == "dense" else f
     kept["experts"] += 4 * rows * inter * a  # gate, sigmoid(gate), silu(gate), up
     if "down_proj" in experts:
-        kept["experts"] += rows * inter * a
-    kept["LoRA"] += (len(experts) * rows + len(shared) * T) * rank * a
+        kept["experts"] += rows * inter * lora_in
+    kept["LoRA"] += len(experts) * rows * rank * lora_in + len(shared) * T * rank * a
     if args.shared_expert_intermediate_size:
         s_inter = args.shared_expert_intermediate_size
         kept["feed-forward"] += 4 * T * s_inter * a + T * D * a  # SwiGLU + its output (gated)
@@ -208,7 +237,13 @@ def _moe_kept(args: MoEArgs, ffn: set[str], grad: bool, shape: Shape, a: int, ra
     return kept
 
 
-def _layer_backward_working(args, is_moe: bool, targets: set[str], shape: Shape, a: int,
+def _float_values(experts) -> int:
+    """Values of a stacked expert matrix left unquantized (0 for a quantized one)."""
+    base = experts.base if "base" in experts else experts  # a LoRA wrapper's frozen layer
+    return 0 if "scales" in base else base.weight.size
+
+
+def _layer_backward_working(args, layer, targets: set[str], shape: Shape, widths: tuple[int, int],
                             dispatch: str) -> int:
     """The largest transient of a layer's backward pass: the attention probabilities'
     gradient and one temporary beside it, or the feed-forward's gradients. For MoE experts
@@ -216,12 +251,21 @@ def _layer_backward_working(args, is_moe: bool, targets: set[str], shape: Shape,
     breadth-first evaluation: four [rows, F] arrays (down_proj's input gradient, those of
     silu(gate) and up, gate's) and [rows, D] ones beside them (the outputs' gradient, the
     product the routing weights' gradient sums, and gate's and up's input gradients,
-    frozen and LoRA parts, before they are summed per token)."""
+    frozen and LoRA parts, before they are summed per token). Where gather_mm runs in
+    float32 for a 16-bit model (the CPU), each expert projection it runs (adapted or left
+    float) adds a float32 [rows, F] gradient and its 16-bit cast (measured: 26 bytes per
+    [rows, F] value with gate, up and down adapted, 8 without)."""
+    a, f = widths
     T, B, L = shape.tokens, shape.batch, shape.seq_len
     attn = 2 * B * args.num_heads * L * L * a
-    if not is_moe:
+    if not layer.is_moe:
         return max(attn, 2 * T * args.intermediate_size * a)
     rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
+    F = args.moe_intermediate_size
     lora = sum(f"moe.experts.{p}" in targets for p in ("gate_proj", "up_proj"))
-    ffn = 4 * rows * args.moe_intermediate_size * a + (4 + lora) * rows * args.hidden_size * a
+    ffn = 4 * rows * F * a + (4 + lora) * rows * args.hidden_size * a
+    if dispatch == "gather" and f != a:
+        cast = sum(f"moe.experts.{p}" in targets or _float_values(getattr(layer.moe.experts, p)) > 0
+                   for p in ("gate_proj", "up_proj", "down_proj"))
+        ffn += cast * rows * F * (f + a)
     return max(attn, ffn)

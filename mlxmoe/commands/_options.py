@@ -8,7 +8,7 @@ import click
 
 from ..dtypes import DTYPE_CHOICES
 
-# train, eval, ablate and demo: what the model computes in (mlxmoe.dtypes)
+# train, eval, ablate, demo and plan: what the model computes in (mlxmoe.dtypes)
 DTYPE_OPTION = click.option(
     "--dtype", type=click.Choice(DTYPE_CHOICES),
     help="Model dtype: auto = bfloat16 on a GPU, float32 on the CPU (recipe: train.dtype).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from ._options import DTYPE_OPTION
 from ._ui import console, human_bytes
 
 
@@ -20,11 +21,14 @@ from ._ui import console, human_bytes
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option("--gguf-type", default="q8_0", show_default=True, help="Export type to plan for.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="gpu: bfloat16 (Metal); cpu: float32 (MLX's CPU backend).")
+              help="gpu: Metal; cpu: MLX's CPU backend (its MoE dispatch; float32 norms and "
+                   "gather_mm in a 16-bit model).")
+@DTYPE_OPTION
 def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, quantize,
-         grad_checkpoint, gguf_type, device) -> None:
+         grad_checkpoint, gguf_type, device, dtype) -> None:
     """Peak memory of training MODEL (folder, config.json or hub id: only the config is read)
     with the recipe, whether it fits, and what would make it fit."""
+    from ..dtypes import dtype_name
     from ..errors import MlxMoeError
     from ..info import read_config
     from ..plan import DISPATCH_DETAIL, plan_export, plan_training
@@ -35,7 +39,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         recipe_file,
         lora={"strategy": strategy, "rank": rank},
         train={"batch_size": batch_size, "max_seq_len": max_seq_len,
-               "grad_checkpoint": grad_checkpoint,
+               "grad_checkpoint": grad_checkpoint, "dtype": dtype,
                "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize))},
     )
     model = model or recipe.model
@@ -57,8 +61,8 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     ckpt = "on" if t.grad_checkpoint else "off"
     console.print(f"batch {t.batch_size} x {t.max_seq_len} tokens, gradient checkpointing {ckpt}, "
                   f"LoRA {recipe.lora.strategy} rank {recipe.lora.rank} on "
-                  f"{len(training.memory.adapted)} modules, {device} "
-                  f"({'bfloat16' if device == 'gpu' else 'float32'})"
+                  f"{len(training.memory.adapted)} modules, {device}, {dtype_name(training.dtype)}"
+                  + (" (train.dtype auto)" if t.dtype == "auto" else "")
                   + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
                   highlight=False)
     console.print(f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
