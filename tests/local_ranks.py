@@ -36,3 +36,26 @@ def launch(*command: str, ranks: int = 2, timeout: int = 120) -> str:
         env={**os.environ, "COLUMNS": "200"},
     )
     return proc.stdout + proc.stderr
+
+
+# A training run on every rank that also saves each rank's adapters at every checkpoint
+# (rank 0 alone writes the run folder), so tests can check the ranks hold the same ones.
+TRAIN_KEEPING_EACH_RANKS_ADAPTERS = """
+import json, sys
+import mlx.core as mx
+from mlxmoe.recipe import load_recipe
+from mlxmoe.train import train
+from mlxmoe.train.distributed import World
+
+model, data, out, settings = sys.argv[1:5]
+real_check = World.check_same
+def keep(self, what, *parts):  # every rank passes its adapters here at each checkpoint
+    if what.startswith("adapters"):
+        mx.save_safetensors(f"{out}.rank{self.rank}.safetensors", dict(parts[0]))
+    return real_check(self, what, *parts)
+World.check_same = keep
+r = load_recipe(None, **json.loads(settings))
+r.model, r.data = model, data
+result = train(r, out, show_progress=False)
+print(f"rank {result.rank} of {result.world_size} finished {result.steps} steps", flush=True)
+"""

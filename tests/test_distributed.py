@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from local_ranks import LAUNCH, launch
+from local_ranks import LAUNCH, TRAIN_KEEPING_EACH_RANKS_ADAPTERS, launch
 from tiny_models import write_qa_data
 
 from mlxmoe.recipe import RecipeError, load_recipe
@@ -62,25 +61,6 @@ def assert_same_training(one: Path, two: Path, steps: list[int]) -> float:
     return max(mx.abs(wa[k] - wb[k]).max().item() for k in wa)
 
 
-TRAIN_KEEPING_EACH_RANKS_ADAPTERS = """
-import json, sys
-import mlx.core as mx
-from mlxmoe.recipe import load_recipe
-from mlxmoe.train import train
-from mlxmoe.train.distributed import World
-
-model, data, out, settings = sys.argv[1:5]
-real_check = World.check_same
-def keep(self, what, *parts):  # every rank passes its adapters here at each checkpoint
-    if what.startswith("adapters"):
-        mx.save_safetensors(f"{out}.rank{self.rank}.safetensors", dict(parts[0]))
-    return real_check(self, what, *parts)
-World.check_same = keep
-r = load_recipe(None, **json.loads(settings))
-r.model, r.data = model, data
-result = train(r, out, show_progress=False)
-print(f"rank {result.rank} of {result.world_size} finished {result.steps} steps", flush=True)
-"""
 
 
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(qwen2_moe, data, tmp_path):

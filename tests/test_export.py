@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from assets import mixtral_tokenizer_folder, qwen3_tokenizer_folder
-from tiny_models import make_hf_model, save, write_qa_data
+from tiny_models import make_hf_model, save, train_tiny_adapter
 
 import mlxmoe
 from mlxmoe.adapters import AdapterError, load_adapters
@@ -26,8 +26,6 @@ from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.llamacpp import logits as llama_cpp_logits
 from mlxmoe.llamacpp import open_gguf
-from mlxmoe.recipe import load_recipe
-from mlxmoe.train import train
 
 HELD_OUT = (
     "Experts are small feed-forward networks; a router picks two of them for every token. "
@@ -71,15 +69,10 @@ def make_model(family: str, folder: Path, seed: int = 0) -> Path:
 
 
 class Exported:
-    def __init__(self, family: str, root: Path):
+    def __init__(self, family: str, root: Path, model: Path | None = None):
         self.family, self.root = family, root
-        self.model = make_model(family, root / "model")
-        r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
-                                         quantize=0, report_every=3, val_every=0, max_seq_len=48),
-                        lora=dict(strategy="all", router_mode="lora", rank=4))
-        r.model, r.data = str(self.model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
-        train(r, root / "adapter", show_progress=False)
-        self.adapter = root / "adapter"
+        self.model = model or make_model(family, root / "model")
+        self.adapter = train_tiny_adapter(self.model, root)
         self.gguf = {t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path
                      for t in ("f16", "q8_0", "q4_k_m")}
         self.base_gguf = export_gguf(self.model, root / "base-f16.gguf", "f16").path

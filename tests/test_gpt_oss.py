@@ -351,7 +351,7 @@ _SCALES = "model.layers.1.mlp.experts.gate_up_proj_scales"
                                           _SCALES: t[_SCALES][:, :-2].contiguous()}), None,
      rf"model\.safetensors: tensor '{_BLOCKS}': quantized tensor .*quantizes no \(4, 32, 64\) weight"),
     ("blocks, config without mxfp4", None, lambda c: c.pop("quantization_config"),
-     rf"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' is packed \(uint8\), "
+     r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' is packed \(uint8\), "
      "but config.json declares no quantization"),
     ("another quant method", None, lambda c: c.update(quantization_config={"quant_method": "fp8"}),
      r"config\.json: quantization_config\.quant_method is 'fp8'"),

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, run_converter, tensors
 from test_export import F16_MAX_ABS, HELD_OUT, top1
 from test_gpt_oss import encode_mxfp4, make_gpt_oss
-from tiny_models import write_qa_data
+from tiny_models import train_tiny_adapter
 
 import mlxmoe
 from mlxmoe.adapters import load_adapters
@@ -39,8 +39,6 @@ from mlxmoe.gguf.export import export_gguf
 from mlxmoe.llamacpp import logits as llama_cpp_logits
 from mlxmoe.llamacpp import open_gguf
 from mlxmoe.merge import export_hf
-from mlxmoe.recipe import load_recipe
-from mlxmoe.train import train
 
 Q = gguf.GGMLQuantizationType
 needs_converter = pytest.mark.skipif(
@@ -83,12 +81,7 @@ class Exported:
     def __init__(self, root: Path):
         self.root = root
         self.model = make_model(root / "model")
-        r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
-                                         quantize=0, report_every=3, val_every=0, max_seq_len=48),
-                        lora=dict(strategy="all", router_mode="lora", rank=4))
-        r.model, r.data = str(self.model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
-        train(r, root / "adapter", show_progress=False)
-        self.adapter = root / "adapter"
+        self.adapter = train_tiny_adapter(self.model, root)
         self.f16 = export_gguf(self.model, root / "f16.gguf", "f16", self.adapter).path
         self.base = export_gguf(self.model, root / "base-f16.gguf", "f16").path
         self.adapter_gguf = export_adapter_gguf(self.model, self.adapter, root / "adapter.gguf").path

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlxmoe.config import ConfigView
 from mlxmoe.info import lazy_model, model_info, quantize_as_loaded

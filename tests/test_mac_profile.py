@@ -21,7 +21,7 @@ import pytest
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from assets import mixtral_tokenizer_folder
-from local_ranks import LAUNCH, launch
+from local_ranks import LAUNCH, TRAIN_KEEPING_EACH_RANKS_ADAPTERS, launch
 from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
 
 import mlxmoe
@@ -231,27 +231,6 @@ def test_a_qlora_run_in_bfloat16_exports_a_q8_0_gguf_that_llama_cpp_runs(tmp_pat
     assert agree >= 0.85  # tests/test_export.py's q8_0 bound: the format's near ties
 
 
-RANK_SCRIPT = """
-import json, sys
-import mlx.core as mx
-from mlxmoe.dtypes import resolve_dtype
-from mlxmoe.errors import MlxMoeError
-from mlxmoe.recipe import RecipeError, load_recipe
-from mlxmoe.train import train
-from mlxmoe.train.distributed import World
-
-model, data, out, settings = sys.argv[1:5]
-real_check = World.check_same
-def keep(self, what, *parts):
-    if what.startswith("adapters"):
-        mx.save_safetensors(f"{out}.rank{self.rank}.safetensors", dict(parts[0]))
-    return real_check(self, what, *parts)
-World.check_same = keep
-r = load_recipe(None, **json.loads(settings))
-r.model, r.data = model, data
-result = train(r, out, show_progress=False)
-print(f"rank {result.rank} of {result.world_size} finished {result.steps} steps", flush=True)
-"""
 
 
 @pytest.mark.slow
@@ -261,7 +240,7 @@ def test_two_ranks_train_in_bfloat16_over_4_bits(qwen2_moe, data, tmp_path):
                 "train": dict(iters=4, batch_size=4, learning_rate=2e-3, warmup=0, report_every=1,
                               val_every=0, save_every=4, max_seq_len=64, **MAC)}
     script = tmp_path / "run.py"
-    script.write_text(RANK_SCRIPT)
+    script.write_text(TRAIN_KEEPING_EACH_RANKS_ADAPTERS)
     output = launch(str(script), str(qwen2_moe), str(data), str(tmp_path / "two"),
                     json.dumps(settings))
     assert "rank 0 of 2 finished 4 steps" in output and "rank 1 of 2 finished 4 steps" in output, output

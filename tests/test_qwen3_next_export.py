@@ -27,7 +27,6 @@ from assets import qwen3_tokenizer_folder
 from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, tensors
 from test_export import (
     F16_MAX_ABS,
-    HELD_OUT,
     Q4_K_M_MAX_PPL_RATIO,
     ROUTING_NEAR_TIE,
     Exported,
@@ -35,18 +34,13 @@ from test_export import (
     top1,
 )
 from test_qwen3_next import make_hf, save
-from tiny_models import write_qa_data
 
 import mlxmoe
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.families import qwen3_5_moe, qwen3_next
-from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import open_gguf
 from mlxmoe.merge import export_hf
-from mlxmoe.recipe import load_recipe
 from mlxmoe.tensor_names import ROLES
-from mlxmoe.train import train
 
 FAMILIES = ("qwen3_next", "qwen3_5_moe")
 needs_converter = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
@@ -81,20 +75,7 @@ class HybridExported(Exported):
     """test_export's Exported (its llama.cpp and MLX logits) over these families' models."""
 
     def __init__(self, family: str, root: Path):
-        self.family, self.root = family, root
-        self.model = make_model(family, root / "model")
-        r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
-                                         quantize=0, report_every=3, val_every=0, max_seq_len=48),
-                        lora=dict(strategy="all", router_mode="lora", rank=4))
-        r.model, r.data = str(self.model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
-        train(r, root / "adapter", show_progress=False)
-        self.adapter = root / "adapter"
-        self.gguf = {t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path
-                     for t in ("f16", "q8_0", "q4_k_m")}
-        self.base_gguf = export_gguf(self.model, root / "base-f16.gguf", "f16").path
-        self.adapter_gguf = export_adapter_gguf(self.model, self.adapter, root / "adapter.gguf").path
-        with open_gguf(self.gguf["f16"], vocab_only=True) as vocab:
-            self.tokens = vocab.tokenize(HELD_OUT.encode(), add_bos=True, special=False)
+        super().__init__(family, root, make_model(family, root / "model"))
         self._converted = None
 
     @cached_property

@@ -174,3 +174,17 @@ def write_qa_data(folder: Path, n_train: int = 48, n_valid: int = 8) -> Path:
     for name, n in (("train.jsonl", n_train), ("valid.jsonl", n_valid)):
         (folder / name).write_text("".join(json.dumps(sample()) + "\n" for _ in range(n)))
     return folder
+
+
+def train_tiny_adapter(model: Path, root: Path) -> Path:
+    """Three LoRA steps on every projection (the router as LoRA too): an adapter that every
+    export must carry. Returns its run folder, ``root / "adapter"``."""
+    from mlxmoe.recipe import load_recipe
+    from mlxmoe.train import train
+
+    r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
+                                     quantize=0, report_every=3, val_every=0, max_seq_len=48),
+                    lora=dict(strategy="all", router_mode="lora", rank=4))
+    r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
+    train(r, root / "adapter", show_progress=False)
+    return root / "adapter"
