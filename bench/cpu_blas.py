@@ -1,5 +1,6 @@
-"""MLX on a Linux CPU: MLX's bundled BLAS against a preloaded system OpenBLAS, and the
-gather MoE dispatch against the dense one, from one matmul up to `mlxmoe train`.
+"""MLX on a Linux CPU: MLX's bundled BLAS against a preloaded OpenBLAS (auto's; the wheel's as
+well where a system one comes first), and the gather MoE dispatch against the dense one, from
+one matmul up to `mlxmoe train`.
 
     python bench/cpu_blas.py [--model DIR] [--data DIR] [--iters 4] [--demo]
 
@@ -55,11 +56,11 @@ def env_for(setting: str) -> dict:
 def matmul_rates(setting: str) -> dict:
     # reexec happens for compute commands only; preload by hand for this snippet
     env = env_for(setting)
-    from mlxmoe.blas import choose_library
+    from mlxmoe.blas import choose_library, preload_env
 
     library = choose_library(setting)
     if library:
-        env["LD_PRELOAD"], env["MLXMOE_BLAS_PRELOADED"] = str(library), str(library)
+        env = preload_env(library, env)
     out = subprocess.run([sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.splitlines()[-1])
@@ -98,10 +99,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--demo", action="store_true")
     args = parser.parse_args()
-    from mlxmoe.blas import choose_library
+    from mlxmoe.blas import choose_library, wheel_library
 
     if choose_library("auto") is None:
-        sys.exit("no system OpenBLAS to compare with: apt-get install libopenblas0-pthread")
+        sys.exit("no OpenBLAS to compare with: pip install ngsolve-openblas (Linux x86_64) "
+                 "or apt-get install libopenblas0-pthread")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, data = args.model, args.data
@@ -117,7 +119,8 @@ def main() -> None:
         # bfloat16 never reaches a BLAS: MLX's own CPU kernel (why the dense dispatch and
         # train.dtype auto stay float32 on the CPU)
         print("1024x1024 matmul, GFLOP/s")
-        for setting in ("bundled", "auto"):
+        wheel = wheel_library() not in (None, choose_library("auto"))
+        for setting in ("bundled", "auto", *(["wheel"] if wheel else [])):
             rates = matmul_rates(setting)
             print(f"  {rates['blas']:<60} MLX {rates['mlx']:7.1f}   MLX bfloat16 "
                   f"{rates['mlx_bf16']:6.1f}   numpy {rates['numpy']:7.1f}", flush=True)

@@ -80,13 +80,16 @@ def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
 
 
 def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) -> DemoReport:
-    from .blas import describe
+    from .blas import demo_time, describe
     from .plots import training_plots
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     report = DemoReport(str(out), describe())
     say(report.blas)
+    expected = demo_time()  # None off Linux: never measured on Metal
+    if expected:
+        say(expected)
     data, model, run = out / "data", out / "model", out / "run"
     recipe = demo_recipe(settings, model, data)  # a bad recipe fails before any work
 
