@@ -7,6 +7,7 @@ one process of N*B, which holds only if gradients and the router losses are pool
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def test_a_rank_that_dies_stops_the_run_with_a_clear_error_and_resume_finishes_i
         del os.environ["DIE_AT_STEP"]
     assert "Node with rank 1 exited with code -9" in output, output
     message = " ".join(output.split())  # rich wraps long lines
-    assert "error: rank 0 of 2" in message and "after 5 steps" in message, output
+    # rank 1 finished step 5; rank 0 may be stopped just before counting its own step 5
+    assert "error: rank 0 of 2" in message and re.search(r"after [45] steps", message), output
     last = tmp_path / "two" / "checkpoints" / "step-000004"
     assert f"the last checkpoint is {last}" in message
     assert "--resume" in message and "Traceback" not in output
