@@ -122,6 +122,10 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
 
 
 def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
+    assert_f16_gguf_computes_the_merged_model(exported)
+
+
+def assert_f16_gguf_computes_the_merged_model(exported: Exported) -> None:
     ours, margin = exported.merged_mlx_and_routing()
     theirs = exported.llama_cpp(exported.gguf["f16"])
     # Where two experts tie to within ROUTING_NEAR_TIE, f16 weights may pick the other one

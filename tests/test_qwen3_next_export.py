@@ -26,9 +26,9 @@ from mlx.utils import tree_flatten
 from assets import qwen3_tokenizer_folder
 from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, tensors
 from test_export import (
+    assert_f16_gguf_computes_the_merged_model,
     F16_MAX_ABS,
     Q4_K_M_MAX_PPL_RATIO,
-    ROUTING_NEAR_TIE,
     Exported,
     perplexity,
     top1,
@@ -149,15 +149,7 @@ def test_loading_metadata_equals_the_converters(exported):
 
 @pytest.mark.slow
 def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    ours, margin = exported.merged_mlx_and_routing()
-    theirs = exported.llama_cpp(exported.gguf["f16"])
-    clear = margin >= ROUTING_NEAR_TIE
-    diff = np.abs(ours - theirs).max(-1)
-    print(f"{exported.family} f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
-          f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}")
-    assert top1(ours, theirs) == 1.0
-    assert clear.mean() >= 0.9
-    assert diff[clear].max() < F16_MAX_ABS
+    assert_f16_gguf_computes_the_merged_model(exported)
 
 
 @pytest.mark.slow
