@@ -95,13 +95,13 @@ def _make_parent(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _naming_target(exc: OSError, target: Path, tmp: Path) -> OSError:
-    """A system error (it has an errno) that names no file, or the temporary, named after the
-    target instead: the same class (``OSError`` picks it from the errno) and reason."""
+def _raise_naming_target(exc: OSError, target: Path, tmp: Path) -> None:
+    """Re-raises a system error (it has an errno) that names no file, or the temporary, named
+    after the target instead: the same class (``OSError`` picks it from the errno) and reason."""
     names_other = exc.filename is not None and not str(exc.filename).startswith(str(tmp))
     if exc.errno is None or names_other:
-        return exc
-    return OSError(exc.errno, exc.strerror, str(target))
+        raise exc
+    raise OSError(exc.errno, exc.strerror, str(target)) from exc
 
 
 @contextmanager
@@ -122,10 +122,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, target)
         fsync_path(target.parent)
     except OSError as exc:
-        named = _naming_target(exc, target, tmp_path)
-        if named is exc:
-            raise
-        raise named from exc
+        _raise_naming_target(exc, target, tmp_path)
     finally:
         if made:
             tmp_path.unlink(missing_ok=True)
@@ -153,10 +150,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
         fsync_path(target.parent)
     except OSError as exc:
-        named = _naming_target(exc, target, tmp)
-        if named is exc:
-            raise
-        raise named from exc
+        _raise_naming_target(exc, target, tmp)
     finally:
         if made:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -162,21 +162,14 @@ one_family = pytest.mark.parametrize("exported", ["mixtral"], indirect=True)
 
 
 @one_family
-def test_f32_gguf_in_llama_cpp_computes_the_merged_model(exported):
+@pytest.mark.parametrize("file_type, max_abs", [("f32", F32_MAX_ABS), ("bf16", BF16_MAX_ABS)])
+def test_f32_and_bf16_ggufs_in_llama_cpp_compute_the_merged_model(exported, file_type, max_abs):
     ours = exported.merged_mlx()
-    theirs = exported.llama_cpp(exported.export("f32"))
-    print(f"{exported.family} f32: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}")
+    theirs = exported.llama_cpp(exported.export(file_type))
+    print(f"{exported.family} {file_type}: max-abs {np.abs(ours - theirs).max():.4f}, "
+          f"top-1 {top1(ours, theirs):.3f}")
     assert top1(ours, theirs) == 1.0
-    assert np.abs(ours - theirs).max() < F32_MAX_ABS
-
-
-@one_family
-def test_bf16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    ours = exported.merged_mlx()
-    theirs = exported.llama_cpp(exported.export("bf16"))
-    print(f"{exported.family} bf16: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}")
-    assert top1(ours, theirs) == 1.0
-    assert np.abs(ours - theirs).max() < BF16_MAX_ABS
+    assert np.abs(ours - theirs).max() < max_abs
 
 
 @one_family
