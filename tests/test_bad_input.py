@@ -500,3 +500,14 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
     inner = (tmp_path / "step-000002" / "state.json").stat().st_ino
     made = (tmp_path / "step-000002").stat().st_ino
     assert events == [("fsync", inner), ("fsync", made), ("rename", made), ("fsync", folder)]
+
+
+def test_mxfp4_export_of_a_family_other_than_gpt_oss_is_refused(tmp_path):
+    from tiny_models import make_hf_model, save
+
+    from mlxmoe.gguf.export import ExportError, export_gguf
+
+    folder = save(make_hf_model("qwen3_moe"), tmp_path / "m")
+    with pytest.raises(ExportError, match="mxfp4 is for gpt-oss's experts; qwen3_moe"):
+        export_gguf(folder, tmp_path / "x.gguf", "mxfp4")
+    assert not (tmp_path / "x.gguf").exists()

@@ -197,6 +197,10 @@ def export_gguf(
         raise ExportError(f"GGUF type {file_type!r} is unknown (choose from: {', '.join(FILE_TYPES)})")
     started = time.perf_counter()
     weights = MergedWeights(model, adapter, force, base_weights)
+    if file_type == "mxfp4" and not weights.family.mxfp4_experts:
+        # proven in llama.cpp for gpt-oss's graph only (tests/test_gpt_oss_export.py)
+        raise ExportError(f"GGUF type mxfp4 is for gpt-oss's experts; {weights.family.name} is "
+                          "exported as f16, q8_0 or q4_k_m")
     if weights.from_grid:
         log.warning(GRID_WARNING.format(folder=weights.ckpt.folder))
     plans = plan_tensors(weights, file_type)
