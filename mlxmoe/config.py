@@ -78,6 +78,14 @@ class DecoderArgs:
     # RMSNorms scale by offset + weight: 1.0 where weights are stored zero-centred (Qwen3-Next)
     norm_weight_offset: float = 0.0
     linear_attention: DeltaNetArgs | None = None  # the Gated DeltaNet of "linear_attention" layers
+    # Granite's multipliers (transformers' names): the embeddings times embedding_multiplier,
+    # attention scores times attention_multiplier (None: head_dim ** -0.5), each block's
+    # output times residual_multiplier before it joins the residual stream, logits divided
+    # by logits_scaling
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     @property
     def rotary_dims(self) -> int:

@@ -27,6 +27,7 @@ class DecoderLayer(nn.Module):
         else:
             self.attn = Attention(args, window)
         self.post_attn_norm = rms_norm(args.hidden_size, args)
+        self.residual_multiplier = args.residual_multiplier
         if isinstance(ffn, SparseMoE):
             self.moe = ffn
         else:
@@ -38,11 +39,16 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any = "causal", cache=None) -> tuple[mx.array, mx.array | None]:
         mixer = self.linear_attn if "linear_attn" in self else self.attn
-        h = x + mixer(self.input_norm(x), mask, cache)
+        h = x + self.scaled(mixer(self.input_norm(x), mask, cache))
         if self.is_moe:
             out, router_logits = self.moe(self.post_attn_norm(h))
-            return h + out, router_logits
-        return h + self.mlp(self.post_attn_norm(h)), None
+            return h + self.scaled(out), router_logits
+        return h + self.scaled(self.mlp(self.post_attn_norm(h))), None
+
+    def scaled(self, branch: mx.array) -> mx.array:
+        """A block's output as it joins the residual stream (Granite: times residual_multiplier)."""
+        r = self.residual_multiplier
+        return branch if r == 1.0 else branch * r
 
 
 class CausalLM(nn.Module):
@@ -64,6 +70,8 @@ class CausalLM(nn.Module):
     def hidden_states(self, tokens: mx.array, cache=None) -> tuple[mx.array, list[mx.array]]:
         """Final-norm hidden states [B, L, D] and the router logits of each MoE layer."""
         x = self.embed_tokens(tokens)
+        if self.args.embedding_multiplier != 1.0:  # Granite
+            x = x * self.args.embedding_multiplier
         router_logits = []
         if cache is not None:
             mask = "causal" if x.shape[1] > 1 else None  # one new token sees the whole cache
@@ -79,9 +87,10 @@ class CausalLM(nn.Module):
         return self.norm(x), router_logits
 
     def project(self, h: mx.array) -> mx.array:
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.embed_tokens.as_linear(h)
+        logits = self.lm_head(h) if "lm_head" in self else self.embed_tokens.as_linear(h)
+        if self.args.logits_scaling != 1.0:  # Granite divides its logits
+            logits = logits / self.args.logits_scaling
+        return logits
 
     def __call__(self, tokens: mx.array, return_router_logits: bool = False, cache=None):
         """tokens [B, L] int -> logits [B, L, vocab] (and router logits [B, L, E] per MoE layer).

@@ -85,6 +85,7 @@ def metrics(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("family, group_size", [
     ("qwen2_moe", 32), ("qwen2_moe", 64), ("qwen3_moe", 64), ("mixtral", 32), ("olmoe", 64),
+    ("granitemoe", 32),
 ])
 def test_a_bfloat16_4bit_model_with_expert_lora_keeps_bfloat16_hidden_states(
         family, group_size, tmp_path, layer_dtypes):

@@ -24,8 +24,10 @@ from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
 # Where mlx-lm 0.32.2 reads a config differently from transformers, the checkpoint avoids it
-# (its OLMoE ignores clip_qkv, its Qwen2-MoE makes every layer sparse).
-MLX_LM_COMPATIBLE = {"olmoe": {"clip_qkv": None}, "qwen2_moe": {"mlp_only_layers": []}}
+# (its OLMoE ignores clip_qkv, its Qwen2-MoE makes every layer sparse; its Granite MoE puts
+# the experts' down projections in groups of 64 whatever the group size asked).
+MLX_LM_COMPATIBLE = {"olmoe": {"clip_qkv": None}, "qwen2_moe": {"mlp_only_layers": []},
+                     "granitemoe": {"intermediate_size": 64}}
 
 
 def mlx_lm_quantized(folder: Path, out: Path, bits: int = 4, group_size: int = 64) -> Path:
@@ -46,7 +48,7 @@ def float_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
 
 @pytest.mark.parametrize("family, bits, group_size", [
     ("qwen3_moe", 4, 64), ("mixtral", 4, 32), ("qwen2_moe", 4, 64), ("olmoe", 4, 64),
-    ("qwen2_moe", 8, 64), ("llama", 4, 64),
+    ("qwen2_moe", 8, 64), ("llama", 4, 64), ("granitemoe", 4, 64),
 ])
 def test_an_mlx_lm_quantized_checkpoint_computes_what_mlx_lm_computes(family, bits, group_size,
                                                                       tmp_path):

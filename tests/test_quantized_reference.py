@@ -109,8 +109,9 @@ def test_lora_gradients_over_a_4_bit_base_equal_those_over_its_dequantized_weigh
 
 def keep_routers_float(path: str, module: nn.Module) -> bool:
     """mlxmoe's policy in mlx-lm's names: quantize everything but the routers
-    (``*.gate``) and Qwen2-MoE's shared-expert gate; norms cannot be quantized anyway."""
-    return path.rsplit(".", 1)[-1] not in ("gate", "shared_expert_gate")
+    (``*.gate``, Granite MoE's ``*.router.layer``) and Qwen2-MoE's shared-expert gate; norms
+    cannot be quantized anyway."""
+    return path.rsplit(".", 1)[-1] not in ("gate", "shared_expert_gate") and not path.endswith("router.layer")
 
 
 def quantized_layers(model: nn.Module) -> int:

@@ -15,6 +15,14 @@ import transformers
 # Small but with every feature switched on: GQA, several experts, a dense layer in Qwen2-MoE.
 TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=128)),
+    # every multiplier away from 1 (attention's from 1 / sqrt(head_dim) too), as Granite ships them
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+             embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
+             logits_scaling=6.0),
+    ),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",

@@ -55,7 +55,9 @@ class Attention(nn.Module):
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
-        self.scale = args.head_dim**-0.5
+        # Granite scales the scores by a multiplier of its own, not 1 / sqrt(head_dim)
+        self.scale = args.head_dim**-0.5 if args.attention_multiplier is None \
+            else args.attention_multiplier
         d, hd = args.hidden_size, args.head_dim
         self.output_gate = args.attn_output_gate
         self.q_proj = nn.Linear(d, args.num_heads * hd * (2 if self.output_gate else 1),
