@@ -23,7 +23,8 @@ end-of-turn token, not the prefix, then bounds the earlier turns.
 Reasoning (``thinking``): an answer without reasoning is located with the non-thinking
 generation prompt where the template renders it so (Qwen3's empty think block is then prompt,
 not answer), else with the plain one; an answer with reasoning (kept by ``thinking="keep"``,
-dropped by ``"off"``) with the plain one, so its think block is trained (``mlxmoe.thinking``).
+dropped by ``"off"``) with the plain one, so its think block is trained (``mlxmoe.thinking``;
+gpt-oss's harmony format: ``mlxmoe.harmony``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MlxMoeError
+from .harmony import is_harmony
 from .thinking import (
     DEFAULT_THINKING,
-    NON_THINKING,
     check_thinking_mode,
     for_training,
     has_reasoning,
+    render_chat,
 )
 
 SAMPLE_KINDS = {
@@ -221,6 +223,7 @@ class _Encoder:
         eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or ())
         self.turn_end = {int(i) for i in [*eos_ids, self.eos] if i is not None}
         self.generation_prompt = np.zeros(0, np.int64)
+        self.harmony = self.has_template and is_harmony(tokenizer)
         if self.has_template:
             self._probe_template()
 
@@ -245,7 +248,7 @@ class _Encoder:
     def _encode_chat(self, messages: list[dict], tools, where: str):
         if not self.has_template:
             raise DataError(f'{where}: "messages" needs a tokenizer with a chat template')
-        messages = for_training(messages, self.thinking)
+        messages = for_training(messages, self.thinking, self.harmony)
         tokens = self._render(messages, tools, False, where)
         spans = []
         for i, message in enumerate(messages):
@@ -304,12 +307,9 @@ class _Encoder:
         if allow_thinking is None:
             allow_thinking = self.thinking == "keep"
         extra = {"tools": tools} if tools is not None else {}
-        if not allow_thinking:
-            extra.update(NON_THINKING)
         try:
-            text = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
-            )
+            text = render_chat(self.tok, messages, generation_prompt, allow_thinking,
+                               self.harmony, **extra)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise DataError(f"{where}: the chat template refused this conversation: {exc}") from exc
         ids = self._ids(text, special=False)

@@ -215,7 +215,7 @@ def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSetti
     from .llamacpp import open_gguf
     from .load import load_tokenizer
     from .ollama import chat_formats, detect_chat_format
-    from .thinking import non_thinking_prompt
+    from .thinking import non_thinking_prompt, reply_answer
 
     sample = held_out_question(data, settings.question)
     tokenizer = load_tokenizer(model)
@@ -226,7 +226,7 @@ def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSetti
         result = llm.create_completion(prompt, max_tokens=settings.max_new_tokens,
                                        temperature=0.0,
                                        stop=chat_formats()[detect_chat_format(model)]["stop"])
-    answer = result["choices"][0]["text"].strip()
+    answer = reply_answer(result["choices"][0]["text"]).strip()
     return {
         "question": sample["prompt"], "reference": sample["completion"], "answer": answer,
         "rouge_l": rouge_l(sample["completion"], answer).f1,

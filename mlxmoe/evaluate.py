@@ -11,7 +11,9 @@ What is measured, and how it relates to training:
   answer, i.e. what the chat template renders before the assistant turn. Samples are rendered
   as ``data.thinking: off`` trains them: reasoning in the data is dropped, and a thinking
   model's template prompts for an answer without reasoning (Qwen3's ends the prompt with
-  its empty think block), so perplexity and ROUGE-L are of the answer alone. Generation runs
+  its empty think block), so perplexity and ROUGE-L are of the answer alone (gpt-oss's prompt
+  ends with an empty analysis message: its answer, scored, opens with the final channel's
+  header, which ROUGE-L leaves out). Generation runs
   through mlx-lm's ``stream_generate`` (argmax sampling, stops at an end-of-turn token or
   after ``max_new_tokens``). Samples in the ``text`` format have no reference: they count
   for perplexity only.
@@ -46,7 +48,7 @@ from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
 from .rouge import RougeL, rouge_l
-from .thinking import answer_text
+from .thinking import answer_text, reply_answer
 from .train.step import answer_cross_entropy
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -247,7 +249,7 @@ def _generate_answers(model, tokenizer, prompts: list[np.ndarray | None],
         for last in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_new_tokens):
             text += last.text
         speed.add(last)
-        result.generated = text.strip()
+        result.generated = reply_answer(text).strip()
         result.finish_reason = last.finish_reason
         scored.append(rouge_l(result.reference, result.generated))
         result.rouge_l = scored[-1].f1

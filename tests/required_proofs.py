@@ -1,7 +1,7 @@
 """Required proofs: a skipped test that proves a README claim fails the run where CI says so.
 
-A test that needs something outside the package (llama.cpp's converter source, an
-OpenBLAS, Debian's Python FAQ) skips without it, so a laptop can run the suite. CI must not:
+A test that needs something outside the package (llama.cpp's converter source or chat
+templates, an OpenBLAS, Debian's Python FAQ) skips without it, so a laptop can run the suite. CI must not:
 a skip there means a README claim went unchecked. Such a test carries
 ``@pytest.mark.proof(NAME)``; ``MLXMOE_REQUIRE=NAME,...`` (``.ci/run`` sets it) turns its skip
 into a failure that names the proof and the skip's reason.
@@ -19,6 +19,8 @@ SETTING = "MLXMOE_REQUIRE"
 # Each proof a test may be marked with, and what it needs.
 PROOFS = {
     "converter": "llama.cpp's convert_hf_to_gguf.py unpacked at LLAMA_CPP_SRC",
+    "templates": "the gpt-oss and Qwen3.5 chat templates of llama.cpp's models/templates, "
+                 "unpacked at LLAMA_CPP_SRC",
     "blas": "an OpenBLAS: the system's (Debian: libopenblas0-pthread) or the ngsolve-openblas wheel",
     "faq": "Debian's python3.11-doc (the Python FAQ sources)",
 }

@@ -10,25 +10,25 @@ against enable_thinking, and against the prompts training put before the answers
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
 from assets import mixtral_tokenizer_folder, qwen3_tokenizer_folder
+from ollama_go import build_go_program, ollama_chat_values
 from tiny_models import make_hf_model, save
 
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.ollama import (
     PROBE,
+    PROBE_DATE,
     chat_formats,
     create_model,
     default_system_prompt,
@@ -71,170 +71,11 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
     return commands
 
 
-def ollama_chat_values(messages: list[dict], modelfile_system: str | None,
-                       think: bool | None = None) -> dict:
-    """What Ollama's /api/chat hands a TEMPLATE that reads .Messages: server/routes.go puts the
-    Modelfile's SYSTEM first unless the conversation opens with a system message;
-    template/template.go's collate() merges consecutive messages of one role with a blank line
-    and joins every system message into .System (they also stay in .Messages). ``think`` is the
-    request's: .Think is true only for true, .IsThinkSet whether it was given (server/prompt.go;
-    since Ollama 0.12.5 /api/chat gives true to a model that can think unless told false)."""
-    if modelfile_system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": modelfile_system}, *messages]
-    collated: list[dict] = []
-    for m in messages:
-        if collated and collated[-1]["role"] == m["role"]:
-            collated[-1] = {**m, "content": collated[-1]["content"] + "\n\n" + m["content"]}
-        else:
-            collated.append(dict(m))
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return {"system": system, "messages": collated, "think": think}
-
-
-GO_RENDER = """
-package main
-
-import (
-	"encoding/json"
-	"os"
-	"strings"
-	"text/template"
-	"text/template/parse"
-)
-
-// The fields of Ollama's template message (template/template.go) that chat templates read.
-type Message struct {
-	Role     string `json:"role"`
-	Content  string `json:"content"`
-	Thinking string `json:"thinking"`
-}
-
-// The think tags Ollama infers from a template (thinking/template.go, InferTags: a model can
-// think when they are found): for a .Thinking field inside a range over .Messages, the first
-// and last text of the nearest enclosing list, trimmed; the last such field decides.
-func thinkTags(root *parse.ListNode) [2]string {
-	var tags [2]string
-	var walk func(n parse.Node, path []parse.Node)
-	branch := func(b *parse.BranchNode, path []parse.Node) {
-		walk(b.Pipe, path)
-		walk(b.List, path)
-		if b.ElseList != nil {
-			walk(b.ElseList, path)
-		}
-	}
-	walk = func(n parse.Node, path []parse.Node) {
-		path = append(path, n)
-		switch x := n.(type) {
-		case *parse.ListNode:
-			for _, c := range x.Nodes {
-				walk(c, path)
-			}
-		case *parse.ActionNode:
-			walk(x.Pipe, path)
-		case *parse.IfNode:
-			branch(&x.BranchNode, path)
-		case *parse.WithNode:
-			branch(&x.BranchNode, path)
-		case *parse.RangeNode:
-			branch(&x.BranchNode, path)
-		case *parse.PipeNode:
-			for _, c := range x.Cmds {
-				walk(c, path)
-			}
-		case *parse.CommandNode:
-			for _, a := range x.Args {
-				walk(a, path)
-			}
-		case *parse.FieldNode:
-			if x.Ident[0] != "Thinking" || !inMessagesRange(path) {
-				return
-			}
-			for i := len(path) - 1; i >= 0; i-- {
-				if l, ok := path[i].(*parse.ListNode); ok {
-					if t, ok := l.Nodes[0].(*parse.TextNode); ok {
-						tags[0] = strings.TrimSpace(string(t.Text))
-					}
-					if t, ok := l.Nodes[len(l.Nodes)-1].(*parse.TextNode); ok {
-						tags[1] = strings.TrimSpace(string(t.Text))
-					}
-					break
-				}
-			}
-		}
-	}
-	walk(root, nil)
-	return tags
-}
-
-func inMessagesRange(path []parse.Node) bool {
-	for i := len(path) - 1; i >= 0; i-- {
-		if r, ok := path[i].(*parse.RangeNode); ok {
-			for _, c := range r.Pipe.Cmds {
-				for _, a := range c.Args {
-					if f, ok := a.(*parse.FieldNode); ok && f.Ident[0] == "Messages" {
-						return true
-					}
-				}
-			}
-			return false
-		}
-	}
-	return false
-}
-
-func main() {
-	var input struct {
-		Template string
-		Cases    []struct {
-			System   string     `json:"system"`
-			Messages []*Message `json:"messages"`
-			Think    *bool      `json:"think"`
-		}
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&input); err != nil { panic(err) }
-	// As template.Parse in Ollama: missing keys are zero values, and its one function.
-	funcs := template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
-	tmpl := template.New("").Option("missingkey=zero").Funcs(funcs)
-	tmpl = template.Must(tmpl.Parse(input.Template))
-	out := struct {
-		Prompts   []string `json:"prompts"`
-		ThinkTags [2]string `json:"think_tags"`
-	}{Prompts: []string{}, ThinkTags: thinkTags(tmpl.Tree.Root)}
-	for _, c := range input.Cases {
-		var b strings.Builder
-		// The map Ollama's Template.Execute builds for a template that reads .Messages.
-		values := map[string]any{"System": c.System, "Messages": c.Messages, "Tools": nil,
-			"Response": "", "Think": c.Think != nil && *c.Think, "ThinkLevel": "",
-			"IsThinkSet": c.Think != nil}
-		if err := tmpl.Execute(&b, values); err != nil { panic(err) }
-		out.Prompts = append(out.Prompts, b.String())
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def go_program(tmp_path_factory):
     """run(template, [values]) -> {"prompts": [prompt], "think_tags": [opening, closing]}, by a
     Go program built once per module."""
-    goroot = Path(importlib.util.find_spec("go").submodule_search_locations[0])
-    folder = tmp_path_factory.mktemp("go")
-    (folder / "render.go").write_text(GO_RENDER)
-    # A build cache kept across sessions: compiling the standard library takes ~10-20 s.
-    cache = Path(tempfile.gettempdir()) / "mlxmoe-tests-gocache"
-    env = {**os.environ, "GOROOT": str(goroot), "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod",
-           "GOCACHE": str(cache), "GOPATH": str(folder / "gopath"), "CGO_ENABLED": "0"}
-    subprocess.run([str(goroot / "bin" / "go"), "build", "-o", "render", "render.go"],
-                   cwd=folder, env=env, check=True, capture_output=True)
-
-    def run(template: str, cases: list[dict]) -> dict:
-        proc = subprocess.run([str(folder / "render")], input=json.dumps(
-            {"Template": template, "Cases": cases}), capture_output=True, text=True, check=False)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    return run
+    return build_go_program(tmp_path_factory.mktemp("go"))
 
 
 @pytest.fixture(scope="module")
@@ -389,11 +230,23 @@ def test_mixtral_system_prompt_opens_the_first_user_turn_as_mistral_common_encod
     assert several.startswith(one) and several.count(SYSTEM["content"]) == 1
 
 
-@pytest.mark.parametrize("chat_format", ["chatml", "mistral", "qwen3"])
-def test_each_format_template_renders_the_probe_its_sidecar_detects_it_by(chat_format,
-                                                                          go_render):
+@pytest.mark.parametrize("chat_format", ["chatml", "gpt-oss", "mistral", "qwen3", "qwen3_5"])
+def test_each_format_template_renders_the_probes_its_sidecar_detects_it_by(chat_format,
+                                                                           go_program):
+    """The probe is the Hugging Face template's rendering without thinking; gpt-oss's
+    template has no such prompt (mlxmoe writes it: mlxmoe.harmony), so its probe is the
+    template's own generation prompt, the TEMPLATE's with thinking at medium
+    (``probe_think``)."""
     spec = chat_formats()[chat_format]
-    assert go_render(spec["template"], [ollama_chat_values(list(PROBE), None)]) == [spec["probe"]]
+    think = spec.get("probe_think")
+    date = PROBE_DATE.strftime("%Y-%m-%d")
+    (probe,) = go_program(spec["template"], [ollama_chat_values(list(PROBE), None, think)],
+                          date)["prompts"]
+    assert probe == spec["probe"]
+    if "thinking_probe" in spec:
+        (thinking,) = go_program(spec["template"], [ollama_chat_values(list(PROBE), None, True)],
+                                 date)["prompts"]
+        assert thinking == spec["thinking_probe"]
 
 
 # --- thinking: Qwen3's TEMPLATE and Ollama's think switch ----------------------------------
@@ -470,11 +323,12 @@ def test_the_tokens_trained_before_a_qwen3_answer_are_the_modelfile_prompt(
 
 
 @pytest.mark.parametrize(("chat_format", "tags"), [
-    ("qwen3", ("<think>", "</think>")), ("chatml", ("", "")), ("mistral", ("", "")),
-    ("none", ("", ""))])
-def test_ollama_finds_think_tags_in_the_qwen3_template_only(chat_format, tags, think_tags):
+    ("qwen3", ("<think>", "</think>")), ("qwen3_5", ("<think>", "</think>")),
+    ("chatml", ("", "")), ("mistral", ("", "")), ("none", ("", ""))])
+def test_ollama_finds_think_tags_in_the_qwen3_templates_only(chat_format, tags, think_tags):
     """Ollama lets a model think (and sets .Think) only when it infers the think tags from its
-    template; it then parses the reply between them into the message's thinking."""
+    template; it then parses the reply between them into the message's thinking. (gpt-oss
+    thinks by its family instead, and Ollama parses its replies as harmony.)"""
     assert think_tags(chat_formats()[chat_format]["template"]) == tags
 
 
@@ -586,4 +440,5 @@ def test_an_installed_package_ships_the_templates_recipes_and_every_subpackage(t
     proc = subprocess.run([sys.executable, "-c", PRINT_TEMPLATES], cwd=tmp_path, check=True,
                           env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True)
     assert json.loads(proc.stdout) == [str(target / "mlxmoe" / "templates"),
-                                       ["chatml", "mistral", "none", "qwen3"]]
+                                       ["chatml", "gpt-oss", "mistral", "none", "qwen3",
+                                        "qwen3_5"]]

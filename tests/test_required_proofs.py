@@ -80,6 +80,6 @@ def test_an_unknown_proof_name_is_a_usage_error(tmp_path, source, require):
     assert "unknown proof" in proc.stdout + proc.stderr and "blsa" in proc.stdout + proc.stderr
 
 
-def test_ci_on_linux_requires_the_converter_blas_and_faq_proofs():
+def test_ci_on_linux_requires_the_converter_templates_blas_and_faq_proofs():
     ci = (TESTS.parent / ".ci" / "run").read_text()
-    assert 'export MLXMOE_REQUIRE="${MLXMOE_REQUIRE-converter,blas,faq}"' in ci
+    assert 'export MLXMOE_REQUIRE="${MLXMOE_REQUIRE-converter,templates,blas,faq}"' in ci
