@@ -20,6 +20,7 @@ import numpy as np
 
 from ..adapt import apply_adapters, trainable_report
 from ..adapters import adapter_config, adapter_tensors, save_adapters, weights_fingerprint
+from ..atomic import write_text_atomic
 from ..data import BatchSchedule
 from ..dtypes import dtype_name, resolve_dtype
 from ..errors import MlxMoeError
@@ -93,9 +94,10 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def _rewind_metrics(path: Path, step: int) -> None:
     """Drop report lines past the checkpoint we resume from (the killed run's tail)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):  # atomic: a kill here must not cost the kept rows
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
@@ -116,7 +118,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     if world.is_main and previous is not None and not resume:
         raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
     if world.is_main and resume and previous is None:
-        raise MlxMoeError(f"{out}: nothing to resume (no checkpoint)")
+        raise MlxMoeError(f"{out}: nothing to resume (no checkpoint yet); a run stopped before its "
+                          "first checkpoint starts over: run the same command without --resume")
     if world.is_main:
         remove_stale_checkpoints(out)
     train_file, valid_file = data_files(recipe.data.path)
@@ -162,6 +165,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     state = RunState()
     if resume and world.is_main:
         state, _ = load_checkpoint(previous, model, optimizer)
+    if world.is_main:  # a fresh start drops the rows of a run killed before its first checkpoint
         _rewind_metrics(out / METRICS_FILE, state.step)
     config = adapter_config(model, recipe.lora, adapted, str(recipe.model))
     # what a resume compares (state.check_resume)
@@ -285,8 +289,11 @@ def _lost_rank_hint(out: Path, step: int, world: World) -> str:
     if not world.is_main:
         return f"after {step} steps; rank 0 holds the checkpoints"
     last = latest_checkpoint(out)
-    where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
-    return f"after {step} steps; {where}. Run the same command with --resume to continue."
+    if last is None:
+        return (f"after {step} steps; no checkpoint was written yet. Run the same command "
+                "(without --resume) to start over.")
+    return (f"after {step} steps; the last checkpoint is {last}. Run the same command with "
+            "--resume to continue.")
 
 
 class _Window:
