@@ -6,8 +6,8 @@
 Writes a random Qwen3-MoE checkpoint (transformers' own `save_pretrained`, the hub's config
 style so that mlx-lm reads it, per-expert tensors as the hub stores them), then prints per
 tool its peak MLX allocation and process max RSS against the checkpoint's size and the
-quantized model's size. mlxmoe keeps the model in memory (it trains it); mlx-lm's converter
-writes it to disk.
+quantized model's size, and the load peak `mlxmoe plan` predicts from config.json alone.
+mlxmoe keeps the model in memory (it trains it); mlx-lm's converter writes it to disk.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import mlx.core as mx
+
+from mlxmoe.info import read_config
+from mlxmoe.plan_load import plan_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +101,9 @@ def main() -> None:
                   f"{r['mlx_peak'] / 2**20:>14.0f}{r['max_rss'] / 2**20:>13.0f}"
                   f"{r['mlx_peak'] / size:>19.2f}", flush=True)
         ours, theirs = rows["mlxmoe"], rows["mlx_lm.convert"]
+        predicted = plan_load(read_config(folder), 4, 64, getattr(mx, model_dtype)).peak
+        print(f"mlxmoe plan's load peak: {predicted / 2**20:.0f} MiB "
+              f"({predicted / ours['mlx_peak']:.3f}x the measured MLX peak)")
         print(f"mlxmoe / mlx-lm: MLX peak {ours['mlx_peak'] / theirs['mlx_peak']:.2f}x, "
               f"max RSS {ours['max_rss'] / theirs['max_rss']:.2f}x")
 

@@ -68,13 +68,22 @@ def _spec(stored: tuple[int, int, str] | None) -> dict | bool:
     return {"bits": stored[0], "group_size": stored[1], "mode": stored[2]} if stored else False
 
 
+def load_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that hold arrays, in the checkpoint's order: the embeddings, each layer's
+    modules in turn, the rest."""
+    held = [(path, module) for path, module in model.named_modules()
+            if any(isinstance(v, mx.array) for v in module.values())]
+    return held[::-1]  # named_modules lists the last first
+
+
 def materialize(model: CausalLM) -> None:
-    """Evaluate the lazily loaded (and quantized) weights one part at a time: the embeddings,
-    each layer, the rest. Nothing else holds the float weights, so each part's float tensors
-    are freed once its quantized arrays exist, and the peak is the quantized model plus about
-    one layer in float, not the whole float checkpoint."""
-    for part in (model.embed_tokens, *model.layers):
-        mx.eval(part.parameters())
+    """Evaluate the lazily loaded (and quantized) weights one module at a time. Nothing else
+    holds the float weights, so each module's float tensors are freed once its quantized
+    arrays exist: the peak is the quantized model plus one module's float weights (its
+    experts read, stacked and cast at once), not the whole float checkpoint."""
+    for _, module in load_order(model):
+        mx.eval({k: v for k, v in module.items() if isinstance(v, mx.array)})
+        mx.clear_cache()  # MLX would keep the freed float buffers for reuse: they are not
     mx.eval(model.parameters())
 
 
@@ -104,7 +113,7 @@ def load(
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> tuple[CausalLM, Any | None]:
-    """Load a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / gpt-oss / Llama checkpoint, optionally
+    """Load a checkpoint of any family in ``families`` (Mixtral, Granite MoE, ...), optionally
     quantized to 4 or 8 bits. Returns (model, tokenizer); the tokenizer is None if the folder
     has none."""
     model = load_model(path_or_id, quantize, group_size, dtype, revision)

@@ -1,5 +1,5 @@
-"""Loading with quantization streams: the peak is the quantized model plus about one layer
-in float, whatever the checkpoint's size (a 61 GB checkpoint must load on a 32 GB Mac)."""
+"""Loading with quantization streams: the peak is the quantized model plus one module's
+float weights, whatever the checkpoint's size (a 61 GB checkpoint must load on a 32 GB Mac)."""
 
 from __future__ import annotations
 
@@ -40,13 +40,16 @@ def test_a_quantized_load_peaks_at_the_quantized_model_plus_about_a_layer(checkp
     _, stored = load_peak(checkpoint, dtype="float32")  # the checkpoint's tensors as stored
     layer = max(sum(v.nbytes for k, v in stored.items() if k.startswith(f"layers.{i}."))
                 for i in range(LAYERS))
+    module = max(v.nbytes for v in stored.values())
     del stored
     peak, params = load_peak(checkpoint, quantize=4, dtype=dtype)
     quantized = sum(v.nbytes for v in params.values())
     print(f"{dtype}: checkpoint {checkpoint_bytes / 2**20:.1f} MiB, largest layer {layer / 2**20:.1f} "
-          f"MiB, 4-bit model {quantized / 2**20:.1f} MiB, load peak {peak / 2**20:.1f} MiB")
-    # a layer's experts arrive one tensor per expert and are stacked (and cast): its stored
-    # weights about twice
-    assert peak <= quantized + 2.5 * layer
+          f"MiB, largest module {module / 2**20:.1f} MiB, 4-bit model {quantized / 2**20:.1f} MiB, "
+          f"load peak {peak / 2**20:.1f} MiB")
+    # a module's experts arrive one tensor per expert and are stacked (and cast): its stored
+    # weights about twice; evaluating a layer at once (measured 1.9x a layer) exceeds it
+    assert peak <= quantized + 2.5 * module
+    assert peak < quantized + layer
     # materializing every float weight before quantizing (measured 69 and 50 MiB) exceeds it
     assert peak < 0.5 * checkpoint_bytes

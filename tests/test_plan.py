@@ -30,7 +30,7 @@ from mlxmoe.train.step import Stepper
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 RECIPES = Path(__file__).parent.parent / "recipes"
-PUBLIC = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "olmoe-1b-7b"]
+PUBLIC = ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "olmoe-1b-7b", "granite-3.1-3b-a800m"]
 EXPERT_KEYS = ("num_local_experts", "num_experts")
 
 
@@ -71,7 +71,9 @@ def test_4bit_weights_equal_our_quantizers_arrays_for_same_shape_layers(name):
     layer = one + (experts - 1) * (two - one)  # per-expert tensors and router rows scale
     hidden, vocab = raw["hidden_size"], raw["vocab_size"]
     holder = nn.Module()
-    holder.embed_tokens, holder.lm_head = nn.Embedding(64, hidden), nn.Linear(hidden, 64, bias=False)
+    holder.embed_tokens = nn.Embedding(64, hidden)
+    if not raw.get("tie_word_embeddings"):  # Granite's head is its embedding
+        holder.lm_head = nn.Linear(hidden, 64, bias=False)
     expected = (raw["num_hidden_layers"] * layer + _quantized_rows_bytes(holder, vocab)
                 + hidden * 2)  # the final norm
     memory = model_memory(ConfigView(raw), mx.bfloat16, 4, 64, AdapterSpec())
@@ -81,7 +83,8 @@ def test_4bit_weights_equal_our_quantizers_arrays_for_same_shape_layers(name):
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_recipe_defaults_plan_is_above_the_base_and_checkpointing_lowers_it(name):
-    recipe_file = {"mixtral-8x7b": "mixtral-8x7b-instruct"}.get(name, name)
+    recipe_file = {"mixtral-8x7b": "mixtral-8x7b-instruct",
+                   "granite-3.1-3b-a800m": "granite-moe-3b-a800m"}.get(name, name)
     recipe = load_recipe(RECIPES / f"{recipe_file}.yaml", train={"grad_checkpoint": False})
     cfg = ConfigView(json.loads((CONFIGS / f"{name}.json").read_text()))
     full = plan_training(cfg, recipe)
@@ -234,3 +237,27 @@ def test_plan_command_prints_the_breakdown_and_the_verdict():
         assert text in result.output
     bad = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--memory", "big"])
     assert bad.exit_code == 2 and "expected a size" in bad.output
+
+
+def test_the_verdict_is_taken_on_the_largest_phase_load_training_or_export():
+    """A 4-bit Mixtral with a tiny adapter and short sequences trains in less than it takes
+    to load: the load's peak (the 4-bit model and the last layer's float experts in flight)
+    decides whether it fits."""
+    from mlxmoe.plan_load import plan_load
+
+    cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
+    recipe = load_recipe(None, lora={"strategy": "attention", "rank": 1},
+                         train={"batch_size": 1, "max_seq_len": 64, "quantize": 4})
+    training = plan_training(cfg, recipe)
+    load = plan_load(cfg, 4, 64, training.dtype)
+    assert load.peak > training.peak
+    result = CliRunner().invoke(main, [
+        "plan", str(CONFIGS / "mixtral-8x7b.json"), "--memory", "32GB", "--strategy", "attention",
+        "--rank", "1", "--batch-size", "1", "--max-seq-len", "64", "--quantize", "4"],
+        env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"the largest phase is the load, {load.peak / GiB:.2f} GiB" in text
+    assert "layers.31.moe.experts.down_proj in flight" in text
+    # 26.15 GiB: over the default limit of a 32 GB Mac, under the raised one
+    assert "sysctl iogpu.wired_limit_mb=28672" in text

@@ -1,4 +1,4 @@
-"""`mlxmoe plan`: will a training run (and its export) fit in memory, from config.json alone."""
+"""`mlxmoe plan`: will loading, training and exporting a model fit in memory, from config.json alone."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     from ..errors import MlxMoeError
     from ..info import read_config
     from ..plan import DISPATCH_DETAIL, plan_export, plan_training
+    from ..plan_load import plan_load
     from ..plan_advice import budget, suggestions, target, verdict
     from ..recipe import load_recipe
 
@@ -65,13 +66,25 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
                   + (" (train.dtype auto)" if t.dtype == "auto" else "")
                   + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
                   highlight=False)
+    load = plan_load(cfg, t.quantize, t.group_size, training.dtype)
+    console.print(f"load: peak {human_bytes(load.peak)} ("
+                  + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in load.items) + ")",
+                  highlight=False)
     console.print(f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
                   + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in export.items) + ")",
                   highlight=False)
+    phases = {"load": load.peak, "training": training.peak, "export": export.peak}
+    phase = max(phases, key=phases.get)
+    peak = phases[phase]
 
-    v = verdict(training.peak, b)
+    def overall(change) -> int:  # a recipe change's peak over all three phases
+        tc = change.recipe.train
+        return max(change.peak, export.peak, plan_load(cfg, tc.quantize, tc.group_size, training.dtype).peak)
+
+    v = verdict(peak, b)
     console.print(f"\nbudget: {human_bytes(b.ram)} of RAM, {human_bytes(b.wired_default)} for the GPU "
-                  f"by default ({b.source})", highlight=False)
+                  f"by default ({b.source}); the largest phase is the {phase}, {human_bytes(peak)}",
+                  highlight=False)
     if v.fits_default:
         console.print("[green]fits[/] under the default GPU limit")
         return
@@ -79,7 +92,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         console.print("[yellow]fits after raising the GPU wired limit[/] (until the next reboot):")
         console.print(f"  {v.sysctl}", highlight=False, soft_wrap=True)
     else:
-        console.print(f"[red]does not fit[/]: {human_bytes(training.peak)} is more than "
+        console.print(f"[red]does not fit[/]: {human_bytes(peak)} is more than "
                       f"{human_bytes(b.wired_max)} (RAM less 4 GiB for macOS)", highlight=False)
     limit = target(training, b)
     changes = suggestions(cfg, recipe, training, limit, device)
@@ -87,5 +100,9 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         which = "default" if limit == b.wired_default else "raised"
         console.print(f"to fit under the {which} limit ({human_bytes(limit)}), change in this order:")
         for change in changes:
-            mark = "fits" if change.peak <= limit else "still over"
-            console.print(f"  - {change.what}: peak {human_bytes(change.peak)} ({mark})", highlight=False)
+            total = overall(change)
+            mark = "fits" if total <= limit else "still over"
+            console.print(f"  - {change.what}: peak {human_bytes(total)} ({mark})", highlight=False)
+    if phase == "load" and load.peak > limit:
+        console.print(f"the load peaks with {load.part} in flight: an mlx-lm {t.quantize or 4}-bit "
+                      "release of the model is read as stored, without its float copies", highlight=False)
