@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 import torch
 from assets import mixtral_tokenizer_folder
-from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, run_converter, tensors
+from test_convert_parity import (
+    CONVERTER,
+    LLAMA_CPP_SRC,
+    assert_same_tensors,
+    loading_kv,
+    run_converter,
+    tensors,
+)
 from test_export import F16_MAX_ABS, Exported, assert_f16_gguf_computes_the_merged_model
 from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
 
@@ -33,7 +40,8 @@ from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
 needs_converter = pytest.mark.skipif(
-    not CONVERTER.is_file(), reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+    not CONVERTER.is_file(),
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
 
 
 def make_model(folder: Path, seed: int = 0) -> Path:
@@ -62,20 +70,21 @@ class GraniteExported(Exported):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> GraniteExported:
+def granite_exported(tmp_path_factory) -> GraniteExported:
     return GraniteExported(tmp_path_factory.mktemp("granitemoe"))
 
 
 @pytest.mark.proof("converter")
 @needs_converter
-def test_f16_tensors_and_metadata_equal_the_converters(exported):
-    ours, theirs = (tensors(r) for r in exported.converted)
+def test_f16_tensors_and_metadata_equal_the_converters(granite_exported):
+    ours, theirs = (tensors(r) for r in granite_exported.converted)
     assert sorted(ours) == sorted(theirs)
     assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
         {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
     assert "blk.0.ffn_gate_exps.weight" in ours and "blk.0.ffn_up_exps.weight" in ours
-    assert [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
-    ours_kv, theirs_kv = (loading_kv(r) for r in exported.converted)
+    assert [n for n in ours
+            if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
+    ours_kv, theirs_kv = (loading_kv(r) for r in granite_exported.converted)
     assert ours_kv["granitemoe.logit_scale"][1] == 6.0 and "granitemoe.attention.scale" in ours_kv
     assert sorted(ours_kv) == sorted(theirs_kv)
     assert [k for k in ours_kv if ours_kv[k] != theirs_kv[k]] == []
@@ -83,25 +92,22 @@ def test_f16_tensors_and_metadata_equal_the_converters(exported):
 
 @pytest.mark.proof("converter")
 @needs_converter
-def test_q8_0_tensors_equal_the_converters_byte_for_byte(exported):
-    theirs = run_converter(exported.merged, "q8_0", exported.root / "converter-q8_0.gguf")
-    ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (exported.gguf["q8_0"], theirs))
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
-    assert "Q8_0" in {t.tensor_type.name for t in ours.values()}
-    assert [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
+def test_q8_0_tensors_equal_the_converters_byte_for_byte(granite_exported):
+    theirs = run_converter(granite_exported.merged, "q8_0", granite_exported.root / "converter-q8_0.gguf")
+    assert_same_tensors(granite_exported.gguf["q8_0"], theirs, "Q8_0")
 
 
 @pytest.mark.slow
-def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    assert_f16_gguf_computes_the_merged_model(exported)
+def test_f16_gguf_in_llama_cpp_computes_the_merged_model(granite_exported):
+    assert_f16_gguf_computes_the_merged_model(granite_exported)
 
 
 @pytest.mark.slow
-def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
-    merged = exported.llama_cpp(exported.gguf["f16"])
-    base_plus_lora = exported.llama_cpp(exported.base_gguf, lora=exported.adapter_gguf)
-    base = exported.llama_cpp(exported.base_gguf)
+def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(granite_exported):
+    merged = granite_exported.llama_cpp(granite_exported.gguf["f16"])
+    base_plus_lora = granite_exported.llama_cpp(granite_exported.base_gguf,
+                                                lora=granite_exported.adapter_gguf)
+    base = granite_exported.llama_cpp(granite_exported.base_gguf)
     diff = np.abs(merged - base_plus_lora).max()
     print(f"granitemoe base+lora vs merged: max-abs {diff:.4f}, base vs merged "
           f"{np.abs(base - merged).max():.4f}")

@@ -22,14 +22,20 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx.utils import tree_flatten
 from assets import qwen3_tokenizer_folder
-from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, tensors
+from mlx.utils import tree_flatten
+from test_convert_parity import (
+    CONVERTER,
+    LLAMA_CPP_SRC,
+    assert_same_tensors,
+    loading_kv,
+    tensors,
+)
 from test_export import (
-    assert_f16_gguf_computes_the_merged_model,
     F16_MAX_ABS,
     Q4_K_M_MAX_PPL_RATIO,
     Exported,
+    assert_f16_gguf_computes_the_merged_model,
     perplexity,
     top1,
 )
@@ -44,7 +50,8 @@ from mlxmoe.tensor_names import ROLES
 
 FAMILIES = ("qwen3_next", "qwen3_5_moe")
 needs_converter = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
-    not CONVERTER.is_file(), reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")]
+    not CONVERTER.is_file(),
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")]
 
 
 def make_model(family: str, folder: Path, seed: int = 0) -> Path:
@@ -62,7 +69,8 @@ def make_model(family: str, folder: Path, seed: int = 0) -> Path:
 def run_converter(folder: Path, outtype: str, out: Path) -> Path:
     """``convert_hf_to_gguf.py --no-mtp`` (these checkpoints have no MTP layer)."""
     proc = subprocess.run(
-        [sys.executable, str(CONVERTER), "--no-mtp", "--outtype", outtype, "--outfile", str(out), str(folder)],
+        [sys.executable, str(CONVERTER), "--no-mtp", "--outtype", outtype, "--outfile", str(out),
+         str(folder)],
         cwd=out.parent, capture_output=True, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
             p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
@@ -102,7 +110,8 @@ class HybridExported(Exported):
         q8 = gguf.GGMLQuantizationType.Q8_0
         for name, value in weights.items():
             if value.ndim == 2 and value.shape[1] % 32 == 0 and not name.endswith(ROUTERS_AND_NORMS):
-                weights[name] = gguf.quants.dequantize(gguf.quants.quantize(value, q8), q8).astype(value.dtype)
+                rounded = gguf.quants.dequantize(gguf.quants.quantize(value, q8), q8)
+                weights[name] = rounded.astype(value.dtype)
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         model, _ = mlxmoe.load(folder, dtype=mx.float32)
         return np.array(model(mx.array([self.tokens]))[0])
@@ -112,7 +121,7 @@ ROUTERS_AND_NORMS = ("norm.weight", "mlp.gate.weight", "shared_expert_gate.weigh
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def exported(request, tmp_path_factory) -> HybridExported:
+def hybrid_exported(request, tmp_path_factory) -> HybridExported:
     return HybridExported(request.param, tmp_path_factory.mktemp(request.param))
 
 
@@ -123,8 +132,8 @@ def converter_test(fn):
 
 
 @converter_test
-def test_f16_tensors_equal_the_converters(exported):
-    ours, theirs = (tensors(r) for r in exported.converted())
+def test_f16_tensors_equal_the_converters(hybrid_exported):
+    ours, theirs = (tensors(r) for r in hybrid_exported.converted())
     assert sorted(ours) == sorted(theirs)
     assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
         {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
@@ -139,8 +148,8 @@ def test_f16_tensors_equal_the_converters(exported):
 
 
 @converter_test
-def test_loading_metadata_equals_the_converters(exported):
-    ours, theirs = (loading_kv(r) for r in exported.converted())
+def test_loading_metadata_equals_the_converters(hybrid_exported):
+    ours, theirs = (loading_kv(r) for r in hybrid_exported.converted())
     arch = ours["general.architecture"][1]
     assert f"{arch}.ssm.group_count" in ours and f"{arch}.full_attention_interval" in ours
     assert sorted(ours) == sorted(theirs)
@@ -148,60 +157,60 @@ def test_loading_metadata_equals_the_converters(exported):
 
 
 @pytest.mark.slow
-def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    assert_f16_gguf_computes_the_merged_model(exported)
+def test_f16_gguf_in_llama_cpp_computes_the_merged_model(hybrid_exported):
+    assert_f16_gguf_computes_the_merged_model(hybrid_exported)
 
 
 @pytest.mark.slow
-def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
-    merged = exported.llama_cpp(exported.gguf["f16"])
-    base_plus_lora = exported.llama_cpp(exported.base_gguf, lora=exported.adapter_gguf)
-    base = exported.llama_cpp(exported.base_gguf)
-    print(f"{exported.family} base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}")
+def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(hybrid_exported):
+    merged = hybrid_exported.llama_cpp(hybrid_exported.gguf["f16"])
+    base_plus_lora = hybrid_exported.llama_cpp(hybrid_exported.base_gguf,
+                                               lora=hybrid_exported.adapter_gguf)
+    base = hybrid_exported.llama_cpp(hybrid_exported.base_gguf)
+    print(f"{hybrid_exported.family} base+lora vs merged: "
+          f"max-abs {np.abs(merged - base_plus_lora).max():.4f}")
     assert np.abs(base - merged).max() > 10 * np.abs(merged - base_plus_lora).max()
     assert np.abs(merged - base_plus_lora).max() < F16_MAX_ABS
 
 
 @pytest.mark.slow
-def test_q8_0_gguf_loads_and_its_disagreement_is_the_rounded_weights(exported):
+def test_q8_0_gguf_loads_and_its_disagreement_is_the_rounded_weights(hybrid_exported):
     """On these random tiny hybrids q8_0 moves the logits far more than on the other families
     (measured top-1 0.62 / 0.82 against our float model, qwen3_next / qwen3_5_moe; max-abs 9.6
     / 4.0): the rounding of the weights alone moves our own model almost as far (0.68 / 0.82),
     and llama.cpp's q8_0 file computes that rounded model more closely than the rounding moves
     it (0.82 / 0.97; llama.cpp also rounds its activations to 8 bits, which the recurrence
     compounds). The bytes are the converter's (test_q8_0_tensors_equal_...)."""
-    ours = exported.merged_mlx()
-    rounded = exported.q8_0_rounded_mlx()
-    theirs = exported.llama_cpp(exported.gguf["q8_0"])
-    print(f"{exported.family} q8_0: top-1 {top1(ours, theirs):.3f} (max-abs {np.abs(ours - theirs).max():.3f}); "
+    ours = hybrid_exported.merged_mlx()
+    rounded = hybrid_exported.q8_0_rounded_mlx()
+    theirs = hybrid_exported.llama_cpp(hybrid_exported.gguf["q8_0"])
+    print(f"{hybrid_exported.family} q8_0: top-1 {top1(ours, theirs):.3f} "
+          f"(max-abs {np.abs(ours - theirs).max():.3f}); "
           f"our model with q8_0-rounded weights: top-1 {top1(ours, rounded):.3f} against ours, "
-          f"{top1(rounded, theirs):.3f} against llama.cpp's q8_0 (max-abs {np.abs(rounded - theirs).max():.3f})")
+          f"{top1(rounded, theirs):.3f} against llama.cpp's q8_0 "
+          f"(max-abs {np.abs(rounded - theirs).max():.3f})")
     assert np.isfinite(theirs).all()
     assert top1(rounded, theirs) > top1(ours, rounded)
     assert top1(ours, theirs) >= top1(ours, rounded) - 0.1
 
 
 @converter_test
-def test_q8_0_tensors_equal_the_converters_byte_for_byte(exported):
-    theirs = run_converter(exported.merged, "q8_0", exported.root / "converter-q8_0.gguf")
-    ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (exported.gguf["q8_0"], theirs))
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
-    assert "Q8_0" in {t.tensor_type.name for t in ours.values()}
-    assert [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
+def test_q8_0_tensors_equal_the_converters_byte_for_byte(hybrid_exported):
+    theirs = run_converter(hybrid_exported.merged, "q8_0", hybrid_exported.root / "converter-q8_0.gguf")
+    assert_same_tensors(hybrid_exported.gguf["q8_0"], theirs, "Q8_0")
 
 
 @pytest.mark.slow
-def test_q4_k_m_gguf_loads_and_stays_within_the_perplexity_bound(exported):
-    f16 = perplexity(exported.llama_cpp(exported.gguf["f16"]), exported.tokens)
-    q4 = perplexity(exported.llama_cpp(exported.gguf["q4_k_m"]), exported.tokens)
-    print(f"{exported.family} perplexity f16 {f16:.2f}, q4_k_m {q4:.2f}")
+def test_q4_k_m_gguf_loads_and_stays_within_the_perplexity_bound(hybrid_exported):
+    f16 = perplexity(hybrid_exported.llama_cpp(hybrid_exported.gguf["f16"]), hybrid_exported.tokens)
+    q4 = perplexity(hybrid_exported.llama_cpp(hybrid_exported.gguf["q4_k_m"]), hybrid_exported.tokens)
+    print(f"{hybrid_exported.family} perplexity f16 {f16:.2f}, q4_k_m {q4:.2f}")
     assert q4 / f16 < Q4_K_M_MAX_PPL_RATIO
 
 
 
 @pytest.mark.slow
-def test_q4_k_m_types_are_the_ones_llama_quantize_picks(exported):
+def test_q4_k_m_types_are_the_ones_llama_quantize_picks(hybrid_exported):
     """llama_model_quantize (Q4_K_M, no imatrix) on our f16 file picks each tensor's type as
     our q4_k_m export does: attn_qkv counted with attn_v, ssm_conv1d kept, ssm_a and the
     biases left float (rows of 64 here: K-quants fall back to 32-blocks, as llama.cpp's do)."""
@@ -211,11 +220,11 @@ def test_q4_k_m_types_are_the_ones_llama_quantize_picks(exported):
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
-    out = exported.root / "llama-quantize-q4_k_m.gguf"
-    assert llama_cpp.llama_model_quantize(str(exported.gguf["f16"]).encode(), str(out).encode(),
+    out = hybrid_exported.root / "llama-quantize-q4_k_m.gguf"
+    assert llama_cpp.llama_model_quantize(str(hybrid_exported.gguf["f16"]).encode(), str(out).encode(),
                                           ctypes.byref(params)) == 0
     ours, theirs = ({t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
-                    for p in (exported.gguf["q4_k_m"], out))
+                    for p in (hybrid_exported.gguf["q4_k_m"], out))
     assert ours == theirs
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import transformers
 from assets import MIXTRAL_TEMPLATE, asset, qwen3_tokenizer_folder, sentencepiece_bpe
+from chat_checks import before_last_answer, trained
+from chat_checks import example as chat_example
 
-from mlxmoe.data import DataError, Example, load_dataset
+from mlxmoe.data import DataError, load_dataset
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.recipe import RecipeError, load_recipe
 
@@ -38,29 +40,16 @@ def qwen3(qwen3_folder):
     return transformers.AutoTokenizer.from_pretrained(qwen3_folder)
 
 
-def example(tmp_path: Path, tokenizer, messages: list[dict], thinking: str) -> Example:
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"messages": messages}) + "\n")
-    return load_dataset(path, tokenizer, 512, thinking=thinking).examples[0]
-
-
-def trained(tokenizer, ex: Example) -> list[str]:
-    """The decoded runs of tokens the loss mask trains."""
-    edges = np.flatnonzero(np.diff(np.r_[0, ex.loss_mask.astype(int), 0]))
-    return [tokenizer.decode(ex.tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])]
-
-
-def before_last_answer(ex: Example) -> list[int]:
-    starts = np.flatnonzero(np.diff(ex.loss_mask.astype(int)) == 1) + 1
-    return ex.tokens[:starts[-1]].tolist()
-
-
 def ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def rendered(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, **kwargs))
+
+
+def example(tmp_path: Path, tokenizer, messages: list[dict], thinking: str):
+    return chat_example(tmp_path, tokenizer, messages, thinking, max_seq_len=512)
 
 
 # --- off: every answer after the non-thinking prompt ----------------------------------------

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
-from assets import HARMONY_TOKENS, llama_cpp_template, o200k_encodings_folder, qwen3_tokenizer_with
+from assets import (
+    HARMONY_TOKENS,
+    llama_cpp_template,
+    o200k_encodings_folder,
+    qwen3_tokenizer_with,
+)
+from chat_checks import before_last_answer, example, trained
 from ollama_go import CURRENT_DATE, build_go_program, frozen_today, ollama_chat_values
 
-from mlxmoe.data import load_dataset
 from mlxmoe.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
 
@@ -108,22 +112,6 @@ def go_render(tmp_path_factory):
     run = build_go_program(tmp_path_factory.mktemp("go"))
     template = chat_formats()["gpt-oss"]["template"]
     return lambda cases: run(template, cases)["prompts"]
-
-
-def example(tmp_path, tokenizer, messages, thinking):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"messages": messages}) + "\n")
-    return load_dataset(path, tokenizer, 1024, thinking=thinking).examples[0]
-
-
-def trained(tokenizer, ex) -> list[str]:
-    edges = np.flatnonzero(np.diff(np.r_[0, ex.loss_mask.astype(int), 0]))
-    return [tokenizer.decode(ex.tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])]
-
-
-def before_last_answer(ex) -> np.ndarray:
-    starts = np.flatnonzero(np.diff(ex.loss_mask.astype(int)) == 1) + 1
-    return ex.tokens[:starts[-1]]
 
 
 def developer_blank_line(text: str) -> str:
@@ -277,4 +265,4 @@ def test_the_tokens_trained_before_a_gpt_oss_answer_are_the_modelfile_prompt(
     history = [{("thinking" if k == "reasoning_content" else k): v for k, v in m.items()}
                for m in messages[:-1]]
     (prompt,) = go_render([ollama_chat_values(history, None, think)])
-    assert gpt_oss.encode(prompt, add_special_tokens=False) == before_last_answer(ex).tolist()
+    assert gpt_oss.encode(prompt, add_special_tokens=False) == before_last_answer(ex)

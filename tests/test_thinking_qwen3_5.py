@@ -8,14 +8,11 @@ The tokenizer is Qwen3's, which has every token the template writes."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 from assets import llama_cpp_template, qwen3_tokenizer_with
+from chat_checks import before_last_answer, example, trained
 from ollama_go import build_go_program, ollama_chat_values
 
-from mlxmoe.data import load_dataset
 from mlxmoe.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
 
@@ -51,22 +48,6 @@ def go_render(tmp_path_factory):
     run = build_go_program(tmp_path_factory.mktemp("go"))
     template = chat_formats()["qwen3_5"]["template"]
     return lambda cases: run(template, cases)["prompts"]
-
-
-def example(tmp_path, tokenizer, messages, thinking):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"messages": messages}) + "\n")
-    return load_dataset(path, tokenizer, 1024, thinking=thinking).examples[0]
-
-
-def trained(tokenizer, ex) -> list[str]:
-    edges = np.flatnonzero(np.diff(np.r_[0, ex.loss_mask.astype(int), 0]))
-    return [tokenizer.decode(ex.tokens[a:b]) for a, b in zip(edges[::2], edges[1::2])]
-
-
-def before_last_answer(ex) -> list[int]:
-    starts = np.flatnonzero(np.diff(ex.loss_mask.astype(int)) == 1) + 1
-    return ex.tokens[:starts[-1]].tolist()
 
 
 def test_detected_apart_from_qwen3_by_its_thinking_prompt(folder):
