@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit("set LLAMA_CPP_SRC (or --llama-cpp-src) to llama.cpp's tree with convert_hf_to_gguf.py")
+        raise SystemExit("set LLAMA_CPP_SRC (or --llama-cpp-src) to llama.cpp's tree with "
+                         "convert_hf_to_gguf.py")
     src = args.llama_cpp_src.resolve()
     converter_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p)}

@@ -79,7 +79,8 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, experts: int, vocab
         tensors |= {f"{p}.input_layernorm.weight": 1 + normal(hidden),
                     f"{p}.post_attention_layernorm.weight": 1 + normal(hidden),
                     f"{p}.self_attn.sinks": normal(heads, scale=1.0),
-                    f"{p}.mlp.router.weight": normal(experts, hidden), f"{p}.mlp.router.bias": normal(experts),
+                    f"{p}.mlp.router.weight": normal(experts, hidden),
+                    f"{p}.mlp.router.bias": normal(experts),
                     f"{p}.mlp.experts.gate_up_proj_bias": normal(experts, 2 * ffn),
                     f"{p}.mlp.experts.down_proj_bias": normal(experts, hidden)}
         for name, out_dims in (("q", heads * head_dim), ("k", kv * head_dim), ("v", kv * head_dim)):
@@ -89,8 +90,9 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, experts: int, vocab
                     f"{p}.self_attn.o_proj.bias": normal(hidden)}
         # MXFP4 as published: rows are outputs; any bytes are valid codes, scales near 2^-7
         for name, rows, cols in (("gate_up_proj", 2 * ffn, hidden), ("down_proj", hidden, ffn)):
-            tensors[f"{p}.mlp.experts.{name}_blocks"] = rng.integers(0, 256, (experts, rows, cols // 32, 16), np.uint8)
-            tensors[f"{p}.mlp.experts.{name}_scales"] = rng.integers(118, 122, (experts, rows, cols // 32), np.uint8)
+            blocks = (experts, rows, cols // 32)
+            tensors[f"{p}.mlp.experts.{name}_blocks"] = rng.integers(0, 256, (*blocks, 16), np.uint8)
+            tensors[f"{p}.mlp.experts.{name}_scales"] = rng.integers(118, 122, blocks, np.uint8)
     save_file(tensors, str(folder / "model.safetensors"))
     config = dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=vocab,
                   hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -117,7 +119,8 @@ def main() -> None:
         size = (folder / "model.safetensors").stat().st_size
         print(f"checkpoint: {size / 2**20:.1f} MiB; hidden {args.hidden}, {args.layers} layers, "
               f"{args.experts} experts top-4, {args.tokens} tokens")
-        print("| experts | dtype | expert MiB | model MiB | load peak MiB | load s | forward tok/s | LoRA step tok/s |")
+        print("| experts | dtype | expert MiB | model MiB | load peak MiB | load s | forward tok/s "
+              "| LoRA step tok/s |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for case, dtype in (("dequantized", "float32"), ("dequantized", "bfloat16"),
                             ("mxfp4", "float32"), ("affine4", "float32")):

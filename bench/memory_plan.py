@@ -53,6 +53,24 @@ OLMOE = dict(model_type="olmoe", vocab_size=8192, hidden_size=256, num_hidden_la
              max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1e4,
              tie_word_embeddings=False)
 
+# Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet in three layers of four, gated attention in the
+# fourth (the last), routed experts and a shared expert; Qwen3.5 in its multimodal layout
+LINEAR = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+              rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+              linear_value_head_dim=32, moe_intermediate_size=128,
+              shared_expert_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+              full_attention_interval=4)
+SMALL_LINEAR = dict(LINEAR, vocab_size=16384, hidden_size=512, num_attention_heads=8,
+                    head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+                    linear_key_head_dim=64, linear_value_head_dim=64, moe_intermediate_size=256,
+                    shared_expert_intermediate_size=512, num_experts=16, num_experts_per_tok=4)
+TINY_NEXT = dict(LINEAR, model_type="qwen3_next", intermediate_size=256, norm_topk_prob=True)
+SMALL_NEXT = dict(SMALL_LINEAR, model_type="qwen3_next", intermediate_size=1024,
+                  norm_topk_prob=True)
+TINY_QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=LINEAR)
+SMALL_QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=SMALL_LINEAR)
 
 QUICK = [
     setting("tiny qwen3", TINY),
@@ -60,6 +78,8 @@ QUICK = [
     setting("tiny qwen3", TINY, checkpoint=True),
     setting("tiny qwen3", TINY, batch=4, seq=512, strategy="attention"),
     setting("tiny qwen3", TINY, dispatch="dense"),
+    setting("tiny qwen3-next", TINY_NEXT),
+    setting("tiny qwen3.5", TINY_QWEN3_5, checkpoint=True),
 ]
 SETTINGS = QUICK + [
     setting("tiny qwen3", TINY, bits=8, strategy="experts+router", accum=2),
@@ -78,6 +98,12 @@ SETTINGS = QUICK + [
     setting("small mixtral", SMALL, dispatch="dense"),
     setting("small mixtral", SMALL, strategy="all", rank=16, dispatch="dense"),
     setting("small qwen2-moe", SMALL_SHARED, dispatch="dense"),
+    setting("tiny qwen3-next", TINY_NEXT, bits=4, checkpoint=True),
+    setting("tiny qwen3.5", TINY_QWEN3_5, strategy="attention"),
+    setting("tiny qwen3-next", TINY_NEXT, strategy="all"),
+    setting("small qwen3-next", SMALL_NEXT),
+    setting("small qwen3.5", SMALL_QWEN3_5, bits=4),
+    setting("small qwen3.5", SMALL_QWEN3_5, checkpoint=True),
 ]
 
 # Widths a group size does not divide stay float (quantize.should_quantize): the CPU runs such
@@ -92,6 +118,7 @@ MAC_QUICK = [
     setting("tiny qwen3", TINY, **MAC),
     setting("tiny qwen3 F96", TINY_F96, checkpoint=True, **MAC),
     setting("tiny qwen3", TINY, strategy="all", accum=2, **MAC),
+    setting("tiny qwen3.5", TINY_QWEN3_5, **MAC),
 ]
 MAC_PROFILE = MAC_QUICK + [
     setting("small mixtral", SMALL, strategy="attention", **MAC),
@@ -103,6 +130,11 @@ MAC_PROFILE = MAC_QUICK + [
     setting("qwen2-moe D320", SHARED_D320, group=128, checkpoint=True, **MAC),
     setting("small olmoe", OLMOE, batch=2, seq=512, strategy="experts+router", **MAC),
     setting("olmoe F192", OLMOE_F192, group=128, checkpoint=True, **MAC),
+    setting("tiny qwen3-next", TINY_NEXT, checkpoint=True, **MAC),
+    setting("tiny qwen3.5", TINY_QWEN3_5, checkpoint=True, **MAC),
+    setting("small qwen3-next", SMALL_NEXT, **MAC),
+    setting("small qwen3.5", SMALL_QWEN3_5, checkpoint=True, **MAC),
+    setting("small qwen3.5", SMALL_QWEN3_5, strategy="shared", **MAC),
 ]
 
 
@@ -133,7 +165,6 @@ EXPORTS = [("f16", False), ("q8_0", False), ("q8_0", True), ("q4_k_m", True)]
 def make_export_model(root: Path) -> Path:
     """A float32 Mixtral-layout checkpoint with Mixtral's tokenizer, and a rank-8 adapter."""
     import mlx.core as mx
-
     from assets import mixtral_tokenizer_folder
     from tiny_models import make_hf_model, save
 
@@ -171,11 +202,11 @@ def measure_export(job: dict) -> dict:
 
 
 def run_exports(root: Path) -> list[dict]:
+    import mlx.core as mx
+
     from mlxmoe.adapt import AdapterSpec
     from mlxmoe.info import read_config
     from mlxmoe.plan import model_memory, plan_export
-
-    import mlx.core as mx
 
     folder = make_export_model(root)
     cfg = read_config(folder)

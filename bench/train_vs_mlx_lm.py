@@ -96,7 +96,8 @@ def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
     log, rss = run(["mlx_lm", "lora", "--model", str(model), "--train", "--data", str(data),
                     "--iters", str(a.iters), "--batch-size", str(a.batch), "--num-layers", "-1",
                     "--max-seq-length", str(a.seq), "--learning-rate", "1e-4", "--mask-prompt",
-                    "--steps-per-report", str(a.report), "--steps-per-eval", str(a.iters * 10), "--val-batches", "1",
+                    "--steps-per-report", str(a.report), "--steps-per-eval", str(a.iters * 10),
+                    "--val-batches", "1",
                     "--optimizer", "adamw", "--adapter-path", str(out / "mlx_lm_adapter"),
                     "-c", str(config)], env)
     # mlx-lm 0.32 prints a table: iter, train loss (with a trend arrow), tok/s, tokens

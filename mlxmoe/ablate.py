@@ -1,6 +1,7 @@
 """Ablation: each LoRA strategy trained on the same data, budget and seed; each, and the
-untouched base, evaluated on the same held-out file; the results side by side in seed 000's
-table (ROUGE-L, perplexity, expert-utilization spread, tokens/s).
+untouched base, evaluated on the same held-out file; the results side by side in the
+columns MoE LoRA write-ups compare strategies by (ROUGE-L, perplexity, expert-utilization
+spread, tokens/s).
 
 ``OUT/<strategy>/`` is that strategy's run (what ``train`` writes) plus ``eval.json``;
 ``OUT/base/eval.json`` is the base's evaluation. A configuration whose ``eval.json`` exists
@@ -50,7 +51,8 @@ BARS_PLOT = "ablation.png"
 ABLATION_LOAD_PLOT = "ablation_expert_load.png"
 
 # (row field, header, format) of the two tables, printed and in Markdown: the evaluation
-# (seed 000's columns) and the training of each strategy.
+# (quality, routing balance and speed, as MoE LoRA write-ups compare strategies) and the
+# training of each strategy.
 EVAL_COLUMNS = (
     ("name", "configuration", "s"),
     ("rouge_l", "ROUGE-L F1", ".4f"),
@@ -342,7 +344,8 @@ def markdown_table(result: AblationResult) -> str:
         f"# Ablation: {model}",
         "",
         f"Evaluated on `{result.eval_data}`; every strategy trained on "
-        f"`{result.settings['recipe']['data']['path']}` for {train['iters']} steps (batch {train['batch_size']} x {train['grad_accum']} accumulated, "
+        f"`{result.settings['recipe']['data']['path']}` for {train['iters']} steps "
+        f"(batch {train['batch_size']} x {train['grad_accum']} accumulated, "
         f"learning rate {train['learning_rate']:g}, seed {train['seed']}, LoRA rank {lora['rank']}, "
         f"base {'%d-bit' % train['quantize'] if train['quantize'] else 'float'}).",
         "",

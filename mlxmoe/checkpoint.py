@@ -41,6 +41,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters save that are recomputed, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+MXFP4_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # gpt-oss's experts, as published
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         )
     config = ConfigView(raw, config_path)
     family = family_for(raw.get("model_type"), str(config_path))
-    quantization = checkpoint_quantization(raw, str(config_path))
+    quantization = checkpoint_quantization(raw, str(config_path), family.mxfp4_experts)
     mxfp4 = mxfp4_checkpoint(raw)
     if mxfp4 and not family.mxfp4_experts:
         raise CheckpointError(
@@ -215,11 +216,20 @@ def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
                        origin: dict[str, tuple[str, Path]], keep_mxfp4: bool, dtype: mx.Dtype
                        ) -> dict[str, tuple[int, int, str]]:
     """Adds the quantized tensors to ``found`` (routers and the other never-quantized roles
-    dequantized, MXFP4 experts too unless ``keep_mxfp4``); returns module path -> (bits,
-    group size, mode) of those kept quantized."""
-    mode = MXFP4 if ckpt.mxfp4 else "affine"
+    dequantized, MXFP4 experts too unless ``keep_mxfp4`` or the rest arrives quantized too, as
+    in mlx-lm's gpt-oss); returns module path -> (bits, group size, mode) of those kept
+    quantized. MXFP4 is told apart by its uint8 exponents (affine scales are floats)."""
+    keep_mxfp4 = keep_mxfp4 or ckpt.quantization is not None
     specs = {}
     for ours, parts in packed.items():
+        scales = parts.get("scales")
+        mlx_lm_affine = ckpt.quantization is not None and (scales is None or scales.dtype != mx.uint8)
+        mode = MXFP4 if ckpt.mxfp4 and not mlx_lm_affine else "affine"
+        role = role_of_path(ours)
+        if mode == MXFP4 and (role is None or role[0] not in MXFP4_ROLES):
+            name, file = origin[f"{ours}:{next(iter(parts))}"]
+            raise CheckpointError(f"{file}: tensor {name!r} is MXFP4; mlxmoe reads MXFP4 for "
+                                  "gpt-oss's experts only (mlx_lm.convert -q quantizes the rest affine)")
         if mode == MXFP4:
             bits, group = _mxfp4_shape(ours, parts, expected[ours], origin)
         else:
@@ -229,7 +239,6 @@ def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
                                       f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})")
             bits, group = quantized_shape(ours, tuple(parts["weight"].shape),
                                           tuple(parts["scales"].shape), expected[ours], str(ckpt.folder))
-        role = role_of_path(ours)
         if (role is not None and role[0] in UNQUANTIZED_ROLES) or (mode == MXFP4 and not keep_mxfp4):
             found[ours] = dequantized(parts, bits, group, mode, dtype)
             continue

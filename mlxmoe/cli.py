@@ -1,18 +1,19 @@
 """The ``mlxmoe`` command: parses options and calls the Python API, nothing more.
 
-Each subcommand lives in ``mlxmoe/commands/<name>.py`` as a click command of the same name.
+Each subcommand lives in ``mlxmoe/commands/<name>.py`` as a click command of the same name,
+listed in ``COMMANDS``.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 
 import click
 from rich.markup import escape
 
-from . import blas, commands
+from . import blas
+from .commands import ablate, data, demo, export, info, plan, train, upcycle
+from .commands import eval as eval_command
 from .commands._ui import console
 from .errors import MlxMoeError
 
@@ -65,7 +66,7 @@ def run() -> None:
     main()
 
 
-for _module in pkgutil.iter_modules(commands.__path__):
-    if not _module.name.startswith("_"):
-        _mod = importlib.import_module(f"{commands.__name__}.{_module.name}")
-        main.add_command(getattr(_mod, _module.name.replace("-", "_")))
+COMMANDS = (data.data, upcycle.upcycle, info.info, plan.plan, train.train, eval_command.eval,
+            ablate.ablate, export.export, demo.demo)
+for _command in COMMANDS:
+    main.add_command(_command)

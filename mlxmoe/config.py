@@ -15,6 +15,7 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from .nn.gated_deltanet import DeltaNetArgs
+    from .nn.mla import MLAArgs
 
 _MISSING = object()
 
@@ -78,6 +79,7 @@ class DecoderArgs:
     # RMSNorms scale by offset + weight: 1.0 where weights are stored zero-centred (Qwen3-Next)
     norm_weight_offset: float = 0.0
     linear_attention: DeltaNetArgs | None = None  # the Gated DeltaNet of "linear_attention" layers
+    mla: MLAArgs | None = None  # multi-head latent attention in every layer (DeepSeek-V2)
     # Granite's multipliers (transformers' names): the embeddings times embedding_multiplier,
     # attention scores times attention_multiplier (None: head_dim ** -0.5), each block's
     # output times residual_multiplier before it joins the residual stream, logits divided
@@ -140,6 +142,15 @@ class MoEArgs(DecoderArgs):
     # Set both for gpt-oss's clamped SwiGLU (nn.moe.clamped_swiglu); None: silu(gate) * up
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
+    # The shared expert's output times sigmoid(shared_expert_gate(x)) (Qwen); False: added as
+    # it is (DeepSeek-V2)
+    shared_expert_gate: bool = True
+    # DeepSeek-V2: the top-k routing weights times routed_scaling_factor; experts in
+    # expert_groups groups, the top-k taken from the expert_groups_used groups whose best
+    # expert scores highest (topk_method "group_limited_greedy"; 1 group: plain top-k)
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1
+    expert_groups_used: int = 1
 
     def is_moe_layer(self, layer: int) -> bool:
         return (

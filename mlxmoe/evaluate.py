@@ -3,9 +3,10 @@
 What is measured, and how it relates to training:
 
 - perplexity = exp(mean cross-entropy over answer tokens), token-weighted over the whole file:
-  the same samples -> tokens -> loss mask as training (``data``), the same shift into a
-  ``Batch`` (``BatchSchedule``), the same loss (``train.step.answer_cross_entropy``). So exp(validation loss)
-  of a training run on that file is this perplexity (up to truncation: ``max_seq_len``).
+  the same samples -> tokens -> loss mask as training (``samples.encode_sample``), the same
+  shift into a ``Batch`` (``BatchSchedule``), the same loss (``train.step.answer_cross_entropy``).
+  So exp(validation loss) of a training run on that file is this perplexity (up to truncation:
+  ``max_seq_len``).
 - ROUGE-L F1 (``rouge``) of a greedy answer against the reference answer: the completion,
   or the content of the last assistant message. The prompt is every token before the
   answer, i.e. what the chat template renders before the assistant turn. Samples are rendered
@@ -40,14 +41,16 @@ import mlx.core as mx
 import numpy as np
 
 from .adapters import check_adapter_base, load_adapters, read_adapter_config
-from .data import BatchSchedule, Dataset, Example, _Encoder, _read_jsonl
+from .batches import BatchSchedule
+from .dtypes import dtype_name
 from .errors import MlxMoeError
 from .hub import resolve
-from .dtypes import dtype_name
 from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
+from .quantize import NO_QUANTIZATION, SUPPORTED_BITS
 from .rouge import RougeL, rouge_l
+from .samples import Dataset, Example, SampleEncoder, encode_sample, read_samples
 from .thinking import answer_text, reply_answer
 from .train.step import answer_cross_entropy
 
@@ -126,13 +129,13 @@ def evaluate(
 ) -> EvalReport:
     """Perplexity, ROUGE-L, expert load, speed and memory of a model on ``data_path``.
 
-    ``quantize`` None loads the base as the adapter was trained (or unquantized without an
-    adapter); 0 forces float weights, 4 or 8 those bits. ``limit`` keeps the first samples of
-    the file. ``generate`` False skips generation (perplexity and experts only). ``progress``
-    is called with (samples done, samples in all) after each sample. ``generate_limit``
-    generates answers for the first N samples only (perplexity still covers all). ``dtype``:
-    what the model computes in (``dtypes.DTYPE_CHOICES``; None is auto). An adapter trained on
-    other base weights is refused unless ``force``.
+    ``quantize``: bits of the base (``quantize.SUPPORTED_BITS``) or ``NO_QUANTIZATION`` (float
+    weights); None, as the adapter was trained (float weights without an adapter). ``limit``
+    keeps the first samples of the file. ``generate`` False skips generation (perplexity and
+    experts only). ``progress`` is called with (samples done, samples in all) after each
+    sample. ``generate_limit`` generates answers for the first N samples only (perplexity
+    still covers all). ``dtype``: what the model computes in (``dtypes.DTYPE_CHOICES``; None
+    is auto). An adapter trained on other base weights is refused unless ``force``.
     """
     if max_new_tokens < 1:
         raise MlxMoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -143,14 +146,14 @@ def evaluate(
     bits, group_size = _quantization(adapter, quantize, group_size)
     if adapter is not None and not force:  # before the model loads: an error in seconds
         check_adapter_base(adapter, resolve(model_path))
-    model = load_model(model_path, quantize=bits or None, group_size=group_size, dtype=dtype)
+    model = load_model(model_path, quantize=bits, group_size=group_size, dtype=dtype)
     tokenizer = require_tokenizer(model.source)
     if adapter is not None:
         load_adapters(model, adapter, check_base=False)
     model.eval()
 
-    encoder = _Encoder(tokenizer, thinking="off")
-    samples = list(_read_jsonl(path))[:limit]
+    encoder = SampleEncoder(tokenizer, thinking="off")
+    samples = list(read_samples(path))[:limit]
     if not samples:
         raise MlxMoeError(f"{path}: no samples")
     results: list[SampleResult] = []
@@ -159,14 +162,13 @@ def evaluate(
     prompts: list[np.ndarray | None] = []
     truncated = 0
     for where, sample in samples:
-        tokens, mask = encoder.encode(sample, where)
-        prompts.append(_generation_prompt(sample, tokens, mask))
-        truncated += int(len(tokens) > max_seq_len)
-        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-        results.append(SampleResult(where, int(mask[1:].sum()), None, _reference(sample)))
-        if mask[1:].any():
+        encoded = encode_sample(encoder, sample, where, max_seq_len)
+        prompts.append(_generation_prompt(sample, encoded.tokens, encoded.loss_mask))
+        truncated += int(encoded.truncated)
+        results.append(SampleResult(where, encoded.target_tokens, None, _reference(sample)))
+        if encoded.target_tokens:
             owners.append(len(results) - 1)
-            examples.append(Example(tokens.astype(np.int32), mask))
+            examples.append(encoded.example)
     if not examples:
         raise MlxMoeError(f"{path}: no sample has an answer token within max_seq_len={max_seq_len}")
     if generate_limit is not None:
@@ -269,14 +271,15 @@ class _Ticker:
 
 def _quantization(adapter, quantize: int | None, group_size: int) -> tuple[int, int]:
     if quantize is not None:
-        if quantize not in (0, 4, 8):
-            raise MlxMoeError(f"quantize must be 0, 4 or 8 bits, got {quantize}")
+        if quantize not in (NO_QUANTIZATION, *SUPPORTED_BITS):
+            raise MlxMoeError(f"quantize must be {NO_QUANTIZATION}, "
+                              f"{' or '.join(map(str, SUPPORTED_BITS))} bits, got {quantize}")
         return quantize, group_size
     if adapter is not None:
         trained = read_adapter_config(adapter).get("quantization")
         if trained:
             return int(trained["bits"]), int(trained["group_size"])
-    return 0, group_size
+    return NO_QUANTIZATION, group_size
 
 
 def _reference(sample: dict) -> str | None:

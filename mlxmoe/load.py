@@ -15,17 +15,19 @@ from .errors import MlxMoeError
 from .hub import resolve
 from .model import CausalLM
 from .nn.moe import set_dispatch
-from .quantize import Quantization, quantize_model
+from .quantize import NO_QUANTIZATION, Quantization, quantize_model
 
 
 def load_model(
     path_or_id: str | Path,
-    quantize: int | None = None,
+    quantize: int = NO_QUANTIZATION,
     group_size: int = 64,
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> CausalLM:
-    """``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an ``mx.Dtype``; None is ``auto``.
+    """``quantize``: bits of the frozen base (``quantize.SUPPORTED_BITS``), or
+    ``NO_QUANTIZATION`` for float weights. ``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an
+    ``mx.Dtype``; None is ``auto``.
 
     Experts that arrive in MXFP4 (gpt-oss) stay in MLX's mxfp4 mode when ``quantize`` is set
     (exactly the published values, 4.25 bits a weight; the other layers are quantized to
@@ -53,7 +55,7 @@ def load_model(
     return model
 
 
-def _as_stored(ckpt, quantize: int | None) -> tuple[int, int]:
+def _as_stored(ckpt, quantize: int) -> tuple[int, int]:
     """A checkpoint that arrives quantized is the frozen base as it is: never re-quantized."""
     stored = ckpt.quantization
     if quantize and quantize != stored.bits:
@@ -108,7 +110,7 @@ def require_tokenizer(folder: str | Path) -> Any:
 
 def load(
     path_or_id: str | Path,
-    quantize: int | None = None,
+    quantize: int = NO_QUANTIZATION,
     group_size: int = 64,
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,

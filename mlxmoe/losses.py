@@ -82,8 +82,8 @@ def linear_cross_entropy(
             if pieces:  # one chunk after the other: MLX would otherwise schedule them together
                 hc = mx.depends(hc, pieces[-1])
             logits = project(hc).astype(mx.float32)
-            # One exp per logit (MLX's CPU exp costs ~15 ns a value, the rest of the loss
-            # ~3 passes over the logits): softmax and log-sum-exp share it.
+            # One exp per logit, shared by softmax and log-sum-exp: exp dominates the loss
+            # on MLX's CPU backend (bench/README.md).
             peak = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
             e = mx.exp(logits - peak)
             total = e.sum(axis=-1, keepdims=True)

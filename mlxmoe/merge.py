@@ -251,7 +251,8 @@ class MergedWeights:
             stacked = np.empty(shape, np.float32)
             for x in range(shape[0]):
                 if (ours, x) not in self._sources:
-                    raise CheckpointError(f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}")
+                    raise CheckpointError(
+                        f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}")
                 stacked[x] = self._read(self._sources[(ours, x)])
             return stacked
         if ours == "lm_head.weight" and self.args.tie_word_embeddings:

@@ -10,13 +10,15 @@ import mlx.nn as nn
 from .config import DecoderArgs, MoEArgs
 from .nn import Attention, GatedMLP, SparseMoE
 from .nn.gated_deltanet import DeltaNetCache, GatedDeltaNet
+from .nn.mla import MultiHeadLatentAttention
 from .nn.norm import rms_norm
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm token mixing, then pre-norm feed-forward: dense ``mlp`` or sparse ``moe``.
-    The mixer is ``attn`` (softmax attention), or ``linear_attn`` (Gated DeltaNet) where
-    ``args.layer_types`` says "linear_attention"."""
+    The mixer is ``attn`` (softmax attention; multi-head latent attention where ``args.mla``
+    is set), or ``linear_attn`` (Gated DeltaNet) where ``args.layer_types`` says
+    "linear_attention"."""
 
     def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None,
                  linear: bool = False):
@@ -24,6 +26,8 @@ class DecoderLayer(nn.Module):
         self.input_norm = rms_norm(args.hidden_size, args)
         if linear:
             self.linear_attn = GatedDeltaNet(args.linear_attention)
+        elif args.mla is not None:
+            self.attn = MultiHeadLatentAttention(args)
         else:
             self.attn = Attention(args, window)
         self.post_attn_norm = rms_norm(args.hidden_size, args)

@@ -29,6 +29,7 @@ from .blas import choose_library
 from .config import MoEArgs
 from .dtypes import resolve_dtype
 from .errors import MlxMoeError
+from .families import family_for
 from .info import lazy_model, weight_bytes
 from .model import CausalLM
 from .nn.moe import choose_dispatch
@@ -36,8 +37,7 @@ from .plan_activations import Shape, activations
 from .recipe import Recipe, TrainConfig
 
 # Float32 adapter-sized arrays alive while AdamW updates, beyond the parameters and moments:
-# the gradients, their clipped copy and the moments being rewritten (measured on MLX 0.32 with
-# adapters 40x larger than the activations: 2.8 copies).
+# the gradients, their clipped copy and the moments being rewritten (measured: bench/README.md).
 UPDATE_COPIES = 3
 
 
@@ -196,12 +196,10 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
                         tuple(static + phases[phase]), phase, dispatch)
 
 
-# Peak temporaries of encoding one float32 tensor, as a multiple of its size: tracemalloc
-# over gguf-py's quantizers and ours (kquants) on a 2048 x 4096 tensor; q4_k_m mixes Q4_K
-# and Q6_K, the larger is taken.
-# The encoded tensor over its float32 bytes (gguf/blocks.py encodes in chunks of a few MiB)
+# The encoded tensor over its float32 bytes (gguf/blocks.py encodes in chunks of a few MiB);
+# q4_k_m mixes Q4_K and Q6_K, mxfp4 MXFP4 experts and f16 for the rest: the larger is taken.
 ENCODE_WORKING = {"f32": 1.0, "f16": 0.5, "bf16": 0.5, "q8_0": 34 / 128, "q4_0": 18 / 128,
-                  "q4_k_m": 210 / 1024}
+                  "q4_k_m": 210 / 1024, "mxfp4": 0.5}
 
 
 @dataclass(frozen=True)
@@ -223,6 +221,10 @@ def plan_export(cfg, file_type: str, memory: ModelMemory | None = None) -> Expor
     if file_type not in ENCODE_WORKING:
         raise MlxMoeError(f"GGUF type {file_type!r} is unknown (choose from: {', '.join(ENCODE_WORKING)})")
     model = lazy_model(cfg)
+    family = family_for(cfg.raw.get("model_type"), cfg.source)
+    if file_type == "mxfp4" and not family.mxfp4_experts:  # as export_gguf refuses it
+        raise MlxMoeError(f"GGUF type mxfp4 is for gpt-oss's experts; {family.name} is "
+                          "exported as f16, q8_0 or q4_k_m")
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     name = max(shapes, key=lambda k: prod(shapes[k]))
     largest = prod(shapes[name]) * 4

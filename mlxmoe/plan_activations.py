@@ -135,13 +135,15 @@ def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths
     hd = args.head_dim
     q_width, kv_width = args.num_heads * hd, args.num_kv_heads * hd
     kept: Counter = Counter()
-    attn = {t.split(".")[1] for t in targets if t.startswith("attn.")}
+    attn = {t.split(".")[1] for t in targets if t.startswith(("attn.", "linear_attn."))}
     kept["LoRA"] += len(attn) * T * rank * a  # x A^T, read by dB
     if grad:
         kept["residual stream"] += T * D * f  # layer input, read by the input norm's gradient
-    if attn & {"q_proj", "k_proj", "v_proj"}:
+    if "linear_attn" in layer:
+        kept.update(_linear_attention_kept(args.linear_attention, attn, grad, shape, a))
+    elif attn & {"q_proj", "k_proj", "v_proj"}:
         kept["attention"] += T * D * a  # normed input, read by dA of the q/k/v LoRAs
-    if grad or attn & {"q_proj", "k_proj", "v_proj"}:
+    if "linear_attn" not in layer and (grad or attn & {"q_proj", "k_proj", "v_proj"}):
         if args.qk_norm:
             kept["attention"] += T * (q_width + kv_width) * f  # q, k before their norms
         if args.clip_qkv is not None:
@@ -150,6 +152,8 @@ def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths
         # too): q * scale, k and v feed matmuls, softmax keeps its output [B, H, L, L].
         kept["attention"] += T * (q_width + 2 * kv_width) * a
         kept["attention scores"] += B * args.num_heads * L * L * a
+        if args.attn_output_gate:  # Qwen3-Next: out * sigmoid(gate) reads both
+            kept["attention"] += 2 * T * q_width * a
     if "o_proj" in attn:
         kept["attention"] += T * q_width * a  # o_proj's input, read by its dA
     grad = grad or bool(attn)
@@ -168,6 +172,46 @@ def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths
         if "mlp.down_proj" in ffn:
             kept["feed-forward"] += T * inter * a
     return kept
+
+
+def _linear_attention_kept(d, adapted: set[str], grad: bool, shape: Shape, a: int) -> Counter:
+    """What a Gated DeltaNet layer (nn/gated_deltanet.py) keeps, by the arrays its backward
+    reads; the recurrence runs in float32 whatever the model's dtype. Per token, with H value
+    heads, C the chunk size, n = T / C chunks per sequence:
+
+    - in-projections: their normed input (the LoRAs' dA); z, the norm's gate, in float32;
+    - convolution: its float32 pre-activation, sigmoid (silu's gradient) and output, whose
+      views q, k and v are read by the L2 norms and v * beta, and one more float32 [T,
+      conv_dim] array that only the compiled step keeps (measured on one to three stacked
+      layers, either projection layout, float32 and bfloat16: without it 5% under);
+    - chunked delta rule, float32: q and k repeated to the value heads, k * beta, k * beta *
+      exp(decay), q * exp(decay), k's decay to the chunk's end, w, v * beta and v_new
+      ([T, H, Dk or Dv] each); [T, H, C] arrays: the pairwise decays, k_beta k^T, the
+      strictly lower system, q k^T, the masked attention, the block inversion's stacked
+      blocks, partial inverses and products (about C^2 + C^2 + C^2 / 2 a chunk) and the
+      inverse; the state entering every chunk [B, H, Dk, Dv];
+    - gated RMSNorm, float32: its input, the normed output, sigmoid(z) and silu(z);
+      out_proj's input in the model's dtype (its LoRA's dA)."""
+    T, D, C = shape.tokens, d.hidden_size, min(d.chunk_size, _pow2_at_least(shape.seq_len))
+    H, dk, dv = d.num_value_heads, d.key_head_dim, d.value_head_dim
+    kept: Counter = Counter()
+    inputs = adapted - {"out_proj"}
+    if inputs:
+        kept["linear attention"] += T * D * a
+    if grad or inputs:
+        kept["linear attention"] += T * (d.value_dim + 4 * d.conv_dim) * 4
+        kept["linear attention"] += T * H * (7 * dk + 2 * dv) * 4
+        kept["linear attention"] += int(T * H * C * 8.5) * 4
+        chunks = shape.batch * -(-shape.seq_len // C)
+        kept["linear attention"] += chunks * H * dk * dv * 4
+        kept["linear attention"] += 4 * T * d.value_dim * 4
+    if "out_proj" in adapted:
+        kept["linear attention"] += T * d.value_dim * a
+    return kept
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _router_kept(args: MoEArgs, T: int, compiled: bool, checkpoint: bool = False) -> int:
@@ -258,6 +302,12 @@ def _layer_backward_working(args, layer, targets: set[str], shape: Shape, widths
     a, f = widths
     T, B, L = shape.tokens, shape.batch, shape.seq_len
     attn = 2 * B * args.num_heads * L * L * a
+    if "linear_attn" in layer:
+        # The chunked delta rule's backward, float32 (measured on single layers: 12 [T, H, C]
+        # arrays and 8 [T, H, Dk], within 15% over chunk sizes 32-128, 4-8 heads, Dk 32-64)
+        d = args.linear_attention
+        C = min(d.chunk_size, _pow2_at_least(L))
+        attn = T * d.num_value_heads * (12 * C + 8 * d.key_head_dim) * 4
     if not layer.is_moe:
         return max(attn, 2 * T * args.intermediate_size * a)
     rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)

@@ -11,6 +11,9 @@ gpt-oss publishes its experts in MXFP4 (``quantization_config.quant_method: mxfp
 ``*_blocks`` hold 4-bit E2M1 values two a byte, ``*_scales`` a power-of-two exponent per 32
 values. Those bytes are MLX's ``mxfp4`` mode as they are (``mxfp4_weight``), so the experts
 either stay quantized, exactly, or dequantize to exactly the values transformers computes.
+mlx-lm's own gpt-oss folders (``mlx_lm.convert`` of that release, as mlx-community publishes
+them) keep those experts in MLX's mxfp4 mode: ``quantization.mode`` is ``mxfp4``, and the
+layers ``-q`` quantized (affine) are per-module entries beside it.
 
 Other quantized formats (FP8 with ``weight_scale_inv``, GPTQ, AWQ, bitsandbytes...) are
 refused with one error naming the format: mlxmoe reads float checkpoints and these two.
@@ -39,9 +42,11 @@ class CheckpointQuantization:
     group_size: int
 
 
-def checkpoint_quantization(raw: dict, source: str) -> CheckpointQuantization | None:
+def checkpoint_quantization(raw: dict, source: str, mxfp4_experts: bool = False
+                            ) -> CheckpointQuantization | None:
     """The checkpoint's MLX quantization, None for a float checkpoint; an error for any
-    other quantized format."""
+    other quantized format. ``mxfp4_experts``: the family reads MXFP4 experts (gpt-oss),
+    so mlx-lm's mxfp4 default mode is its experts' (``mxfp4_beside_experts``)."""
     hf = raw.get("quantization_config")
     if isinstance(hf, dict) and hf.get("quant_method") and hf["quant_method"] != MXFP4:
         raise CheckpointError(
@@ -54,15 +59,38 @@ def checkpoint_quantization(raw: dict, source: str) -> CheckpointQuantization | 
     if not isinstance(block, dict) or "bits" not in block or "group_size" not in block:
         raise CheckpointError(f"{source}: key 'quantization' needs 'bits' and 'group_size'")
     mode = block.get("mode", "affine")
+    if mode == MXFP4 and mxfp4_experts:
+        return mxfp4_beside_experts(block, source)
     if mode != "affine":
         raise CheckpointError(f"{source}: quantization.mode {mode!r} is not supported (only 'affine')")
     return CheckpointQuantization(int(block["bits"]), int(block["group_size"]))
 
 
+def mxfp4_beside_experts(block: dict, source: str) -> CheckpointQuantization | None:
+    """mlx-lm's gpt-oss: the experts in mxfp4 (the default mode), each other quantized layer
+    an entry of its own; their bits and group size are the checkpoint's, None where none is
+    quantized. Routers aside: mlx-lm quantizes them to 8 bits, mlxmoe dequantizes them."""
+    layers = {path: spec for path, spec in block.items()
+              if isinstance(spec, dict) and not path.endswith(".router")}
+    modes = sorted({spec.get("mode", "affine") for spec in layers.values()} - {"affine"})
+    if modes:
+        raise CheckpointError(
+            f"{source}: quantization puts layers other than the experts in mode {modes[0]!r} "
+            f"(mlx_lm.convert --q-mode {modes[0]}); mlxmoe reads gpt-oss's experts in MXFP4 and "
+            "the other layers in affine mode (mlx_lm.convert -q)")
+    sizes = {(spec.get("bits"), spec.get("group_size")) for spec in layers.values()}
+    if len(sizes) > 1 or any(None in size for size in sizes):
+        raise CheckpointError(f"{source}: quantization gives the layers beside the experts "
+                              f"(bits, group_size) {sorted(sizes, key=str)}; mlxmoe reads one of them")
+    return CheckpointQuantization(*map(int, sizes.pop())) if sizes else None
+
+
 def mxfp4_checkpoint(raw: dict) -> bool:
-    """Whether config.json declares the hub's MXFP4 quantization (gpt-oss's experts)."""
-    hf = raw.get("quantization_config")
-    return isinstance(hf, dict) and hf.get("quant_method") == MXFP4
+    """Whether config.json declares experts in MXFP4: the hub's quantization (gpt-oss as
+    published) or mlx-lm's mxfp4 mode (its conversion of that release)."""
+    hf, mlx = raw.get("quantization_config"), raw.get("quantization")
+    return ((isinstance(hf, dict) and hf.get("quant_method") == MXFP4)
+            or (isinstance(mlx, dict) and mlx.get("mode") == MXFP4))
 
 
 def dtype_str(array: mx.array) -> str:

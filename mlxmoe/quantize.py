@@ -10,6 +10,8 @@ from .errors import MlxMoeError
 from .tensor_names import UNQUANTIZED_ROLES, role_of_path
 
 SUPPORTED_BITS = (4, 8)
+# bits 0: the frozen base keeps float weights (train.quantize: 0, --quantize none)
+NO_QUANTIZATION = 0
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 

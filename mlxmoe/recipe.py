@@ -75,7 +75,7 @@ class LossConfig:
 class TrainConfig:
     iters: int = 200
     batch_size: int = 4
-    grad_accum: int = 1  # seed 001: aim for an effective batch of 64-128 sequences
+    grad_accum: int = 1  # MoE routing wants an effective batch of 64-128 sequences (ST-MoE)
     learning_rate: float = 1e-4
     warmup: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio

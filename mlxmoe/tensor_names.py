@@ -36,6 +36,16 @@ ROLES: dict[str, Role] = {
     "attn_sinks": Role("layers.{bid}.attn.sinks", "blk.{bid}.attn_sinks.weight"),
     "attn_q_norm": Role("layers.{bid}.attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
     "attn_k_norm": Role("layers.{bid}.attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
+    # Multi-head latent attention (DeepSeek-V2; llama.cpp's deepseek2 names). Queries come
+    # from attn_q, or from attn_q_a -> attn_q_a_norm -> attn_q_b; the key-value latent and the
+    # shared rotary key from attn_kv_a_mqa, the latent normed by attn_kv_a_norm and expanded
+    # by attn_kv_b, which llama.cpp's converter splits per head (GGUF_PARTS).
+    "attn_q_a": Role("layers.{bid}.attn.q_a_proj.weight", "blk.{bid}.attn_q_a.weight"),
+    "attn_q_a_norm": Role("layers.{bid}.attn.q_a_norm.weight", "blk.{bid}.attn_q_a_norm.weight"),
+    "attn_q_b": Role("layers.{bid}.attn.q_b_proj.weight", "blk.{bid}.attn_q_b.weight"),
+    "attn_kv_a_mqa": Role("layers.{bid}.attn.kv_a_proj_with_mqa.weight", "blk.{bid}.attn_kv_a_mqa.weight"),
+    "attn_kv_a_norm": Role("layers.{bid}.attn.kv_a_norm.weight", "blk.{bid}.attn_kv_a_norm.weight"),
+    "attn_kv_b": Role("layers.{bid}.attn.kv_b_proj.weight", "blk.{bid}.attn_kv_b.weight"),
     "ffn_norm": Role("layers.{bid}.post_attn_norm.weight", "blk.{bid}.ffn_norm.weight"),
     # Gated DeltaNet, the linear attention of Qwen3-Next and Qwen3.5 (llama.cpp's qwen3next and
     # qwen35moe names). Qwen3-Next fuses q, k, v and z per key head (ssm_in; llama.cpp's
@@ -93,13 +103,20 @@ ROLES: dict[str, Role] = {
     ),
 }
 
+# GGUF tensors that llama.cpp makes of part of one of ours, with no module of their own: role
+# -> GGUF name (deepseek2: attn_kv_b's key rows per head, transposed, and its value rows)
+GGUF_PARTS: dict[str, str] = {
+    "attn_k_b": "blk.{bid}.attn_k_b.weight",
+    "attn_v_b": "blk.{bid}.attn_v_b.weight",
+}
+
 # Never quantized: routing decisions are sensitive to small errors, and these are tiny. So
 # are the linear attention's beta and decay projections (one output per value head), whose
 # errors the recurrent state compounds token after token.
 UNQUANTIZED_ROLES = frozenset(
     {"ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm", "output_norm",
      "attn_q_norm", "attn_k_norm", "attn_sinks", "ssm_ba", "ssm_beta", "ssm_alpha",
-     "ssm_conv1d", "ssm_dt.bias", "ssm_a", "ssm_norm"}
+     "ssm_conv1d", "ssm_dt.bias", "ssm_a", "ssm_norm", "attn_q_a_norm", "attn_kv_a_norm"}
 )
 
 # Kept in float32 whatever the model's dtype: the routers (see nn.moe.Router) and the linear

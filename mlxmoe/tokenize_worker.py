@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Dataset, Example, load_dataset
 from .errors import MlxMoeError
+from .samples import DataError, Dataset, Example, load_dataset
 from .thinking import DEFAULT_THINKING
 
 DATA_ERROR, OTHER_ERROR = 3, 4

@@ -149,6 +149,61 @@ def o200k_encodings_folder(folder: Path) -> Path:
     return folder
 
 
+O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+# gpt-oss's vocabulary: o200k's 199998 ranks, its added tokens up to 200018, padded for the
+# embedding (config.json's vocab_size).
+GPT_OSS_VOCAB_SIZE = 201088
+GPT_OSS_LAST_ADDED = 200018  # <|endofprompt|>: the hub's tokenizer.json adds no later id
+
+
+def o200k_harmony(folder: Path) -> dict:
+    """tiktoken's own ``o200k_harmony`` (gpt-oss's encoding: pattern, ranks, special tokens and
+    their ids), read offline: the rebuilt o200k file put where tiktoken caches its download
+    (TIKTOKEN_CACHE_DIR, file named by the URL's sha1). ``tiktoken.Encoding(**it)`` encodes."""
+    from tiktoken_ext import openai_public
+
+    o200k_encodings_folder(folder)
+    cache_dir = folder / "tiktoken-cache"
+    cache_dir.mkdir(exist_ok=True)
+    shutil.copy(folder / "o200k_base.tiktoken", cache_dir / hashlib.sha1(O200K_URL.encode()).hexdigest())
+    before = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+    try:
+        return openai_public.o200k_harmony()
+    finally:
+        if before is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = before
+
+
+def gpt_oss_tokenizer_folder(folder: Path, chat_template: str | None = None) -> int:
+    """gpt-oss's tokenizer as its hub tokenizer.json is built: transformers' TikTokenConverter
+    on o200k (tiktoken's pattern split, byte-level BPE, merges ignored where a whole piece is a
+    token), then the added tokens 199998-200018 with gpt-oss's ids, all special, as
+    tokenizer_config.json lists them (``<|endofprompt|>`` at 200018, which tiktoken's
+    o200k_harmony also calls ``<|reserved_200018|>``); BOS ``<|startoftext|>``, EOS
+    ``<|return|>``, PAD ``<|endoftext|>``. Returns gpt-oss's vocab_size."""
+    import tempfile
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with tempfile.TemporaryDirectory() as scratch:
+        encoding = o200k_harmony(Path(scratch))
+        backend = TikTokenConverter(vocab_file=str(Path(scratch) / "o200k_base.tiktoken"),
+                                    pattern=encoding["pat_str"]).converted()
+    added = {i: token for token, i in encoding["special_tokens"].items()
+             if i <= GPT_OSS_LAST_ADDED and token != f"<|reserved_{GPT_OSS_LAST_ADDED}|>"}
+    assert backend.get_vocab_size() == min(added) and sorted(added) == list(range(min(added), max(added) + 1))
+    backend.add_special_tokens([AddedToken(added[i], special=True, normalized=False) for i in sorted(added)])
+    assert all(backend.token_to_id(token) == i for i, token in added.items())
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|return|>",
+        pad_token="<|endoftext|>", chat_template=chat_template)
+    tokenizer.save_pretrained(folder)
+    return GPT_OSS_VOCAB_SIZE
+
+
 def qwen3_tokenizer_with(folder: Path, chat_template: str, special: tuple[str, ...] = (),
                          eos_token: str | None = None):
     """Qwen3's real tokenizer carrying another family's chat template (and its special tokens):

@@ -108,7 +108,7 @@ def measure(s: dict) -> dict:
     stepper = Stepper(model, optimizer, recipe.loss, t.grad_clip, t.compile)
     rng = np.random.default_rng(0)
     shape = (t.batch_size, t.max_seq_len)
-    vocab = s["config"]["vocab_size"]
+    vocab = model.args.vocab_size  # Qwen3.5's sits in text_config
     batches = [Batch(mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
                      mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
                      mx.ones(shape), mx.ones(shape), shape[0] * shape[1], shape[0] * shape[1])

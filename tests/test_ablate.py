@@ -74,6 +74,7 @@ def record(out: Path, name: str) -> dict:
     return json.loads((out / name / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_strategy_trains_on_the_same_data_budget_and_seed(setup, finished):
     root, model, data = setup
     result, _ = finished
@@ -100,6 +101,7 @@ def test_every_strategy_trains_on_the_same_data_budget_and_seed(setup, finished)
     assert trainable["attention"] < trainable["shared"] and trainable["attention"] < trainable["experts"]
 
 
+@pytest.mark.slow
 def test_the_table_is_each_evaluation_on_the_same_held_out_file(setup, finished):
     root, model, data = setup
     result, _ = finished
@@ -123,6 +125,7 @@ def test_the_table_is_each_evaluation_on_the_same_held_out_file(setup, finished)
             (result.out_dir / name / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
 
 
+@pytest.mark.slow
 def test_json_and_markdown_hold_the_table_and_the_plots_exist(finished):
     result, _ = finished
     table = json.loads((result.out_dir / "ablation.json").read_text())
@@ -148,6 +151,7 @@ def test_json_and_markdown_hold_the_table_and_the_plots_exist(finished):
         assert f"]({path.relative_to(result.out_dir)})" in markdown
 
 
+@pytest.mark.slow
 def test_a_rerun_of_the_cli_reuses_every_finished_configuration(setup, finished):
     root, model, data = setup
     result, _ = finished
@@ -170,6 +174,7 @@ def test_a_rerun_of_the_cli_reuses_every_finished_configuration(setup, finished)
     assert f"wrote {result.out_dir / 'ablation.md'}" in proc.output
 
 
+@pytest.mark.slow
 def test_other_settings_in_the_same_out_are_refused(setup, finished):
     root, model, data = setup
     result, _ = finished
@@ -178,6 +183,7 @@ def test_other_settings_in_the_same_out_are_refused(setup, finished):
                max_new_tokens=4, show_progress=False)
 
 
+@pytest.mark.slow
 def test_an_interrupted_ablation_resumes_where_it_stopped(setup, finished, tmp_path):
     root, model, data = setup
     result, _ = finished
@@ -221,6 +227,7 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(setup, finished, tmp_p
         assert rows[name].perplexity == pytest.approx(before[name].perplexity, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_is_skipped_with_a_note_on_a_model_without_a_shared_expert(setup, tmp_path):
     root, _, data = setup
     model = make_trainable_checkpoint("mixtral", tmp_path / "mixtral")

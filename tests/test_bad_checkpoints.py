@@ -78,7 +78,8 @@ def test_missing_tensor_is_named(good, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'"):
         mlxmoe.load(folder)
 
 
@@ -88,7 +89,8 @@ def test_misshaped_tensor_is_named_with_both_shapes(good, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
     tensors[name] = tensors[name][:-1]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(31, 64\), config.json implies \(32, 64\)"):
+    with pytest.raises(CheckpointError,
+                       match=rf"'{name}' has shape \(31, 64\), config.json implies \(32, 64\)"):
         mlxmoe.load(folder)
 
 

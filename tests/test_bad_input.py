@@ -27,7 +27,7 @@ from mlxmoe.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterError, adapter_
 from mlxmoe.atomic import atomic_dir, atomic_file, remove_stale_temps, write_text_atomic
 from mlxmoe.checkpoint import INDEX_FILE
 from mlxmoe.cli import main
-from mlxmoe.data import DataError, _read_jsonl
+from mlxmoe.data import DataError, read_samples
 from mlxmoe.errors import CheckpointError, MlxMoeError
 from mlxmoe.evaluate import evaluate
 from mlxmoe.gguf import export as gguf_export
@@ -179,7 +179,7 @@ def test_invalid_utf8_in_data_names_the_file_line_and_byte(tmp_path, bom):
     path.write_bytes(bom + b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9, "
                                         r"byte 14 of the line\)"):
-        list(_read_jsonl(path))
+        list(read_samples(path))
 
 
 # --- resuming a run -----------------------------------------------------------------------------
@@ -341,8 +341,9 @@ def test_nan_or_inf_in_the_weights_is_refused_by_every_export_type(exportable, t
 
     edit_tensors(folder, poison)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder))}: tensor '{re.escape(name)}' "
-                                              r"\(at \[3, 5\]\) holds NaN or infinity; refusing to export it"):
+    with pytest.raises(CheckpointError,
+                       match=rf"^{re.escape(str(folder))}: tensor '{re.escape(name)}' "
+                             r"\(at \[3, 5\]\) holds NaN or infinity; refusing to export it"):
         export_gguf(folder, out / "model.gguf", file_type)
     assert list(out.iterdir()) == []  # neither the target nor a temporary file
 

@@ -214,6 +214,7 @@ def test_the_banner_names_the_blas_and_the_demo_time_the_readme_states_for_it(mo
 
 
 @needs_openblas
+@pytest.mark.slow
 def test_training_with_openblas_and_the_dense_dispatch_gives_the_bundled_losses(tmp_path):
     model = make_trainable_checkpoint("mixtral", tmp_path / "model")
     data = write_qa_data(tmp_path / "data")

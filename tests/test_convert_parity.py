@@ -33,7 +33,8 @@ LLAMA_CPP_SRC = Path(os.environ.get(
     "LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
 ))
 CONVERTER = LLAMA_CPP_SRC / "convert_hf_to_gguf.py"
-pytestmark = [pytest.mark.proof("converter"), pytest.mark.skipif(
+# slow: the fixture trains an adapter and runs llama.cpp's converter
+pytestmark = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
     not CONVERTER.is_file(),
     reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
 )]

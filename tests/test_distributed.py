@@ -7,8 +7,8 @@ one process of N*B, which holds only if gradients and the router losses are pool
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,7 +21,8 @@ from tiny_models import write_qa_data
 from mlxmoe.recipe import RecipeError, load_recipe
 from mlxmoe.train import train
 
-pytestmark = pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")
+pytestmark = [pytest.mark.slow,  # every test launches ranks
+              pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")]
 
 # experts+router with a large aux_coef: the balance loss moves the router, so a wrongly
 # pooled balance loss shows in the adapters (balance_scope micro differs by ~4e-2 here).

@@ -17,7 +17,7 @@ from mlxmoe.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def eval_qa_data(tmp_path_factory) -> Path:
     return write_qa_data(tmp_path_factory.mktemp("data"), n_train=48, n_valid=6)
 
 
@@ -48,10 +48,10 @@ def hf_answer_cross_entropy(folder: Path, samples: list[dict]) -> tuple[float, i
     return total / count, count, lengths
 
 
-def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwen2_moe, data):
-    samples = [json.loads(line) for line in (data / "valid.jsonl").read_text().splitlines()]
+def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwen2_moe, eval_qa_data):
+    samples = [json.loads(line) for line in (eval_qa_data / "valid.jsonl").read_text().splitlines()]
     # float32 as transformers: auto is bfloat16 on a Mac's GPU
-    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=6, dtype="float32")
+    report = evaluate(qwen2_moe, eval_qa_data / "valid.jsonl", max_new_tokens=6, dtype="float32")
     ce, count, lengths = hf_answer_cross_entropy(qwen2_moe, samples)
     assert report.samples == len(samples) and report.answer_tokens == count
     assert report.cross_entropy == pytest.approx(ce, rel=1e-4)
@@ -69,14 +69,14 @@ def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwe
         np.mean([layer["spread"] for layer in report.experts["layers"]]))
 
 
-def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, data):
+def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, eval_qa_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    report = evaluate(qwen2_moe, data / "valid.jsonl", max_new_tokens=5, limit=2, dtype="float32")
+    report = evaluate(qwen2_moe, eval_qa_data / "valid.jsonl", max_new_tokens=5, limit=2, dtype="float32")
     tok = AutoTokenizer.from_pretrained(qwen2_moe)
     model = AutoModelForCausalLM.from_pretrained(qwen2_moe, dtype=torch.float32).eval()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    samples = [json.loads(line) for line in (data / "valid.jsonl").read_text().splitlines()][:2]
+    samples = [json.loads(line) for line in (eval_qa_data / "valid.jsonl").read_text().splitlines()][:2]
     assert [r.reference for r in report.per_sample] == [s["completion"] for s in samples]
     for sample, result in zip(samples, report.per_sample):
         text = tok.apply_chat_template([{"role": "user", "content": sample["prompt"]}],
@@ -92,25 +92,26 @@ def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, data):
     assert report.prompt_tps > 0 and report.generation_tps > 0 and report.peak_memory_gb > 0
 
 
-def test_a_trained_adapter_is_attached_and_lowers_perplexity(qwen2_moe, data, tmp_path):
+@pytest.mark.slow
+def test_a_trained_adapter_is_attached_and_lowers_perplexity(qwen2_moe, eval_qa_data, tmp_path):
     from mlxmoe.recipe import load_recipe
     from mlxmoe.train import train
 
     recipe = load_recipe(None, train=dict(iters=12, batch_size=4, learning_rate=2e-3, warmup=0,
                                           quantize=0, report_every=12, val_every=0, save_every=0,
                                           max_seq_len=64))
-    recipe.model, recipe.data = str(qwen2_moe), str(data)
+    recipe.model, recipe.data = str(qwen2_moe), str(eval_qa_data)
     train(recipe, tmp_path / "run", show_progress=False)
-    base = evaluate(qwen2_moe, data / "valid.jsonl", generate=False)
-    tuned = evaluate(qwen2_moe, data / "valid.jsonl", adapter=tmp_path / "run", generate=False)
+    base = evaluate(qwen2_moe, eval_qa_data / "valid.jsonl", generate=False)
+    tuned = evaluate(qwen2_moe, eval_qa_data / "valid.jsonl", adapter=tmp_path / "run", generate=False)
     assert tuned.adapter == str(tmp_path / "run")
     assert tuned.perplexity < 0.7 * base.perplexity, (base.perplexity, tuned.perplexity)
 
 
-def test_cli_prints_a_table_and_writes_the_json_report(qwen2_moe, data, tmp_path):
+def test_cli_prints_a_table_and_writes_the_json_report(qwen2_moe, eval_qa_data, tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxmoe", "eval", "--model", str(qwen2_moe), "--data", str(data),
+        [sys.executable, "-m", "mlxmoe", "eval", "--model", str(qwen2_moe), "--data", str(eval_qa_data),
          "--max-new-tokens", "3", "--limit", "3", "--json", str(out)],
         capture_output=True, text=True,
     )
@@ -118,7 +119,7 @@ def test_cli_prints_a_table_and_writes_the_json_report(qwen2_moe, data, tmp_path
     for label in ("perplexity", "ROUGE-L F1", "generation", "peak memory", "expert load"):
         assert label in proc.stdout, label
     report = json.loads(out.read_text())
-    assert report["data"] == str(data / "valid.jsonl")  # a folder without test.jsonl: valid
+    assert report["data"] == str(eval_qa_data / "valid.jsonl")  # a folder without test.jsonl: valid
     for key in ("perplexity", "cross_entropy", "answer_tokens", "rouge_l", "rouge_l_precision",
                 "rouge_l_recall", "prompt_tps", "generation_tps", "peak_memory_gb"):
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), key

@@ -27,6 +27,9 @@ from mlxmoe.gguf.export import export_gguf
 from mlxmoe.llamacpp import logits as llama_cpp_logits
 from mlxmoe.llamacpp import open_gguf
 
+# Each module fixture trains an adapter and exports it: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 HELD_OUT = (
     "Experts are small feed-forward networks; a router picks two of them for every token. "
     "def route(x):\n    return top_k(softmax(gate(x)), 2)\n"
@@ -217,6 +220,7 @@ def dying(self, tensor, *a, **k):
     return real(self, tensor, *a, **k)
 gguf.GGUFWriter.write_tensor_data = dying
 from mlxmoe.gguf.export import export_gguf
+
 export_gguf(sys.argv[1], sys.argv[2], "q8_0")
 """
 

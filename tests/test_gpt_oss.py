@@ -351,8 +351,8 @@ _SCALES = "model.layers.1.mlp.experts.gate_up_proj_scales"
                                           _SCALES: t[_SCALES][:, :-2].contiguous()}), None,
      rf"model\.safetensors: tensor '{_BLOCKS}': quantized tensor .*quantizes no \(4, 32, 64\) weight"),
     ("blocks, config without mxfp4", None, lambda c: c.pop("quantization_config"),
-     r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' is packed \(uint8\), "
-     "but config.json declares no quantization"),
+     r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' "
+     r"is packed \(uint8\), but config.json declares no quantization"),
     ("another quant method", None, lambda c: c.update(quantization_config={"quant_method": "fp8"}),
      r"config\.json: quantization_config\.quant_method is 'fp8'"),
 ])
@@ -370,8 +370,9 @@ def test_fused_experts_of_the_wrong_shape_are_named(tmp_path):
     hf = make_gpt_oss(**SHAPES["gqa-window-4"])
     name = "model.layers.2.mlp.experts.gate_up_proj"
     folder = _rewrite(save(hf, tmp_path), lambda t: t.update({name: t[name][..., :48].contiguous()}))
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape \(4, 64, 48\) "
-                                              r"\(its part .*\(4, 24, 64\)\), config\.json implies \(4, 32, 64\)"):
+    message = (rf"model\.safetensors: tensor '{name}' has shape \(4, 64, 48\) "
+               r"\(its part .*\(4, 24, 64\)\), config\.json implies \(4, 32, 64\)")
+    with pytest.raises(CheckpointError, match=message):
         mlxmoe.load(folder, dtype=mx.float32)
 
 

@@ -3,9 +3,10 @@
 A tiny gpt-oss (sliding and full attention alternating, sinks, biases everywhere, the hub's
 YaRN with ``truncate: false``) with an adapter trained for a few steps is merged two ways:
 ``export_gguf`` (f16) and ``export_hf`` read by ``convert_hf_to_gguf.py --outtype f16`` from
-the llama-cpp-python 0.3.36 sdist. The tokenizer is Qwen3's: gpt-oss's own (o200k with the
-harmony tokens) ships with no package installable here (tiktoken downloads it at run time)
-and the converter writes any byte-level BPE through the same ``_set_vocab_gpt2``.
+the llama-cpp-python 0.3.36 sdist. The tokenizer is gpt-oss's own: o200k (rebuilt offline from
+quicktok-v1's vocabulary) with the harmony tokens at gpt-oss's ids, as tokenizer.json is built
+(``assets.gpt_oss_tokenizer_folder``); llama.cpp tokenizes a harmony conversation into the ids
+OpenAI's harmony renderer gives it.
 
 The ``mxfp4`` type writes the experts as gpt-oss is published in GGUF (``MXFP4_MOE``): our
 encoder's bytes are gguf-py's and ggml's own quantizer's, and from a checkpoint published in
@@ -23,9 +24,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from assets import qwen3_tokenizer_folder
+from assets import GPT_OSS_VOCAB_SIZE, gpt_oss_tokenizer_folder, o200k_encodings_folder
 from safetensors.torch import load_file, save_file
-from test_convert_parity import CONVERTER, LLAMA_CPP_SRC, loading_kv, run_converter, tensors
+from test_convert_parity import (
+    CONVERTER,
+    LLAMA_CPP_SRC,
+    assert_same_tensors,
+    loading_kv,
+    run_converter,
+    tensors,
+)
 from test_export import F16_MAX_ABS, HELD_OUT, top1
 from test_gpt_oss import encode_mxfp4, make_gpt_oss
 from tiny_models import train_tiny_adapter
@@ -40,26 +48,38 @@ from mlxmoe.llamacpp import logits as llama_cpp_logits
 from mlxmoe.llamacpp import open_gguf
 from mlxmoe.merge import export_hf
 
+# Each module fixture trains an adapter and exports it: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 Q = gguf.GGMLQuantizationType
 needs_converter = pytest.mark.skipif(
-    not CONVERTER.is_file(), reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+    not CONVERTER.is_file(),
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
 # Every row a multiple of 32 (MXFP4's block); a window shorter than the held-out text.
 CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
               sliding_window=4, max_position_embeddings=131072)
 # llama.cpp rounds YaRN's correction range to whole dimensions (ggml_rope_yarn_corr_dims),
 # transformers only with truncate: true, and gpt-oss ships false. Measured on this model:
-# against the YaRN llama.cpp computes, max-abs 0.040 (F16_MAX_ABS holds); against
-# transformers' 0.103, top-1 still 100%.
+# against the YaRN llama.cpp computes, max-abs 0.054 (F16_MAX_ABS holds); against
+# transformers' 0.176, top-1 still 100%.
 YARN_ROUNDING_MAX_ABS = 0.25
 # ggml's CPU kernels multiply MXFP4 weights with activations rounded to Q8_0 (vec_dot_type):
-# against our model with the same MXFP4 experts, measured max-abs 0.255, top-1 100%.
+# against our model with the same MXFP4 experts, measured max-abs 0.358, top-1 100%.
 MXFP4_MAX_ABS = 0.5
 
 
 def make_model(folder: Path, seed: int = 0) -> Path:
-    vocab = qwen3_tokenizer_folder(folder)
-    hf = make_gpt_oss(seed, vocab_size=vocab, **CONFIG)
+    """A tiny gpt-oss with gpt-oss's tokenizer (built once beside ``folder``, then copied),
+    without its chat template: the adapter trains on prompt/completion text 48 tokens long,
+    shorter than harmony's system message (test_thinking_gpt_oss.py renders the template)."""
+    import shutil
+
+    tokenizer = folder.parent / "gpt-oss-tokenizer"
+    if not tokenizer.is_dir():
+        gpt_oss_tokenizer_folder(tokenizer)
+    shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
+    hf = make_gpt_oss(seed, vocab_size=GPT_OSS_VOCAB_SIZE, **CONFIG)
     with torch.no_grad():
         hf.lm_head.weight.mul_(4.0)  # better-separated logits: top-1 is meaningful
     hf.save_pretrained(folder)
@@ -159,6 +179,77 @@ def test_loading_metadata_equals_the_converters(converted):
     assert [k for k in ours if ours[k] != theirs[k]] == []
 
 
+# --- gpt-oss's tokenizer ------------------------------------------------------------------
+
+HARMONY_IDS = {"<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002,
+               "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007,
+               "<|message|>": 200008, "<|call|>": 200012, "<|endofprompt|>": 200018}
+
+
+@pytest.fixture(scope="module")
+def harmony(tmp_path_factory):
+    """(openai_harmony, its HARMONY_GPT_OSS encoding) on o200k rebuilt offline."""
+    import openai_harmony
+
+    encodings = o200k_encodings_folder(tmp_path_factory.mktemp("o200k"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TIKTOKEN_ENCODINGS_BASE", str(encodings))
+        env.setenv("TIKTOKEN_RS_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken")))
+        return openai_harmony, openai_harmony.load_harmony_encoding(
+            openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+# Words with combining marks: llama.cpp's gpt-4o pre-tokenizer regex leaves out o200k's \p{M}
+# (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT4O), so it splits them where o200k does not:
+# every gpt-oss GGUF does (measured: Khmer 10 ids for o200k's 9, Hindi 9 for 5).
+COMBINING_MARKS = ("កាន់តែពិសេសអាច", "नमस्ते दुनिया")
+
+
+@pytest.mark.slow
+def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(exported, harmony):
+    """A conversation rendered by openai-harmony (its ids are what gpt-oss was trained on),
+    with the converter's pre-tokenizer check text in a user turn: the GGUF's tokenizer
+    (pre-tokenizer gpt-4o) and the folder's tokenizer.json both give harmony's ids back, but
+    llama.cpp on words with combining marks."""
+    from transformers import AutoTokenizer
+
+    from mlxmoe.gguf.vocab import CHECK_TEXT
+
+    oh, encoding = harmony
+    hf = AutoTokenizer.from_pretrained(exported.model)
+    with open_gguf(exported.f16, vocab_only=True) as vocab:
+        for text in COMBINING_MARKS:
+            ids = encoding.encode(text, allowed_special="all")
+            assert hf.encode(text, add_special_tokens=False) == ids
+            assert len(vocab.tokenize(text.encode(), add_bos=False, special=True)) > len(ids)
+    assert COMBINING_MARKS[0] in CHECK_TEXT
+    check_text = CHECK_TEXT.replace(COMBINING_MARKS[0], "")
+    message = oh.Message.from_role_and_content
+    conversation = oh.Conversation.from_messages([
+        message(oh.Role.SYSTEM, oh.SystemContent.new().with_conversation_start_date("2026-01-01")
+                .with_reasoning_effort(oh.ReasoningEffort.LOW)),
+        message(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Answer briefly.")),
+        message(oh.Role.USER, check_text),
+        message(oh.Role.ASSISTANT, "Two and two make four.").with_channel("analysis"),
+        message(oh.Role.ASSISTANT, "4.").with_channel("final"),
+        message(oh.Role.USER, HELD_OUT),
+    ])
+    ids = list(encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
+    text = encoding.decode_utf8(ids)
+    assert {HARMONY_IDS[t] for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")} <= set(ids)
+    with open_gguf(exported.f16, vocab_only=True) as vocab:
+        llama_cpp_ids = vocab.tokenize(text.encode(), add_bos=False, special=True)
+        names = {t: vocab.detokenize([i], special=True).decode() for t, i in HARMONY_IDS.items()}
+        n_vocab, metadata = vocab.n_vocab(), vocab.metadata
+    print(f"harmony conversation: {len(ids)} tokens")
+    assert llama_cpp_ids == ids
+    assert hf.encode(text, add_special_tokens=False) == ids
+    assert names == {t: t for t in HARMONY_IDS}
+    assert metadata["tokenizer.ggml.pre"] == "gpt-4o" and n_vocab == GPT_OSS_VOCAB_SIZE
+    assert [int(metadata[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "padding")] == [
+        HARMONY_IDS["<|startoftext|>"], HARMONY_IDS["<|return|>"], HARMONY_IDS["<|endoftext|>"]]
+
+
 # --- llama.cpp runs it ---------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -205,6 +296,19 @@ def test_a_config_llama_cpp_computes_otherwise_is_refused(tmp_path, config, mess
     with pytest.raises(MlxMoeError, match=message):
         export_gguf(tmp_path / "model", tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(exported, tmp_path):
+    """GGUF import reads the dense Llama that upcycling starts from; gpt-oss trains from its
+    Hugging Face checkpoint, so its GGUF (llama.cpp's output) is refused, nothing written."""
+    from mlxmoe.errors import CheckpointError
+    from mlxmoe.gguf_import import gguf_to_hf
+
+    with pytest.raises(CheckpointError, match=r"general\.architecture is 'gpt-oss'; only dense 'llama' "
+                                              r"GGUFs can be imported .* Hugging Face checkpoint"):
+        gguf_to_hf(exported.base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --- MXFP4 experts, as gpt-oss is published ----------------------------------------------
@@ -274,12 +378,8 @@ def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(export
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    ours = gguf.GGUFReader(export_gguf(folder, exported.root / "published-mxfp4.gguf", "mxfp4").path)
-    theirs = gguf.GGUFReader(run_converter(folder, "f16", exported.root / "published-converter.gguf"))
-    ours_t, theirs_t = tensors(ours), tensors(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours_t.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs_t.items()}
-    assert "MXFP4" in {t.tensor_type.name for t in ours_t.values()}
-    differ = [n for n in ours_t if np.asarray(ours_t[n].data).tobytes() != np.asarray(theirs_t[n].data).tobytes()]
-    assert differ == []
-    assert loading_kv(ours) == loading_kv(theirs)  # general.file_type MXFP4_MOE included
+    ours = export_gguf(folder, exported.root / "published-mxfp4.gguf", "mxfp4").path
+    theirs = run_converter(folder, "f16", exported.root / "published-converter.gguf")
+    assert_same_tensors(ours, theirs, "MXFP4")
+    # general.file_type MXFP4_MOE included
+    assert loading_kv(gguf.GGUFReader(ours)) == loading_kv(gguf.GGUFReader(theirs))

@@ -39,6 +39,9 @@ from mlxmoe.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
+# Each module fixture trains an adapter and exports it: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 needs_converter = pytest.mark.skipif(
     not CONVERTER.is_file(),
     reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")

@@ -16,7 +16,7 @@ LAYERS = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def qwen3_moe_checkpoint(tmp_path_factory):
     model = make_hf_model("qwen3_moe", hidden_size=256, intermediate_size=512,
                           moe_intermediate_size=256, num_experts=8, num_hidden_layers=LAYERS,
                           head_dim=32, num_attention_heads=8, num_key_value_heads=4)
@@ -35,14 +35,14 @@ def load_peak(folder, **kwargs) -> tuple[int, dict[str, mx.array]]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_quantized_load_peaks_at_the_quantized_model_plus_about_a_layer(checkpoint, dtype):
-    checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))  # float32
-    _, stored = load_peak(checkpoint, dtype="float32")  # the checkpoint's tensors as stored
+def test_a_quantized_load_peaks_at_the_quantized_model_plus_about_a_layer(qwen3_moe_checkpoint, dtype):
+    checkpoint_bytes = sum(p.stat().st_size for p in qwen3_moe_checkpoint.glob("*.safetensors"))  # float32
+    _, stored = load_peak(qwen3_moe_checkpoint, dtype="float32")  # the checkpoint's tensors as stored
     layer = max(sum(v.nbytes for k, v in stored.items() if k.startswith(f"layers.{i}."))
                 for i in range(LAYERS))
     module = max(v.nbytes for v in stored.values())
     del stored
-    peak, params = load_peak(checkpoint, quantize=4, dtype=dtype)
+    peak, params = load_peak(qwen3_moe_checkpoint, quantize=4, dtype=dtype)
     quantized = sum(v.nbytes for v in params.values())
     print(f"{dtype}: checkpoint {checkpoint_bytes / 2**20:.1f} MiB, largest layer {layer / 2**20:.1f} "
           f"MiB, largest module {module / 2**20:.1f} MiB, 4-bit model {quantized / 2**20:.1f} MiB, "

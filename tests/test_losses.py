@@ -15,9 +15,9 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe
 
 from mlxmoe.losses import (
     cross_entropy,
+    expert_counts,
     head_cross_entropy,
     linear_cross_entropy,
-    expert_counts,
     load_balancing_loss,
     router_entropy,
     router_z_loss,
@@ -263,7 +263,8 @@ def test_linear_cross_entropy_value_and_gradient_equal_torch(head, compiled):
     value, grad = value_and_grad(mx.array(a))
     expected_value, expected_grad = torch_weighted_ce_and_grad(x, a, head_weight, targets, weight)
     assert value.item() == pytest.approx(expected_value, rel=1e-5)
-    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-4, atol=1e-4 * np.abs(expected_grad).max())
+    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected_grad).max())
 
 
 def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
@@ -291,7 +292,8 @@ def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
     (chunked_1k, full_1k), (chunked_4k, full_4k) = peaks(1024), peaks(4096)
     logits_4k = 4096 * vocab * 4  # 500 MiB of float32
     print(f"gradient peak at 4096 answer tokens x {vocab} vocabulary: chunked {chunked_4k / 2**20:.0f} MiB, "
-          f"full logits {full_4k / 2**20:.0f} MiB (1024 tokens: {chunked_1k / 2**20:.0f} / {full_1k / 2**20:.0f})")
+          f"full logits {full_4k / 2**20:.0f} MiB "
+          f"(1024 tokens: {chunked_1k / 2**20:.0f} / {full_1k / 2**20:.0f})")
     assert full_4k > 2 * logits_4k and full_4k > 3.5 * full_1k  # logits, softmax, gradient
     assert chunked_4k - chunked_1k < 16 << 20  # a few MiB of gradient rows, no logits
     assert chunked_4k < logits_4k / 4

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
 from assets import mixtral_tokenizer_folder
 from local_ranks import LAUNCH, TRAIN_KEEPING_EACH_RANKS_ADAPTERS, launch
+from mlx.utils import tree_flatten, tree_map
 from test_gpt_oss import mxfp4_checkpoint  # noqa: F401  (a fixture)
 from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
 
@@ -29,6 +29,8 @@ import mlxmoe
 from mlxmoe.ablate import ablate
 from mlxmoe.adapt import AdapterSpec, apply_adapters
 from mlxmoe.adapters import read_adapter_config
+from mlxmoe.dtypes import resolve_dtype
+from mlxmoe.errors import MlxMoeError
 from mlxmoe.evaluate import evaluate
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.llamacpp import logits as llama_cpp_logits
@@ -36,8 +38,6 @@ from mlxmoe.llamacpp import open_gguf
 from mlxmoe.model import DecoderLayer
 from mlxmoe.nn import QuantizedExpertLinear
 from mlxmoe.nn.moe import set_dispatch
-from mlxmoe.dtypes import resolve_dtype
-from mlxmoe.errors import MlxMoeError
 from mlxmoe.recipe import RecipeError, load_recipe
 from mlxmoe.train import train
 
@@ -140,10 +140,14 @@ def mxfp4_folder(folder: Path, request) -> Path:
     return request.getfixturevalue("mxfp4_checkpoint")[0]
 
 
+def deepseek_v2_folder(folder: Path, _) -> Path:
+    return save(make_hf_model("deepseek_v2"), folder)
+
+
 # The families and formats added beside the first five: each in the Mac's configuration.
 MAC_BASES = {"gpt_oss": gpt_oss_folder, "gpt_oss-mxfp4": mxfp4_folder,
              "qwen3_next": hybrid_folder("qwen3_next"), "qwen3_5_moe": hybrid_folder("qwen3_5_moe"),
-             "mlx-lm-4bit": mlx_lm_folder}
+             "mlx-lm-4bit": mlx_lm_folder, "deepseek_v2": deepseek_v2_folder}
 
 
 @pytest.mark.parametrize("base", sorted(MAC_BASES))

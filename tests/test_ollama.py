@@ -191,6 +191,7 @@ NOT_IN_HF = {("mixtral", "system prompt")}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3", "smollm2"])
+@pytest.mark.slow
 def test_template_renders_conversations_as_the_models_hf_chat_template(name, go_render, request):
     model = request.getfixturevalue(name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
@@ -212,6 +213,7 @@ def test_template_renders_conversations_as_the_models_hf_chat_template(name, go_
         assert prompt == expected, case
 
 
+@pytest.mark.slow
 def test_mixtral_system_prompt_opens_the_first_user_turn_as_mistral_common_encodes_it(
         mixtral, go_render):
     from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
@@ -231,6 +233,7 @@ def test_mixtral_system_prompt_opens_the_first_user_turn_as_mistral_common_encod
 
 
 @pytest.mark.parametrize("chat_format", ["chatml", "gpt-oss", "mistral", "qwen3", "qwen3_5"])
+@pytest.mark.slow
 def test_each_format_template_renders_the_probes_its_sidecar_detects_it_by(chat_format,
                                                                            go_program):
     """The probe is the Hugging Face template's rendering without thinking; gpt-oss's
@@ -271,6 +274,7 @@ def as_hf(messages: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("think", [None, False, True],
                          ids=["think unset", "think false", "think true"])
+@pytest.mark.slow
 def test_qwen3_template_renders_what_its_hf_template_renders_with_enable_thinking(
         think, qwen3, go_render):
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3)
@@ -303,6 +307,7 @@ SECOND_ANSWER = {"role": "assistant", "content": "Each token goes to both, weigh
               {**SECOND_ANSWER, "reasoning_content": "Both, by weight."}], True),
 ], ids=["off", "off, think false", "off, reasoning in the data", "off, multi-turn",
         "keep, no reasoning", "keep, reasoning", "keep, multi-turn reasoning"])
+@pytest.mark.slow
 def test_the_tokens_trained_before_a_qwen3_answer_are_the_modelfile_prompt(
         thinking, messages, think, qwen3, go_render, tmp_path):
     """What the Modelfile prompts with is what training put before the last answer it trained:
@@ -325,6 +330,7 @@ def test_the_tokens_trained_before_a_qwen3_answer_are_the_modelfile_prompt(
 @pytest.mark.parametrize(("chat_format", "tags"), [
     ("qwen3", ("<think>", "</think>")), ("qwen3_5", ("<think>", "</think>")),
     ("chatml", ("", "")), ("mistral", ("", "")), ("none", ("", ""))])
+@pytest.mark.slow
 def test_ollama_finds_think_tags_in_the_qwen3_templates_only(chat_format, tags, think_tags):
     """Ollama lets a model think (and sets .Think) only when it infers the think tags from its
     template; it then parses the reply between them into the message's thinking. (gpt-oss
@@ -419,6 +425,7 @@ PRINT_TEMPLATES = ("import json, mlxmoe.ollama as o; "
                    "print(json.dumps([str(o.templates_dir()), sorted(o.chat_formats())]))")
 
 
+@pytest.mark.slow
 def test_an_installed_package_ships_the_templates_recipes_and_every_subpackage(tmp_path):
     pytest.importorskip("setuptools", reason="builds the package with the installed setuptools")
     source = tmp_path / "src"

@@ -261,3 +261,12 @@ def test_the_verdict_is_taken_on_the_largest_phase_load_training_or_export():
     assert "layers.31.moe.experts.down_proj in flight" in text
     # 26.15 GiB: over the default limit of a 32 GB Mac, under the raised one
     assert "sysctl iogpu.wired_limit_mb=28672" in text
+
+
+def test_the_mxfp4_export_is_planned_for_gpt_oss_and_refused_for_other_families():
+    ok = CliRunner().invoke(main, ["plan", str(CONFIGS / "gpt-oss-20b.json"), "--gguf-type", "mxfp4"],
+                            env={"COLUMNS": "200"})
+    assert ok.exit_code == 0 and "export to GGUF mxfp4: peak" in ok.output, ok.output
+    refused = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--gguf-type", "mxfp4"])
+    assert refused.exit_code == 2, refused.output  # a user error: no traceback
+    assert "mxfp4 is for gpt-oss's experts; mixtral is exported as" in " ".join(refused.output.split())

@@ -1,7 +1,8 @@
 """`mlxmoe plan` in the Mac's configuration: bfloat16 activations over a 4-bit base, float32
 LoRA and routing, against real training steps on MLX's CPU backend (each in a fresh process:
-tests/step_memory.py). Tiny models of four families, with group sizes that divide every
-width and ones that leave some matrices float (the CPU runs those experts in float32)."""
+tests/step_memory.py). Tiny models of five families (Qwen3.5's linear attention too), with
+group sizes that divide every width and ones that leave some matrices float (the CPU runs
+those experts in float32)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ QWEN2 = dict(BASE, model_type="qwen2_moe", num_key_value_heads=4, intermediate_s
              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
 OLMOE = dict(BASE, model_type="olmoe", hidden_size=96, num_key_value_heads=4,
              intermediate_size=128, num_experts=8, num_experts_per_tok=2)
+# Gated DeltaNet in three layers of four (Qwen3.5's multimodal layout: text_config)
+QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=dict(
+    BASE, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+    linear_value_head_dim=32, moe_intermediate_size=128, shared_expert_intermediate_size=128,
+    num_experts=8, num_experts_per_tok=2, full_attention_interval=4))
 MAC = dict(bits=4, dtype="bfloat16", device="cpu")
 
 SETTINGS = [
@@ -39,6 +45,7 @@ SETTINGS = [
     setting("qwen2_moe", QWEN2, checkpoint=True, **MAC),
     # hidden 96: group 64 leaves attention, embeddings, head and gate/up experts float
     setting("olmoe D96", OLMOE, strategy="experts+router", **MAC),
+    setting("qwen3_5_moe", QWEN3_5, **MAC),
 ]
 
 

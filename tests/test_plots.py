@@ -153,16 +153,17 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def small_qa_data(tmp_path_factory) -> Path:
     return write_qa_data(tmp_path_factory.mktemp("data"), n_train=16, n_valid=4)
 
 
-def test_train_cli_writes_and_prints_the_loss_and_load_plots(qwen2_moe, data, tmp_path):
+@pytest.mark.slow
+def test_train_cli_writes_and_prints_the_loss_and_load_plots(qwen2_moe, small_qa_data, tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  iters: 4\n  quantize: 0\n  report_every: 2\n  val_every: 0\n"
                       "  save_every: 0\n  max_seq_len: 64\n  learning_rate: 2.0e-3\n")
-    proc = run_cli("train", "--model", qwen2_moe, "--data", data, "--out", out, "--recipe", recipe)
+    proc = run_cli("train", "--model", qwen2_moe, "--data", small_qa_data, "--out", out, "--recipe", recipe)
     assert f"plot: {out / 'loss.png'}" in proc.output
     assert f"plot: {out / 'expert_load.png'}" in proc.output
     rows = plots.read_metrics(out)
@@ -175,9 +176,9 @@ def test_train_cli_writes_and_prints_the_loss_and_load_plots(qwen2_moe, data, tm
         np.testing.assert_allclose(ax.images[0].get_array(), [e["load"] for e in layers])
 
 
-def test_eval_cli_writes_the_load_heatmap_beside_the_json(qwen2_moe, data, tmp_path):
+def test_eval_cli_writes_the_load_heatmap_beside_the_json(qwen2_moe, small_qa_data, tmp_path):
     out = tmp_path / "eval.json"
-    command = ["eval", "--model", qwen2_moe, "--data", data, "--no-generate", "--json", out]
+    command = ["eval", "--model", qwen2_moe, "--data", small_qa_data, "--no-generate", "--json", out]
     proc = run_cli(*command)
     png = tmp_path / "eval_expert_load.png"
     assert f"plot: {png}" in proc.output

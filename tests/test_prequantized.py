@@ -98,6 +98,7 @@ def quantized_run(tmp_path_factory):
     return float_folder, quantized, root / "run"
 
 
+@pytest.mark.slow
 def test_qlora_over_an_mlx_lm_quantized_base_trains(quantized_run):
     _, _, run = quantized_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -105,6 +106,7 @@ def test_qlora_over_an_mlx_lm_quantized_base_trains(quantized_run):
     assert json.loads((run / "adapter_config.json").read_text())["quantization"]["bits"] == 4
 
 
+@pytest.mark.slow
 def test_export_with_base_weights_merges_into_the_full_precision_release(quantized_run, tmp_path):
     float_folder, quantized, run = quantized_run
     through = export_gguf(quantized, tmp_path / "through.gguf", "f16", run,
@@ -116,6 +118,7 @@ def test_export_with_base_weights_merges_into_the_full_precision_release(quantiz
     assert through.read_bytes() == direct.read_bytes()
 
 
+@pytest.mark.slow
 def test_base_weights_of_another_model_are_refused(quantized_run, tmp_path):
     float_folder, quantized, run = quantized_run
     other = tmp_path / "other"
@@ -127,6 +130,7 @@ def test_base_weights_of_another_model_are_refused(quantized_run, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow
 def test_export_from_the_grid_warns_and_llama_cpp_computes_it(quantized_run, tmp_path, caplog):
     _, quantized, run = quantized_run
     with caplog.at_level(logging.WARNING):

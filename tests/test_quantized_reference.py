@@ -35,8 +35,12 @@ MAX_LOGIT_DIFF = 1e-5
 # Where mlx-lm 0.32.2 reads a config differently from transformers, the checkpoint avoids it:
 # its OLMoE ignores clip_qkv and its Qwen2-MoE makes every layer sparse (mlp_only_layers).
 # Qwen3-MoE, which reads mlp_only_layers, keeps a dense layer.
+# mlx-lm's DeepSeek-V2 builds no model without rope scaling (it reads rope_scaling["factor"]).
 MLX_LM_COMPATIBLE = {"olmoe": {"clip_qkv": None}, "qwen2_moe": {"mlp_only_layers": []},
-                     "qwen3_moe": {"mlp_only_layers": [1]}}
+                     "qwen3_moe": {"mlp_only_layers": [1]},
+                     "deepseek_v2": {"rope_parameters": {
+                         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}}}
 
 
 def tokens(shape: tuple[int, int], vocab_size: int, seed: int = 0) -> mx.array:

@@ -48,6 +48,9 @@ from mlxmoe.gguf.export import export_gguf
 from mlxmoe.merge import export_hf
 from mlxmoe.tensor_names import ROLES
 
+# Each module fixture trains an adapter and exports it: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("qwen3_next", "qwen3_5_moe")
 needs_converter = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
     not CONVERTER.is_file(),

@@ -48,6 +48,7 @@ def router_weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("strategy", ["attention", "experts", "shared", "experts+router", "all"])
+@pytest.mark.slow
 def test_loss_falls_for_every_strategy(qwen2_moe, data, tmp_path, strategy):
     result = train(recipe(qwen2_moe, data, lora={"strategy": strategy}), tmp_path, show_progress=False)
     rows = metrics(tmp_path)
@@ -56,6 +57,7 @@ def test_loss_falls_for_every_strategy(qwen2_moe, data, tmp_path, strategy):
     assert result.val_loss is not None and np.isfinite(result.val_loss)
 
 
+@pytest.mark.slow
 def test_run_folder_holds_adapters_config_metrics_and_checkpoints(qwen2_moe, data, tmp_path):
     train(recipe(qwen2_moe, data, save_every=6), tmp_path, show_progress=False)
     assert (tmp_path / "adapters.safetensors").is_file()
@@ -76,6 +78,7 @@ def test_run_folder_holds_adapters_config_metrics_and_checkpoints(qwen2_moe, dat
         "latest", "step-000006", "step-000012"]
 
 
+@pytest.mark.slow
 def test_experts_strategy_leaves_the_router_bit_identical(qwen2_moe, data, tmp_path):
     import mlxmoe
     from mlxmoe.adapters import load_adapters
@@ -91,6 +94,7 @@ def test_experts_strategy_leaves_the_router_bit_identical(qwen2_moe, data, tmp_p
 
 
 @pytest.mark.parametrize("router_mode", ["full", "lora"])
+@pytest.mark.slow
 def test_experts_plus_router_changes_the_router(qwen2_moe, data, tmp_path, router_mode):
     import mlxmoe
     from mlxmoe.adapters import load_adapters
@@ -107,6 +111,7 @@ def test_experts_plus_router_changes_the_router(qwen2_moe, data, tmp_path, route
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.slow
 def test_backward_through_a_4bit_quantized_moe_trains_the_adapters(family, data, tmp_path):
     model = make_trainable_checkpoint(family, tmp_path / "model")
     r = recipe(model, data, quantize=4, group_size=32, iters=4, report_every=2, val_every=0)
@@ -120,6 +125,7 @@ def test_backward_through_a_4bit_quantized_moe_trains_the_adapters(family, data,
     assert result.steps == 4
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(qwen2_moe, data, tmp_path):
     r = recipe(qwen2_moe, data, iters=10, save_every=5, lora={"dropout": 0.1})
     train(r, tmp_path / "one_run", show_progress=False)
@@ -138,6 +144,7 @@ def test_resume_continues_exactly(qwen2_moe, data, tmp_path):
         assert mx.array_equal(one[name], two[name]), name
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_overwritten_without_resume(qwen2_moe, data, tmp_path):
     train(recipe(qwen2_moe, data, iters=2, report_every=1, val_every=0), tmp_path, show_progress=False)
     with pytest.raises(MlxMoeError, match="already holds a run"):
@@ -167,6 +174,7 @@ train(r, sys.argv[3], show_progress=False)
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(qwen2_moe, data, tmp_path):
     out = tmp_path / "run"
     # The first checkpoint writes 2 safetensors files; die inside the second checkpoint.
@@ -185,6 +193,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(qwen2_moe
     assert not list(checkpoints.glob(".step-*"))  # the killed write's temp is gone
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(qwen2_moe, data, tmp_path):
     import shutil
 
@@ -205,6 +214,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(qwen2
     assert all(mx.all(v == 0).item() for k, v in weights.items() if k.endswith("lora_b"))
 
 
+@pytest.mark.slow
 def test_collapse_alarm_can_stop_the_run(qwen2_moe, data, tmp_path):
     r = recipe(qwen2_moe, data, iters=12, report_every=2,
                collapse={"max_expert_share": 0.34, "patience": 2, "action": "stop"})
@@ -214,6 +224,7 @@ def test_collapse_alarm_can_stop_the_run(qwen2_moe, data, tmp_path):
     assert (tmp_path / "checkpoints" / "step-000004").is_dir()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_training(qwen2_moe, data, tmp_path):
     train(recipe(qwen2_moe, data, iters=3, val_every=0), tmp_path / "plain", show_progress=False)
     train(recipe(qwen2_moe, data, iters=3, val_every=0, grad_checkpoint=True),
@@ -224,6 +235,7 @@ def test_gradient_checkpointing_gives_the_same_training(qwen2_moe, data, tmp_pat
         assert mx.allclose(a[name], b[name], atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_cli_trains_from_a_recipe_with_flags_overriding(qwen2_moe, data, tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text("lora:\n  strategy: attention\ntrain:\n  iters: 50\n  quantize: 0\n"
@@ -253,6 +265,7 @@ def test_bad_data_line_is_reported_by_file_and_line(qwen2_moe, tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_the_training_process_never_loads_a_tokenizer(qwen2_moe, data, tmp_path):
     """Token ids come from a child process: transformers and mlx-lm (~300 MB resident with
     torch) never enter the trainer."""

@@ -39,25 +39,25 @@ def dense(smollm2_hf):
 
 
 @pytest.fixture(scope="module")
-def token_ids(dense) -> list[int]:
+def dense_token_ids(dense) -> list[int]:
     _, tokenizer = dense
     return tokenizer.encode(TEXT)
 
 
 @pytest.mark.slow
 def test_mixtral_upcycled_smollm2_computes_the_dense_model_in_mlxmoe(
-    smollm2_mixtral, dense, token_ids
+    smollm2_mixtral, dense, dense_token_ids
 ):
     dense_model, dense_tokenizer = dense
     moe, tokenizer = mlxmoe.load(smollm2_mixtral, dtype=mx.float32)
-    tokens = mx.array([token_ids])
+    tokens = mx.array([dense_token_ids])
 
     logits, router_logits = moe(tokens, return_router_logits=True)
 
     assert np.abs(np.array(logits) - np.array(dense_model(tokens))).max() < SAME_MODEL
     assert moe.moe_layers == list(range(30))
     assert len(router_logits) == 30
-    assert all(r.shape == (1, len(token_ids), N_EXPERTS) for r in router_logits)
+    assert all(r.shape == (1, len(dense_token_ids), N_EXPERTS) for r in router_logits)
     assert all(r.dtype == mx.float32 for r in router_logits)
     # The random router spreads tokens over every expert from the start.
     chosen = {int(e) for r in router_logits for e in np.array(r).argmax(-1).ravel()}
@@ -67,9 +67,9 @@ def test_mixtral_upcycled_smollm2_computes_the_dense_model_in_mlxmoe(
 
 @pytest.mark.slow
 def test_mixtral_upcycled_smollm2_computes_the_dense_model_in_transformers(
-    smollm2_mixtral, smollm2_hf, token_ids
+    smollm2_mixtral, smollm2_hf, dense_token_ids
 ):
-    ids = torch.tensor([token_ids])
+    ids = torch.tensor([dense_token_ids])
     with torch.no_grad():
         dense = transformers.LlamaForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
         expected = dense.eval()(ids).logits.numpy()

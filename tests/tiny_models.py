@@ -23,6 +23,16 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
              embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
              logits_scaling=6.0),
     ),
+    # latent attention with a query bottleneck, a dense first layer, 2 shared experts' worth
+    # of shared expert, routing weights scaled (every head its own KV: MLA has no GQA)
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+             v_head_dim=16, routed_scaling_factor=1.5),
+    ),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -103,7 +113,9 @@ def save(model: torch.nn.Module, folder: Path, style: str = "t5", shard_kb: int 
         path = folder / "config.json"
         config = json.loads(path.read_text())
         rope = config.pop("rope_parameters")
-        config["rope_theta"] = rope["rope_theta"]
+        config["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":  # the hub spells scaling so
+            config["rope_scaling"] = rope
         for new, old in T4_RENAMES.get(config["model_type"], {}).items():
             if new in config:
                 config[old] = config.pop(new)

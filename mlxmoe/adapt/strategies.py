@@ -1,19 +1,25 @@
-"""Where LoRA goes: named strategies (seed 002's options) or an explicit list of targets.
+"""Where LoRA goes: named strategies (the placements LoRA guides give for MoE models:
+attention only, experts under a frozen router, the router too, the shared expert only) or an
+explicit list of targets.
 
 The default, ``experts``, adapts attention and the routed experts and freezes the router:
-seed 001's advice, since a LoRA over a Linear(dim, 8) router is larger than the router
-and half-precision router updates destabilize training. ``experts+router`` exists so
-users can measure seed 000's opposite claim on their own data.
+the usual advice for Mixtral QLoRA, since a LoRA over a Linear(dim, 8) router is larger than
+the router and half-precision router updates destabilize training. ``experts+router`` exists
+so users can measure the opposite claim (a domain needs the router trained to pick its
+experts) on their own data.
 
-What each strategy adapts (the groups of ``TARGET_GROUPS``), in layers that have them:
+What each strategy adapts (the groups of ``TARGET_GROUPS``), in layers that have them; a
+strategy naming a group the model has in none of its adapted layers is refused (``shared``
+on Mixtral, Granite or gpt-oss), but for ``all``:
 
 - ``attention``: attention only;
 - ``experts`` (default): attention and the routed experts;
-- ``shared``: attention and the shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5);
+- ``shared``: attention and the shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5, DeepSeek-V2);
 - ``experts+router``: attention, the routed experts and the router;
 - ``all``: attention, the routed and shared experts, dense MLPs and the router.
 
-"attention" is the token mixer's projections: q, k, v and o of softmax attention, and in the
+"attention" is the token mixer's projections: q, k, v and o of softmax attention (DeepSeek-V2's
+latent attention: q or q_a and q_b, kv_a_proj_with_mqa, kv_b and o), and in the
 linear-attention layers of Qwen3-Next and Qwen3.5 the Gated DeltaNet's input projections
 (``in_proj_qkvz``, ``in_proj_ba``; Qwen3.5: ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
 ``in_proj_a``) and ``out_proj``. Its convolution, ``A_log``, ``dt_bias`` and norms are never
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": (
         "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+        # multi-head latent attention (DeepSeek-V2): the query and key-value low-rank projections
+        "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj_with_mqa", "attn.kv_b_proj",
         # Gated DeltaNet (linear attention): Qwen3-Next's fused projections, Qwen3.5's apart
         "linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba",
         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
@@ -56,6 +64,10 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "dense_mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     "router": ("moe.router",),
 }
+
+GROUP_NOUNS = {"attention": "attention", "experts": "routed experts",
+               "shared_expert": "a shared expert (as Qwen2-MoE, Qwen3-Next, Qwen3.5 and DeepSeek-V2 have)",
+               "dense_mlp": "dense MLPs", "router": "a router"}
 
 STRATEGIES: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
@@ -150,10 +162,8 @@ def apply_adapters(model: CausalLM, spec: AdapterSpec) -> list[str]:
                 _set(layer, path, _wrap(module, spec))
             adapted.append(f"layers.{i}.{path}")
     if not adapted:
-        raise MlxMoeError(
-            f"LoRA targets {paths} match no module of this {model.family} model "
-            "(a 'shared' strategy needs a shared expert, as in Qwen2-MoE)"
-        )
+        raise MlxMoeError(f"LoRA targets {paths} match no module of this {model.family} model")
+    _refuse_a_group_the_strategy_cannot_adapt(spec, adapted, model.family)
     if any(p.endswith("moe.router") for p in adapted) and spec.router_mode == "lora":
         experts = model.args.num_experts
         if spec.rank >= experts:
@@ -163,6 +173,21 @@ def apply_adapters(model: CausalLM, spec: AdapterSpec) -> list[str]:
                 spec.rank, experts,
             )
     return adapted
+
+
+def _refuse_a_group_the_strategy_cannot_adapt(spec: AdapterSpec, adapted: list[str], family: str) -> None:
+    """A named strategy adapts every group it names, or is refused: ``shared`` on a model
+    without a shared expert would otherwise train attention alone, ``attention``'s run under
+    another name. ``all`` takes what the model has; explicit targets are taken as given."""
+    if spec.targets or spec.strategy == "all":
+        return
+    found = {path.split(".", 2)[2] for path in adapted}
+    for group in STRATEGIES[spec.strategy]:
+        if found.isdisjoint(TARGET_GROUPS[group]):
+            where = "" if spec.layers is None else f" in layers {spec.layers}"
+            raise MlxMoeError(
+                f"strategy {spec.strategy!r} adapts {GROUP_NOUNS[group]}, and this {family} model "
+                f"has none{where} (choose another strategy: {', '.join(STRATEGIES)})")
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -7,6 +7,8 @@ import sys
 import click
 from rich.table import Table
 
+from ..ablate import DEFAULT_STRATEGIES
+from ..evaluate import DEFAULT_MAX_NEW_TOKENS
 from ._options import recipe_from_options, training_options
 from ._ui import TransientBar, console
 
@@ -16,14 +18,15 @@ from ._ui import TransientBar, console
 @click.option("--data", help="Folder with train.jsonl and test.jsonl or valid.jsonl.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (one subfolder per run).")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
-@click.option("--strategies", default="attention,experts,experts+router,shared", show_default=True,
+@click.option("--strategies", default=",".join(DEFAULT_STRATEGIES), show_default=True,
               help="Comma-separated LoRA strategies to compare.")
 @click.option("--eval-data", type=click.Path(exists=True),
               help="Held-out JSONL (or folder) to evaluate on "
                    "(default: DATA's test.jsonl, else valid.jsonl).")
 @training_options
 @click.option("--seed", type=int, help="Seed of every run (data order, LoRA init, dropout).")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Greedy answer length cap.")
+@click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+              help="Greedy answer length cap.")
 @click.option("--limit", type=int, help="Evaluate only the first N held-out samples.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
 def ablate(model, data, out, recipe_file, strategies, eval_data, iters, batch_size, grad_accum,

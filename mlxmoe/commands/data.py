@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from ..faq import MAX_ANSWER_CHARS
 from ._ui import console
 
 
@@ -21,7 +22,7 @@ def data() -> None:
                    "reference topics and docstrings of this Python; auto: debian if installed.")
 @click.option("--faq-dir", type=click.Path(exists=True, file_okay=False),
               help="A folder of FAQ *.rst.txt sources (e.g. from an unpacked python3.X-doc).")
-@click.option("--max-answer-chars", default=500, show_default=True,
+@click.option("--max-answer-chars", default=MAX_ANSWER_CHARS, show_default=True,
               help="Answers keep whole paragraphs up to this length.")
 def python_faq(out_dir, source, faq_dir, max_answer_chars) -> None:
     """Python questions and answers from the documentation, split 80/10/10 by question hash."""

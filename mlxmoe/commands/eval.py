@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ._options import DTYPE_OPTION
+from ..evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEQ_LEN
+from ._options import BITS, DTYPE_OPTION
 from ._ui import console
 
 
@@ -22,10 +23,12 @@ def _num(value, spec: str) -> str:
               help="Adapter folder from `mlxmoe train` (attached, not merged).")
 @click.option("--data", required=True, type=click.Path(exists=True),
               help="A JSONL file, or a folder with test.jsonl (else valid.jsonl).")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Greedy answer length cap.")
+@click.option("--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+              help="Greedy answer length cap.")
 @click.option("--limit", type=int, help="Evaluate only the first N samples.")
-@click.option("--max-seq-len", default=2048, show_default=True, help="Truncation for perplexity.")
-@click.option("--quantize", type=click.Choice(["4", "8", "none"]),
+@click.option("--max-seq-len", default=DEFAULT_MAX_SEQ_LEN, show_default=True,
+              help="Truncation for perplexity.")
+@click.option("--quantize", type=BITS,
               help="Bits of the base (default: as the adapter was trained, else none).")
 @DTYPE_OPTION
 @click.option("--no-generate", is_flag=True, help="Perplexity and expert load only.")
@@ -44,12 +47,11 @@ def evaluate_command(model, adapter, data, max_new_tokens, limit, max_seq_len, q
     from ..atomic import write_text_atomic
     from ..evaluate import evaluate
 
-    bits = None if quantize is None else (0 if quantize == "none" else int(quantize))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("eval", total=None)
         report = evaluate(
             model, data, adapter=adapter, max_new_tokens=max_new_tokens, limit=limit,
-            max_seq_len=max_seq_len, quantize=bits, dtype=dtype, generate=not no_generate,
+            max_seq_len=max_seq_len, quantize=quantize, dtype=dtype, generate=not no_generate,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             force=force,
         )

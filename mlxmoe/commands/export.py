@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import click
 
+from ..gguf.export import FILE_TYPES
 from ._ui import console, human_bytes
 
 
 @click.command()
 @click.option("--model", required=True, help="Base model folder or hub id.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `mlxmoe train`.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="Adapter folder from `mlxmoe train`.")
 @click.option("--gguf", "gguf_out", required=True, type=click.Path(dir_okay=False), help="Output .gguf file.")
 @click.option("--type", "file_type", default="f16", show_default=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"]))
-@click.option("--adapter-only", is_flag=True, help="Write only the LoRA tensors (llama.cpp --lora, Ollama ADAPTER).")
+              type=click.Choice(list(FILE_TYPES)))
+@click.option("--adapter-only", is_flag=True,
+              help="Write only the LoRA tensors (llama.cpp --lora, Ollama ADAPTER).")
 @click.option("--ollama", "ollama_dir", is_flag=False, flag_value=".", default=None,
               help="Also write an Ollama Modelfile (into DIR, default: beside the GGUF).")
 @click.option("--name", help="Model name for `ollama create` (default: the GGUF's stem).")

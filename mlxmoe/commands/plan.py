@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ._options import DTYPE_OPTION
+from ..gguf.export import FILE_TYPES
+from ._options import BITS, DTYPE_OPTION, STRATEGY_OPTION
 from ._ui import console, human_bytes
 
 
@@ -13,13 +14,14 @@ from ._ui import console, human_bytes
 @click.argument("model", required=False)
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
 @click.option("--memory", help="The Mac's RAM, e.g. 32GB (default: this Mac, else 32GB).")
-@click.option("--strategy", help="attention | experts | shared | experts+router | all")
+@STRATEGY_OPTION
 @click.option("--batch-size", type=int)
 @click.option("--max-seq-len", type=int)
 @click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--quantize", type=click.Choice(["4", "8", "none"]), help="Bits of the frozen base.")
+@click.option("--quantize", type=BITS, help="Bits of the frozen base.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
-@click.option("--gguf-type", default="q8_0", show_default=True, help="Export type to plan for.")
+@click.option("--gguf-type", default="q8_0", show_default=True, type=click.Choice(list(FILE_TYPES)),
+              help="Export type to plan for.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="gpu: Metal; cpu: MLX's CPU backend (its MoE dispatch; float32 norms and "
                    "gather_mm in a 16-bit model).")
@@ -32,8 +34,8 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     from ..errors import MlxMoeError
     from ..info import read_config
     from ..plan import DISPATCH_DETAIL, plan_export, plan_training
-    from ..plan_load import plan_load
     from ..plan_advice import budget, suggestions, target, verdict
+    from ..plan_load import plan_load
     from ..recipe import load_recipe
 
     recipe = load_recipe(
@@ -41,7 +43,7 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         lora={"strategy": strategy, "rank": rank},
         train={"batch_size": batch_size, "max_seq_len": max_seq_len,
                "grad_checkpoint": grad_checkpoint, "dtype": dtype,
-               "quantize": None if quantize is None else (0 if quantize == "none" else int(quantize))},
+               "quantize": quantize},
     )
     model = model or recipe.model
     if not model:

@@ -7,7 +7,7 @@ import sys
 import click
 from rich.table import Table
 
-from ._options import recipe_from_options, training_options
+from ._options import STRATEGY_OPTION, recipe_from_options, training_options
 from ._ui import console
 
 
@@ -16,7 +16,7 @@ from ._ui import console
 @click.option("--data", help="Folder with train.jsonl [valid.jsonl], or a JSONL file.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--recipe", "recipe_file", type=click.Path(), help="Recipe YAML (see recipes/).")
-@click.option("--strategy", help="attention | experts | shared | experts+router | all")
+@STRATEGY_OPTION
 @training_options
 @click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
 @click.option("--no-plots", is_flag=True, help="Write no loss.png / expert_load.png.")

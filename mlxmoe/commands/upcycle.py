@@ -23,8 +23,8 @@ def upcycle(out, dense, layout, experts, top_k, expert_noise, seed) -> None:
     from pathlib import Path
 
     from ..gguf_import import gguf_to_hf
-    from ..upcycle import upcycle as run_upcycle
     from ..upcycle import default_dense_gguf
+    from ..upcycle import upcycle as run_upcycle
 
     source = Path(dense) if dense else default_dense_gguf()
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from .base import Family
+from .deepseek_v2 import FAMILY as DEEPSEEK_V2
 from .gpt_oss import FAMILY as GPT_OSS
 from .granitemoe import FAMILY as GRANITEMOE
 from .llama import FAMILY as LLAMA
@@ -16,8 +17,8 @@ from .qwen3_next import FAMILY as QWEN3_NEXT
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (GPT_OSS, GRANITEMOE, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE,
-                   QWEN3_NEXT)
+    for family in (DEEPSEEK_V2, GPT_OSS, GRANITEMOE, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_5_MOE,
+                   QWEN3_MOE, QWEN3_NEXT)
     for model_type in family.model_types
 }
 

@@ -8,26 +8,31 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import gguf
 import numpy as np
 
 from ..config import ConfigView, DecoderArgs, MoEArgs
 from ..errors import MlxMoeError
 from ..model import CausalLM, build_decoder
-from ..tensor_names import ROLES, compile_pattern
+from ..tensor_names import GGUF_PARTS, ROLES, compile_pattern
 
 
 @dataclass(frozen=True)
 class GGUFPart:
     """One GGUF tensor made of one of ours: the rows (axis 0) and columns (last axis) at
     these indices, in this order (None: all, as they are), then ``value`` elementwise, then
-    size-1 axes dropped if ``squeeze``. Picking rows and columns keeps a LoRA delta B @ A
-    factored: its rows are B's, its columns A's; ``value`` does not, and is for tensors no
-    adapter trains (norms, A_log)."""
+    size-1 axes dropped if ``squeeze``, then the rows cut into ``heads`` equal blocks
+    stacked on a new first axis, and those blocks' last two axes swapped if ``transposed``
+    (deepseek2's attn_k_b). Picking rows and columns keeps a LoRA delta B @ A factored: its
+    rows are B's, its columns A's; ``value``, ``heads`` and ``transposed`` do not, and are for
+    tensors whose LoRA llama.cpp cannot take."""
     role: str
     rows: np.ndarray | None = None
     cols: np.ndarray | None = None
     value: Callable[[np.ndarray], np.ndarray] | None = None
     squeeze: bool = False
+    heads: int | None = None
+    transposed: bool = False
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = list(shape)
@@ -35,7 +40,12 @@ class GGUFPart:
             shape[0] = len(self.rows)
         if self.cols is not None:
             shape[-1] = len(self.cols)
-        return tuple(n for n in shape if n != 1 or not self.squeeze)
+        shape = [n for n in shape if n != 1 or not self.squeeze]
+        if self.heads is not None:
+            shape = [self.heads, shape[0] // self.heads, *shape[1:]]
+        if self.transposed:
+            shape[-2:] = shape[-1], shape[-2]
+        return tuple(shape)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         if self.rows is not None:
@@ -44,11 +54,15 @@ class GGUFPart:
             x = x[..., self.cols]
         if self.value is not None:
             x = self.value(x)
-        return x.reshape(self.shape(x.shape)) if self.squeeze else x
+        if self.squeeze:
+            x = x.reshape([n for n in x.shape if n != 1])
+        if self.heads is not None:
+            x = x.reshape(self.heads, -1, *x.shape[1:])
+        return x.swapaxes(-1, -2) if self.transposed else x
 
     def lora(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A [.., r, in] and B [.., out, r] of a delta B @ A -> those of this part's delta."""
-        if self.value is not None or self.squeeze:
+        if self.value is not None or self.squeeze or self.heads is not None or self.transposed:
             raise MlxMoeError(f"cannot write a LoRA of {self.role}: its GGUF tensor is not a "
                               "selection of rows and columns of ours")
         if self.rows is not None:
@@ -97,6 +111,9 @@ class Family:
     # is ours (Qwen3-Next's conv1d: ours [C, K, 1], torch's [C, 1, K]); lazy, so shapes cost
     # nothing
     hub_layout: Callable[[str, Any], Any] | None = None
+    # Roles whose matrix gguf_arch's graph multiplies without LoRA: an adapter GGUF's pair for
+    # one would load and never apply, so adapter export refuses it (deepseek2's MLA projections)
+    gguf_no_lora: tuple[str, ...] = ()
 
     def build(self, args: DecoderArgs) -> CausalLM:
         return build_decoder(args, self.name)
@@ -110,7 +127,8 @@ class Family:
         return out
 
     def gguf_name(self, role: str, bid: int | None) -> str:
-        return self.gguf_names.get(role, ROLES[role].gguf).format(bid=bid)
+        name = self.gguf_names.get(role) or GGUF_PARTS.get(role) or ROLES[role].gguf
+        return name.format(bid=bid)
 
     def gguf_tensor_parts(self, role: str, args: DecoderArgs) -> list[GGUFPart]:
         """The GGUF tensors one of ours (of ``role``) becomes: itself unless gguf_parts says."""
@@ -130,6 +148,27 @@ class Family:
         return None
 
 
+def add_yarn_keys(rope: dict[str, Any], writer: Any, arch: str) -> None:
+    """The YaRN keys the converter's TextModel.set_gguf_parameters writes from a
+    ``rope_type: yarn`` config; other scalings are refused."""
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind != "yarn" or not rope.get("factor") or "original_max_position_embeddings" not in rope:
+        raise MlxMoeError(f"cannot export to GGUF: llama.cpp's {arch} reads rope scaling as YaRN "
+                          f"with factor and original_max_position_embeddings; this config has {rope!r}")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if "extrapolation_factor" in rope:
+        writer.add_rope_scaling_yarn_ext_factor(rope["extrapolation_factor"])
+    attention = rope.get("attention_factor", rope.get("attn_factor"))
+    if attention is not None:
+        writer.add_rope_scaling_yarn_attn_factor(attention)
+    if "beta_fast" in rope:
+        writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+    if "beta_slow" in rope:
+        writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+
+
 def require_llama_cpp_routing(args: MoEArgs, arch: str, normalized: bool) -> None:
     """llama.cpp hard-codes each arch's routing; refuse configs it would compute differently."""
     if len(args.moe_layers) != args.num_layers:
@@ -139,6 +178,7 @@ def require_llama_cpp_routing(args: MoEArgs, arch: str, normalized: bool) -> Non
         )
     if args.norm_topk_prob != normalized:
         raise MlxMoeError(
-            f"cannot export to GGUF: llama.cpp's {arch} {'renormalizes' if normalized else 'does not renormalize'} "
+            f"cannot export to GGUF: llama.cpp's {arch} "
+            f"{'renormalizes' if normalized else 'does not renormalize'} "
             f"the top-k routing weights, this config has norm_topk_prob={args.norm_topk_prob}"
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import gguf
 import mlx.core as mx
 
 from ..config import ConfigView, MoEArgs
@@ -16,7 +15,7 @@ from ..errors import CheckpointError, MlxMoeError
 from ..nn.rope import yarn_frequencies, yarn_mscale
 from ..prequantized import mxfp4_scales, mxfp4_weight
 from ..tensor_names import HF_DECODER_TENSORS
-from .base import Family, require_llama_cpp_routing
+from .base import Family, add_yarn_keys, require_llama_cpp_routing
 
 _L = "model.layers.{bid}"
 _X = f"{_L}.mlp.experts"
@@ -156,19 +155,8 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     if refuse:
         raise MlxMoeError("cannot export gpt_oss to GGUF: llama.cpp's gpt-oss computes other "
                           "values for " + "; ".join(refuse))
-    if rope is not None:  # the keys TextModel.set_gguf_parameters writes for YaRN
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(rope["factor"])
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-        if "extrapolation_factor" in rope:
-            writer.add_rope_scaling_yarn_ext_factor(rope["extrapolation_factor"])
-        attention = rope.get("attention_factor", rope.get("attn_factor"))
-        if attention is not None:
-            writer.add_rope_scaling_yarn_attn_factor(attention)
-        if "beta_fast" in rope:
-            writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
-        if "beta_slow" in rope:
-            writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    if rope is not None:
+        add_yarn_keys(rope, writer, "gpt-oss")
     writer.add_sliding_window(args.sliding_window)
     writer.add_expert_feed_forward_length(args.moe_intermediate_size)
 

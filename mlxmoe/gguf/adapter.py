@@ -29,6 +29,11 @@ def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:
     for module, (a, b) in adapter.pairs.items():
         ours = f"{module}.weight"
         role, bid = weights.role(ours)
+        if role in weights.family.gguf_no_lora:
+            raise ExportError(
+                f"cannot write the adapter of {module} as GGUF: llama.cpp's {weights.family.gguf_arch} "
+                f"multiplies {role} without LoRA (it would load and never apply); export the merged "
+                "model, or train with explicit LoRA targets that leave it out")
         if weights.family.permute_qk and role in ("attn_q", "attn_k"):
             # delta = B A: permuting the delta's rows is permuting B's rows
             b = permute_qk(b, args.num_heads if role == "attn_q" else args.num_kv_heads)
@@ -66,7 +71,8 @@ def export_adapter_gguf(model: str | Path, adapter: str | Path, out: str | Path,
     plans = []
     for name, data in tensors:
         data = np.ascontiguousarray(data, dtype=np.float32)
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType.F32)
         plans.append(TensorPlan(name, name, data.shape, gguf.GGMLQuantizationType.F32))
     out = Path(out)
     with atomic_file(out) as tmp:

@@ -56,6 +56,8 @@ KNOWN_PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
     # allenai/OLMo-1.7-7B-hf, whose tokenizer OLMoE reuses
     "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
+    # Xenova/gpt-4o: o200k, which gpt-oss's tokenizer is (plus its harmony tokens)
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",
 }
 
 

@@ -12,21 +12,24 @@ from .norm import rms_norm
 from .rope import YarnRoPE
 
 
-def make_rope(args: DecoderArgs) -> nn.Module:
+def make_rope(args: DecoderArgs, dims: int | None = None, traditional: bool = False) -> nn.Module:
     """Plain, linearly scaled and YaRN rotary embeddings ourselves (YaRN as transformers
     computes it: see ``rope.py``); other scalings (llama3, longrope) from mlx-lm, imported
     only then: importing mlx-lm loads transformers (and torch where it is installed),
-    hundreds of MB that export and training otherwise skip."""
+    hundreds of MB that export and training otherwise skip. ``dims``: the rotated width
+    (default ``args.rotary_dims``); ``traditional``: pairs of adjacent dimensions rotate
+    (DeepSeek's MLA), not the two halves."""
+    dims = args.rotary_dims if dims is None else dims
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in ("default", "linear"):
         scale = 1.0 / float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-        return nn.RoPE(args.rotary_dims, traditional=False, base=args.rope_theta, scale=scale)
+        return nn.RoPE(dims, traditional=traditional, base=args.rope_theta, scale=scale)
     if kind == "yarn":
-        return YarnRoPE(args.rotary_dims, args.rope_theta, scaling, args.max_position_embeddings)
+        return YarnRoPE(dims, args.rope_theta, scaling, args.max_position_embeddings, traditional)
     from mlx_lm.models.rope_utils import initialize_rope
 
-    return initialize_rope(args.rotary_dims, args.rope_theta, False, args.rope_scaling,
+    return initialize_rope(dims, args.rope_theta, traditional, args.rope_scaling,
                            args.max_position_embeddings)
 
 

@@ -9,8 +9,7 @@ at 256 tokens): never hand these kernels that shape.
 The "dense" dispatch runs every expert on every token as one batched matmul and weights
 the outputs by the routing (zero for experts a token did not choose): E/k times the work,
 the same result. It pays on MLX's CPU backend with a fast BLAS, where ``gather_mm`` makes
-one BLAS call per row: measured at 400 tokens x 576 -> 1536, 4 experts top-2, OpenBLAS,
-2 cores: gather 5 GFLOP/s of useful work, dense 42 (84 raw), 8x faster.
+one BLAS call per row (measurements: bench/README.md).
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ DENSE_MIN_PAIRS = 64
 class Router(nn.Module):
     """Top-k softmax routing, computed in float32 whatever the model's dtype.
 
-    Half-precision routing flips near-tied expert choices; seed 001 lists it among
-    the causes of diverging MoE fine-tunes. ``temperature`` divides the logits;
+    Half-precision routing flips near-tied expert choices, a reported cause of diverging MoE
+    fine-tunes; float32 keeps the top-k decisions stable (Switch Transformer's selective
+    precision). ``temperature`` divides the logits;
     ``jitter`` multiplies the router's input by uniform noise in [1 - j, 1 + j] while
     training (Switch Transformer's router jitter, applied to the router input only).
 
@@ -44,10 +44,16 @@ class Router(nn.Module):
     (renormalized if ``normalize_top_k``); "top_k": the k largest logits, softmaxed among
     themselves (gpt-oss). Both choose the same experts, and "top_k" weighs them as "all"
     renormalized does, up to rounding; "top_k" is what gpt-oss's reference computes.
+
+    DeepSeek-V2's options (softmax "all"): the weights times ``scaling``
+    (routed_scaling_factor); with ``groups`` > 1 the experts form that many equal groups, and
+    the top k are taken from the ``groups_used`` groups whose best probability is highest
+    (topk_method "group_limited_greedy").
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
-                 bias: bool = False, softmax: str = "all"):
+                 bias: bool = False, softmax: str = "all", scaling: float = 1.0,
+                 groups: int = 1, groups_used: int = 1):
         super().__init__()
         if softmax not in ("all", "top_k"):
             raise ValueError(f"router softmax must be 'all' or 'top_k', got {softmax!r}")
@@ -57,6 +63,7 @@ class Router(nn.Module):
         self.top_k = top_k
         self.normalize_top_k = normalize_top_k
         self.softmax = softmax
+        self.scaling, self.groups, self.groups_used = scaling, groups, groups_used
         self.temperature = 1.0
         self.jitter = 0.0
 
@@ -78,11 +85,23 @@ class Router(nn.Module):
             top = mx.take_along_axis(logits, indices, axis=-1)
             return logits, indices, mx.softmax(top, axis=-1, precise=True)
         probs = mx.softmax(logits, axis=-1, precise=True)
-        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
+        candidates = self.best_groups_only(probs) if self.groups > 1 else probs
+        indices = mx.stop_gradient(mx.argpartition(-candidates, kth=k - 1, axis=-1)[..., :k])
         weights = mx.take_along_axis(probs, indices, axis=-1)
         if self.normalize_top_k:
             weights = weights / weights.sum(axis=-1, keepdims=True)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         return logits, indices, weights
+
+    def best_groups_only(self, probs: mx.array) -> mx.array:
+        """``probs`` [..., E] with every expert outside the ``groups_used`` best groups (by
+        their best expert's probability) set to 0, as transformers' DeepSeek-V2 masks them."""
+        grouped = probs.reshape(*probs.shape[:-1], self.groups, -1)
+        best = grouped.max(axis=-1)
+        kept = mx.argpartition(-best, kth=self.groups_used - 1, axis=-1)[..., :self.groups_used]
+        keep = (mx.arange(self.groups)[:, None] == kept[..., None, :]).any(axis=-1)
+        return mx.stop_gradient(mx.where(keep[..., None], grouped, 0.0).reshape(probs.shape))
 
 
 class ExpertLinear(nn.Module):
@@ -236,19 +255,22 @@ class SwitchExperts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + routed experts (+ Qwen2-MoE's shared expert behind a sigmoid gate)."""
+    """Router + routed experts (+ a shared expert: Qwen2-MoE's behind a sigmoid gate,
+    DeepSeek-V2's added as it is)."""
 
     def __init__(self, args: MoEArgs):
         super().__init__()
         d = args.hidden_size
         self.router = Router(d, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob,
-                             args.router_bias, args.router_softmax)
+                             args.router_bias, args.router_softmax, args.routed_scaling_factor,
+                             args.expert_groups, args.expert_groups_used)
         swiglu = None if args.swiglu_limit is None else (args.swiglu_alpha, args.swiglu_limit)
         self.experts = SwitchExperts(d, args.moe_intermediate_size, args.num_experts,
                                      args.expert_bias, swiglu)
         if args.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+            if args.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(d, 1, bias=False)
         self.dispatch = "gather"  # or "dense": see the module docstring and set_dispatch
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -263,22 +285,17 @@ class SparseMoE(nn.Module):
         else:
             y = self.experts(x, indices)
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        if "shared_expert" in self:
+        if "shared_expert_gate" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif "shared_expert" in self:  # DeepSeek-V2: no gate
+            y = y + self.shared_expert(x)
         return y, logits
 
 
-# Dense dispatch does E/k times the work of gather, at the BLAS rate; MLX's CPU gather_mm
-# reads a token-expert pair's expert matrix for each pair, fast while that matrix stays in
-# cache. Measured with OpenBLAS on 2 cores (L2 1 MiB a core), top-2:
-# - a training step (bench/train_vs_mlx_lm.py, Qwen3-MoE, 4 layers, expert LoRA): 512 x 512
-#   experts: dense 1.33x faster at E/k = 2 (495 vs 371 tokens/s), 1.12x at E/k = 3 (403 vs
-#   360), 0.89x at E/k = 4 (319 vs 360); 1024 x 1024 at E/k = 4: dense 2.95x faster (135 vs 46);
-# - one MoE layer with expert LoRA, forward + backward, 640 tokens: 128 x 128 and 256 x 256:
-#   gather 1.3-7x faster at E/k = 2-8; 576 x 1536: dense 2.05x faster at E/k = 2, 0.85x at
-#   E/k = 4; 1024 x 1536: dense 2.7x faster at E/k = 4.
-# So the smallest expert matrix (float32 values, hidden x expert FFN) that runs dense, by the
-# largest E/k it holds for; beyond E/k = 4 gather always.
+# Dense does E/k times gather's work at the BLAS rate; gather_mm is fast while an expert's
+# matrix stays in cache. So: the smallest expert matrix (float32 values, hidden x expert FFN)
+# that runs dense, by the largest E/k it holds for; beyond E/k = 4 gather always. Measured
+# with OpenBLAS on 2 cores: bench/README.md.
 DENSE_MIN_EXPERT_VALUES = ((3, 128 * 1024), (4, 1024 * 1024))
 
 
@@ -319,8 +336,8 @@ def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
         return "gather"
     float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear)
                         for m in layers)
-    # A BLAS multiplies float32 only: MLX's own CPU kernels for 16-bit floats run ~45x slower
-    # (1024 x 1024 bfloat16: 7.8 GFLOP/s vs 347 float32 with OpenBLAS), so dense never pays there.
+    # A BLAS multiplies float32 only; MLX's own CPU kernels for 16-bit floats are far slower,
+    # so dense never pays there (bench/README.md).
     fast_cpu = (on_cpu() and loaded_blas() != "bundled"
                 and all(_base(m.experts.up_proj).weight.dtype == mx.float32 for m in layers))
     setting = choose_dispatch(setting, max(m.router.weight.shape[0] for m in layers),

@@ -52,17 +52,20 @@ def yarn_frequencies(dims: int, base: float, scaling: dict[str, Any],
 
 
 class YarnRoPE(nn.Module):
-    """Rotate-half RoPE over all ``dims`` with YaRN frequencies; q and k are scaled by the
-    attention factor (transformers scales cos and sin by it: the same product)."""
+    """Rotate-half RoPE (``traditional``: adjacent pairs) over all ``dims`` with YaRN
+    frequencies; q and k are scaled by the attention factor (transformers scales cos and sin
+    by it: the same product)."""
 
-    def __init__(self, dims: int, base: float, scaling: dict[str, Any], max_position_embeddings: int):
+    def __init__(self, dims: int, base: float, scaling: dict[str, Any], max_position_embeddings: int,
+                 traditional: bool = False):
         super().__init__()
         inv_freq, self.attention_factor = yarn_frequencies(dims, base, scaling, max_position_embeddings)
         self.dims = dims
+        self.traditional = traditional
         self._freqs = mx.array(1.0 / inv_freq, dtype=mx.float32)  # mx.fast.rope takes periods
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if self.attention_factor != 1.0:
             x = x * self.attention_factor
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
                             freqs=self._freqs)

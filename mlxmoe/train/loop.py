@@ -21,14 +21,14 @@ import numpy as np
 from ..adapt import apply_adapters, trainable_report
 from ..adapters import adapter_config, adapter_tensors, save_adapters, weights_fingerprint
 from ..atomic import write_text_atomic
-from ..data import BatchSchedule
+from ..batches import BatchSchedule
+from ..blas import describe as describe_blas
 from ..dtypes import dtype_name, resolve_dtype
 from ..errors import MlxMoeError
 from ..hub import resolve
 from ..load import load_model
 from ..memory import peak_memory_gb
 from ..monitor import ExpertMonitor
-from ..blas import describe as describe_blas
 from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
 from ..tokenize_worker import TokenizeJob
@@ -116,7 +116,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     out = Path(out_dir)
     previous = latest_checkpoint(out) if world.is_main else None  # only rank 0 sees the run
     if world.is_main and previous is not None and not resume:
-        raise MlxMoeError(f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
+        raise MlxMoeError(
+            f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
     if world.is_main and resume and previous is None:
         raise MlxMoeError(f"{out}: nothing to resume (no checkpoint yet); a run stopped before its "
                           "first checkpoint starts over: run the same command without --resume")
@@ -135,7 +136,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     # tokenizes while the model loads.
     with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt,
                      recipe.data.thinking) as job:
-        model = load_model(folder, quantize=cfg.quantize or None, group_size=cfg.group_size,
+        model = load_model(folder, quantize=cfg.quantize, group_size=cfg.group_size,
                            dtype=cfg.dtype)
         train_set, valid_set = job.result()
     data_fingerprint = fingerprint([(e.tokens, e.loss_mask) for e in train_set.examples]).hex()[:32]

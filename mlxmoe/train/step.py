@@ -26,12 +26,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..data import Batch
+from ..batches import Batch
 from ..losses import (
     cross_entropy,
+    expert_counts,
     head_cross_entropy,
     linear_cross_entropy,
-    expert_counts,
     load_balancing_loss,
     load_balancing_share,
     router_entropy,
