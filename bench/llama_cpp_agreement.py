@@ -58,8 +58,8 @@ def prepare(tmp: Path, demo: Path | None) -> tuple[Path, Path]:
     """The upcycled model and the FAQ data set: the demo's, or made here as the demo makes them."""
     if demo is not None:
         return demo / "model", demo / "data"
-    from mlxmoe.faq import build_dataset
-    from mlxmoe.gguf_import import gguf_to_hf
+    from mlxmoe.data.faq import build_dataset
+    from mlxmoe.gguf.importer import gguf_to_hf
     from mlxmoe.upcycle import default_dense_gguf, upcycle
 
     dense = gguf_to_hf(default_dense_gguf(), tmp / "dense")
@@ -83,7 +83,7 @@ def mlx_logits(model, samples) -> list[np.ndarray]:
 
 
 def llama_cpp_agreement(gguf: Path, samples, reference: list[np.ndarray]) -> Agreement:
-    from mlxmoe.llamacpp import logits, open_gguf
+    from mlxmoe.gguf.llamacpp import logits, open_gguf
 
     result = Agreement()
     with open_gguf(gguf, n_ctx=max(len(t) for t, _ in samples)) as llm:
@@ -98,7 +98,7 @@ def round_as_q8_0_file(model, folder: Path) -> None:
     import mlx.core as mx
 
     from mlxmoe.gguf.export import plan_tensors
-    from mlxmoe.merge import MergedWeights
+    from mlxmoe.gguf.merge import MergedWeights
 
     Q = gguf.GGMLQuantizationType
     weights = MergedWeights(folder)
@@ -121,7 +121,7 @@ def main() -> None:
     import mlx.core as mx
 
     import mlxmoe
-    from mlxmoe.adapters import load_adapters
+    from mlxmoe.adapt.files import load_adapters
     from mlxmoe.demo import GGUF_NAME
     from mlxmoe.gguf.export import export_gguf
 

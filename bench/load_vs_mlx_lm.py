@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxmoe.info import read_config
-from mlxmoe.plan_load import plan_load
+from mlxmoe.plan.load import plan_load
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ recipe's adapters, mlxmoe's own ``Stepper`` and AdamW, and one optimizer step on
 [batch, seq_len] micro-batch of answer tokens. Measured are ``mx.get_peak_memory()`` over
 that step and the rise of the process's peak RSS above its RSS before the model was built
 (Linux: VmHWM, reset through /proc/self/clear_refs). The prediction is
-``mlxmoe.plan.plan_training`` for the same recipe on the backend the step ran on.
+``mlxmoe.plan.training.plan_training`` for the same recipe on the backend the step ran on.
 
 Two profiles: the model's default dtype on this backend (float32 on MLX's CPU), and the
 Mac's (bfloat16 activations over a 4-bit base, float32 LoRA and routing) run on the CPU,
@@ -170,7 +170,7 @@ def make_export_model(root: Path) -> Path:
 
     from mlxmoe import load
     from mlxmoe.adapt import AdapterSpec, apply_adapters
-    from mlxmoe.adapters import adapter_config, save_adapters
+    from mlxmoe.adapt.files import adapter_config, save_adapters
 
     folder = root / "model"
     vocab = mixtral_tokenizer_folder(folder)
@@ -206,7 +206,7 @@ def run_exports(root: Path) -> list[dict]:
 
     from mlxmoe.adapt import AdapterSpec
     from mlxmoe.info import read_config
-    from mlxmoe.plan import model_memory, plan_export
+    from mlxmoe.plan.training import model_memory, plan_export
 
     folder = make_export_model(root)
     cfg = read_config(folder)

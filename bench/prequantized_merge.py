@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     from mlx_lm.convert import convert
 
-    from mlxmoe.merge import export_hf
+    from mlxmoe.gguf.merge import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -131,7 +131,7 @@ class _Stage:
 
 
 def _dataset(folder: Path, say: Say) -> dict[str, Any]:
-    from .faq import build_dataset
+    from .data.faq import build_dataset
 
     info = folder / "info.json"
     if not info.is_file():
@@ -145,7 +145,7 @@ def _dataset(folder: Path, say: Say) -> dict[str, Any]:
 def _upcycled_model(folder: Path, say: Say) -> None:
     import tempfile
 
-    from .gguf_import import gguf_to_hf
+    from .gguf.importer import gguf_to_hf
     from .upcycle import default_dense_gguf, upcycle
 
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -212,9 +212,9 @@ def held_out_question(data: Path, index: int) -> dict[str, str]:
 
 
 def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSettings) -> dict:
-    from .llamacpp import open_gguf
+    from .gguf.llamacpp import open_gguf
+    from .gguf.ollama import chat_formats, detect_chat_format
     from .load import load_tokenizer
-    from .ollama import chat_formats, detect_chat_format
     from .thinking import non_thinking_prompt, reply_answer
 
     sample = held_out_question(data, settings.question)
@@ -236,7 +236,7 @@ def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSetti
 
 
 def _modelfile(out: Path, gguf_path: Path, model: Path, name: str) -> tuple[str, str]:
-    from .ollama import (
+    from .gguf.ollama import (
         create_model,
         default_system_prompt,
         detect_chat_format,

@@ -40,8 +40,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .adapters import check_adapter_base, load_adapters, read_adapter_config
-from .batches import BatchSchedule
+from .adapt.files import check_adapter_base, load_adapters, read_adapter_config
+from .data.batches import BatchSchedule
+from .data.samples import Dataset, Example, SampleEncoder, encode_sample, read_samples
 from .dtypes import dtype_name
 from .errors import MlxMoeError
 from .hub import resolve
@@ -50,7 +51,6 @@ from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
 from .quantize import NO_QUANTIZATION, SUPPORTED_BITS
 from .rouge import RougeL, rouge_l
-from .samples import Dataset, Example, SampleEncoder, encode_sample, read_samples
 from .thinking import answer_text, reply_answer
 from .train.step import answer_cross_entropy
 

@@ -21,7 +21,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """That GGUF converted once per session to a float32 Hugging Face Llama folder."""
-    from mlxmoe.gguf_import import gguf_to_hf
+    from mlxmoe.gguf.importer import gguf_to_hf
 
     return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
 

@@ -1,4 +1,4 @@
-"""Peak memory of one real training step, for comparing with ``mlxmoe.plan.plan_training``.
+"""Peak memory of one real training step, for comparing with ``mlxmoe.plan.training.plan_training``.
 
 A setting is a plain dict (JSON, so that a fresh process can measure it): a config.json
 dict and the recipe values that change memory. ``measure_fresh`` runs ``measure`` in a new
@@ -52,9 +52,9 @@ def device_of(s: dict) -> str:
 
 
 def predict(s: dict):
-    """``mlxmoe.plan.plan_training`` for the setting, on the device it is measured on."""
+    """``mlxmoe.plan.training.plan_training`` for the setting, on the device it is measured on."""
     from mlxmoe.config import ConfigView
-    from mlxmoe.plan import plan_training
+    from mlxmoe.plan.training import plan_training
 
     return plan_training(ConfigView(s["config"]), recipe_for(s), device_of(s))
 

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
 
 from mlxmoe.ablate import DEFAULT_STRATEGIES, EVAL_COLUMNS, TRAIN_COLUMNS, ablate
-from mlxmoe.adapters import read_adapter_config
+from mlxmoe.adapt.files import read_adapter_config
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.evaluate import evaluate
 from mlxmoe.recipe import load_recipe

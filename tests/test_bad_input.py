@@ -23,7 +23,7 @@ from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa
 import mlxmoe
 from mlxmoe import atomic
 from mlxmoe.adapt import AdapterSpec, apply_adapters
-from mlxmoe.adapters import ADAPTER_CONFIG, ADAPTER_FILE, AdapterError, adapter_config, save_adapters
+from mlxmoe.adapt.files import ADAPTER_CONFIG, ADAPTER_FILE, AdapterError, adapter_config, save_adapters
 from mlxmoe.atomic import atomic_dir, atomic_file, remove_stale_temps, write_text_atomic
 from mlxmoe.checkpoint import INDEX_FILE
 from mlxmoe.cli import main

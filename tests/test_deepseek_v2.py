@@ -174,7 +174,7 @@ def test_loss_falls_for_every_strategy(deepseek, tmp_path, strategy):
 
 @pytest.mark.slow
 def test_qlora_in_bfloat16_over_4_bits_trains(deepseek, tmp_path):
-    from mlxmoe.adapters import read_adapter_config
+    from mlxmoe.adapt.files import read_adapter_config
 
     r = deepseek_recipe(*deepseek, "experts")  # latent attention and experts: the default
     r.train.quantize, r.train.group_size, r.train.dtype = 4, 32, "bfloat16"
@@ -193,8 +193,8 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "deepseek-v2-lite.yaml"
 
 
 def test_v2_lite_recipe_fits_a_32_gb_mac_with_checkpointing_and_not_without():
-    from mlxmoe.plan import plan_training
-    from mlxmoe.plan_advice import budget, verdict
+    from mlxmoe.plan.advice import budget, verdict
+    from mlxmoe.plan.training import plan_training
 
     cfg = ConfigView(json.loads(FIXTURE.read_text()))
     recipe = load_recipe(RECIPE)

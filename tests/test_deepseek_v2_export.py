@@ -40,11 +40,14 @@ import mlxmoe
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import logits as llama_cpp_logits
-from mlxmoe.llamacpp import open_gguf
-from mlxmoe.merge import export_hf
+from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
+from mlxmoe.gguf.llamacpp import open_gguf
+from mlxmoe.gguf.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
+
+# Each module fixture trains an adapter and exports it: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
 
 needs_converter = pytest.mark.skipif(not CONVERTER.is_file(), reason=(
     f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)"))

@@ -21,11 +21,11 @@ from assets import mixtral_tokenizer_folder, qwen3_tokenizer_folder
 from tiny_models import make_hf_model, save, train_tiny_adapter
 
 import mlxmoe
-from mlxmoe.adapters import AdapterError, load_adapters
+from mlxmoe.adapt.files import AdapterError, load_adapters
 from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import logits as llama_cpp_logits
-from mlxmoe.llamacpp import open_gguf
+from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
+from mlxmoe.gguf.llamacpp import open_gguf
 
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.
 pytestmark = pytest.mark.slow

@@ -72,7 +72,7 @@ def test_export_peak_memory_follows_the_largest_tensor_not_the_file(models, tmp_
     print(f"{file_type}: {extra_file / 2**20:.0f} MiB more file, {extra_peak / 2**20:.1f} MiB "
           f"more peak RSS (largest tensor {largest / 2**20:.1f} MiB)")
     assert extra_peak < 2 * largest < extra_file / 10
-    from mlxmoe.llamacpp import logits, open_gguf
+    from mlxmoe.gguf.llamacpp import logits, open_gguf
 
     for gguf_file in (tmp_path / "small.gguf", tmp_path / "large.gguf"):  # streamed, still whole
         with open_gguf(gguf_file) as llm:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxmoe import faq
-from mlxmoe.faq import QAPair, deduplicate, parse_faq, rst_inline, split_of
+from mlxmoe.data import faq
+from mlxmoe.data.faq import QAPair, deduplicate, parse_faq, rst_inline, split_of
 
 FIXTURES = Path(__file__).parent / "fixtures" / "faq"
 

@@ -26,8 +26,8 @@ from assets import asset, mixtral_tokenizer_folder, qwen3_tokenizer_folder
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mlxmoe.errors import MlxMoeError
+from mlxmoe.gguf.llamacpp import open_gguf
 from mlxmoe.gguf.vocab import TokenizerError, add_tokenizer
-from mlxmoe.llamacpp import open_gguf
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 LLAMA_CPP_SRC = Path(os.environ.get(

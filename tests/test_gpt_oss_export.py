@@ -39,14 +39,14 @@ from test_gpt_oss import encode_mxfp4, make_gpt_oss
 from tiny_models import train_tiny_adapter
 
 import mlxmoe
-from mlxmoe.adapters import load_adapters
+from mlxmoe.adapt.files import load_adapters
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.blocks import quantize_legacy
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import logits as llama_cpp_logits
-from mlxmoe.llamacpp import open_gguf
-from mlxmoe.merge import export_hf
+from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
+from mlxmoe.gguf.llamacpp import open_gguf
+from mlxmoe.gguf.merge import export_hf
 
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.
 pytestmark = pytest.mark.slow
@@ -303,7 +303,7 @@ def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(exported, tm
     """GGUF import reads the dense Llama that upcycling starts from; gpt-oss trains from its
     Hugging Face checkpoint, so its GGUF (llama.cpp's output) is refused, nothing written."""
     from mlxmoe.errors import CheckpointError
-    from mlxmoe.gguf_import import gguf_to_hf
+    from mlxmoe.gguf.importer import gguf_to_hf
 
     with pytest.raises(CheckpointError, match=r"general\.architecture is 'gpt-oss'; only dense 'llama' "
                                               r"GGUFs can be imported .* Hugging Face checkpoint"):

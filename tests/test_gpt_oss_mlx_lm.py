@@ -110,7 +110,7 @@ def test_mxfp4_beyond_the_experts_is_refused_naming_the_mode(release, tmp_path):
 
 @pytest.mark.slow
 def test_qlora_over_an_mlx_lm_gpt_oss_folder_trains_the_adapters(release, tmp_path):
-    from mlxmoe.adapters import load_adapters, read_adapter_config
+    from mlxmoe.adapt.files import load_adapters, read_adapter_config
     from mlxmoe.recipe import load_recipe
     from mlxmoe.train import train
 

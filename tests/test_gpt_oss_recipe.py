@@ -13,8 +13,8 @@ import mlx.core as mx
 
 from mlxmoe.config import ConfigView
 from mlxmoe.info import lazy_model, model_info, quantize_as_loaded
-from mlxmoe.plan import plan_training
-from mlxmoe.plan_advice import budget
+from mlxmoe.plan.advice import budget
+from mlxmoe.plan.training import plan_training
 from mlxmoe.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

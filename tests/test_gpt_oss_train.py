@@ -22,7 +22,7 @@ from test_gpt_oss import SHAPES, encode_mxfp4, make_gpt_oss
 
 import mlxmoe
 from mlxmoe.adapt import AdapterSpec, apply_adapters
-from mlxmoe.adapters import load_adapters, read_adapter_config
+from mlxmoe.adapt.files import load_adapters, read_adapter_config
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.nn.moe import QuantizedExpertLinear
 from mlxmoe.recipe import load_recipe

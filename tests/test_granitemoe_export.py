@@ -35,7 +35,7 @@ from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa
 import mlxmoe
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.merge import export_hf
+from mlxmoe.gguf.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
@@ -178,7 +178,7 @@ def test_qlora_in_bfloat16_over_4_bits_trains(granite, tmp_path):
     """The Mac's configuration: bfloat16 activations over a 4-bit base, float32 adapters."""
     import json
 
-    from mlxmoe.adapters import read_adapter_config
+    from mlxmoe.adapt.files import read_adapter_config
 
     r = granite_recipe(*granite, "experts")
     r.train.quantize, r.train.group_size, r.train.dtype = 4, 32, "bfloat16"

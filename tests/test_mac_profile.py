@@ -28,13 +28,13 @@ from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa
 import mlxmoe
 from mlxmoe.ablate import ablate
 from mlxmoe.adapt import AdapterSpec, apply_adapters
-from mlxmoe.adapters import read_adapter_config
+from mlxmoe.adapt.files import read_adapter_config
 from mlxmoe.dtypes import resolve_dtype
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.evaluate import evaluate
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import logits as llama_cpp_logits
-from mlxmoe.llamacpp import open_gguf
+from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
+from mlxmoe.gguf.llamacpp import open_gguf
 from mlxmoe.model import DecoderLayer
 from mlxmoe.nn import QuantizedExpertLinear
 from mlxmoe.nn.moe import set_dispatch
@@ -283,7 +283,7 @@ def test_a_qlora_run_in_bfloat16_exports_a_q8_0_gguf_that_llama_cpp_runs(tmp_pat
     gguf = export_gguf(model, tmp_path / "q8_0.gguf", "q8_0", adapter=tmp_path / "run").path
 
     merged, tokenizer = mlxmoe.load(model, dtype="float32")
-    from mlxmoe.adapters import load_adapters
+    from mlxmoe.adapt.files import load_adapters
 
     load_adapters(merged, tmp_path / "run")
     merged.eval()

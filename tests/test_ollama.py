@@ -26,7 +26,7 @@ from ollama_go import build_go_program, ollama_chat_values
 from tiny_models import make_hf_model, save
 
 from mlxmoe.errors import MlxMoeError
-from mlxmoe.ollama import (
+from mlxmoe.gguf.ollama import (
     PROBE,
     PROBE_DATE,
     chat_formats,
@@ -109,10 +109,10 @@ def qwen3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-Instruct's tokenizer, config and chat template as `mlxmoe upcycle` carries them
-    (mlxmoe.gguf_import rebuilds them from the GGUF; the weights are not needed here)."""
+    (mlxmoe.gguf.importer rebuilds them from the GGUF; the weights are not needed here)."""
     import gguf
 
-    from mlxmoe.gguf_import import Metadata, hf_config, hf_tokenizer
+    from mlxmoe.gguf.importer import Metadata, hf_config, hf_tokenizer
 
     folder = tmp_path_factory.mktemp("smollm2")
     reader = gguf.GGUFReader(smollm2_gguf)
@@ -354,7 +354,7 @@ def test_an_unknown_chat_template_gives_plain_completion_and_a_warning(template,
                                                                        smollm2_gguf, caplog):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"}))
-    with caplog.at_level(logging.WARNING, logger="mlxmoe.ollama"):
+    with caplog.at_level(logging.WARNING, logger="mlxmoe.gguf.ollama"):
         assert detect_chat_format(tmp_path) == "none"
     assert "tokenizer_config.json" in caplog.text and "plain completion" in caplog.text
     commands = parse_modelfile(write_modelfile(tmp_path, smollm2_gguf, "none").read_text())
@@ -421,7 +421,7 @@ def test_cli_export_with_ollama_writes_the_modelfile_beside_the_gguf(mixtral, tm
 # --- packaging -------------------------------------------------------------------------------
 
 
-PRINT_TEMPLATES = ("import json, mlxmoe.ollama as o; "
+PRINT_TEMPLATES = ("import json, mlxmoe.gguf.ollama as o; "
                    "print(json.dumps([str(o.templates_dir()), sorted(o.chat_formats())]))")
 
 

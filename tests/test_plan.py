@@ -22,8 +22,8 @@ from mlxmoe.data import Batch
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.info import lazy_model
 from mlxmoe.nn.moe import set_dispatch
-from mlxmoe.plan import model_memory, plan_training, planned_dispatch
-from mlxmoe.plan_advice import GiB, budget, parse_size, suggestions, target, verdict
+from mlxmoe.plan.advice import GiB, budget, parse_size, suggestions, target, verdict
+from mlxmoe.plan.training import model_memory, plan_training, planned_dispatch
 from mlxmoe.quantize import quantize_model
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train.step import Stepper
@@ -162,7 +162,7 @@ def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
 
 def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(monkeypatch):
     def dispatch(device="cpu", fast=True, quantize=0, cfg=TINY, setting="auto"):
-        monkeypatch.setattr("mlxmoe.plan.fast_cpu_blas", lambda: fast)
+        monkeypatch.setattr("mlxmoe.plan.training.fast_cpu_blas", lambda: fast)
         recipe = load_recipe(None, train={"quantize": quantize, "moe_dispatch": setting})
         return planned_dispatch(lazy_model(ConfigView(cfg)).args, recipe.train, device)
 
@@ -243,7 +243,7 @@ def test_the_verdict_is_taken_on_the_largest_phase_load_training_or_export():
     """A 4-bit Mixtral with a tiny adapter and short sequences trains in less than it takes
     to load: the load's peak (the 4-bit model and the last layer's float experts in flight)
     decides whether it fits."""
-    from mlxmoe.plan_load import plan_load
+    from mlxmoe.plan.load import plan_load
 
     cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
     recipe = load_recipe(None, lora={"strategy": "attention", "rank": 1},

@@ -22,7 +22,7 @@ from tiny_models import make_hf_model, make_tokenizer, save
 from mlxmoe.dtypes import resolve_dtype
 from mlxmoe.info import read_config
 from mlxmoe.load import load_model
-from mlxmoe.plan_load import plan_load
+from mlxmoe.plan.load import plan_load
 
 WIDE = dict(hidden_size=256, moe_intermediate_size=256, num_experts=8, head_dim=32,
             num_attention_heads=8, num_key_value_heads=4)

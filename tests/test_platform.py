@@ -19,8 +19,8 @@ from mlxmoe.cli import main
 from mlxmoe.config import ConfigView, MoEArgs
 from mlxmoe.info import lazy_model, read_config
 from mlxmoe.nn.moe import SparseMoE, set_dispatch
-from mlxmoe.plan import plan_training, planned_dispatch
-from mlxmoe.plan_advice import GiB, Verdict, budget, default_wired_limit, verdict, wired_limit_mb
+from mlxmoe.plan.advice import GiB, Verdict, budget, default_wired_limit, verdict, wired_limit_mb
+from mlxmoe.plan.training import plan_training, planned_dispatch
 from mlxmoe.recipe import load_recipe
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -186,7 +186,7 @@ def test_a_cpu_plan_assumes_dense_only_on_linux_where_openblas_is_preloaded(monk
         max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False))
     args = lazy_model(wide).args
     train = load_recipe(None, train={"quantize": 0}).train
-    monkeypatch.setattr("mlxmoe.plan.choose_library", lambda: Path("/usr/lib/libopenblas.so.0"))
+    monkeypatch.setattr("mlxmoe.plan.training.choose_library", lambda: Path("/usr/lib/libopenblas.so.0"))
     monkeypatch.setattr(sys, "platform", "linux")
     assert planned_dispatch(args, train, "cpu") == "dense"
     monkeypatch.setattr(sys, "platform", "darwin")

@@ -18,8 +18,8 @@ from tiny_models import make_hf_model, make_tokenizer, save, write_qa_data
 import mlxmoe
 from mlxmoe.errors import CheckpointError, MlxMoeError
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.llamacpp import logits as llama_cpp_logits
-from mlxmoe.llamacpp import open_gguf
+from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
+from mlxmoe.gguf.llamacpp import open_gguf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
@@ -136,7 +136,7 @@ def test_export_from_the_grid_warns_and_llama_cpp_computes_it(quantized_run, tmp
     with caplog.at_level(logging.WARNING):
         gguf = export_gguf(quantized, tmp_path / "grid.gguf", "f16", run).path
     assert "arrived quantized" in caplog.text and "--base-weights" in caplog.text
-    from mlxmoe.adapters import load_adapters
+    from mlxmoe.adapt.files import load_adapters
 
     model, tokenizer = mlxmoe.load(quantized, dtype="float32")
     load_adapters(model, run)

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from mlxmoe.cli import main
 from mlxmoe.config import ConfigView
 from mlxmoe.info import model_info
-from mlxmoe.plan import plan_training
-from mlxmoe.plan_advice import budget
-from mlxmoe.plan_load import plan_load
+from mlxmoe.plan.advice import budget
+from mlxmoe.plan.load import plan_load
+from mlxmoe.plan.training import plan_training
 from mlxmoe.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

@@ -45,7 +45,7 @@ import mlxmoe
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.families import qwen3_5_moe, qwen3_next
 from mlxmoe.gguf.export import export_gguf
-from mlxmoe.merge import export_hf
+from mlxmoe.gguf.merge import export_hf
 from mlxmoe.tensor_names import ROLES
 
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.

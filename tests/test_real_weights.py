@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import mlxmoe
 from mlxmoe.errors import MlxMoeError
-from mlxmoe.gguf_import import gguf_to_hf, unpermute_rope_rows
+from mlxmoe.gguf.importer import gguf_to_hf, unpermute_rope_rows
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Mixture-of-experts models route each token "

@@ -164,7 +164,7 @@ def test_a_bad_data_thinking_is_one_error_naming_the_key(yaml, error, tmp_path):
 
 
 def test_the_tokenizing_child_process_receives_the_thinking_mode(tmp_path, qwen3_folder, qwen3):
-    from mlxmoe.tokenize_worker import tokenize_files
+    from mlxmoe.data.tokenize_worker import tokenize_files
 
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"messages": [QUESTION, REASONED]}) + "\n")
@@ -234,7 +234,7 @@ def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alon
 
 def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_folder, qwen3,
                                                               monkeypatch):
-    import mlxmoe.llamacpp
+    import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
 
     calls = []
@@ -248,7 +248,7 @@ def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_fo
     def open_gguf(path, **kwargs):
         yield FakeLlama()
 
-    monkeypatch.setattr(mlxmoe.llamacpp, "open_gguf", open_gguf)
+    monkeypatch.setattr(mlxmoe.gguf.llamacpp, "open_gguf", open_gguf)
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "What is 2+2?",
                                                      "completion": "4."}) + "\n")
     answer = _ask_llama_cpp(tmp_path / "model.gguf", qwen3_folder, tmp_path, DemoSettings())

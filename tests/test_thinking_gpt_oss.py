@@ -23,7 +23,7 @@ from assets import (
 from chat_checks import before_last_answer, example, trained
 from ollama_go import CURRENT_DATE, build_go_program, frozen_today, ollama_chat_values
 
-from mlxmoe.ollama import chat_formats, default_system_prompt, detect_chat_format
+from mlxmoe.gguf.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
 
 pytestmark = pytest.mark.proof("templates")
@@ -177,7 +177,7 @@ def test_the_non_thinking_prompt_ends_with_an_empty_analysis_and_the_generation_
 
 def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(folder, gpt_oss, harmony,
                                                                        tmp_path, monkeypatch):
-    import mlxmoe.llamacpp
+    import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
 
     calls = []
@@ -192,7 +192,7 @@ def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(folder, gp
     def open_gguf(path, **kwargs):
         yield FakeLlama()
 
-    monkeypatch.setattr(mlxmoe.llamacpp, "open_gguf", open_gguf)
+    monkeypatch.setattr(mlxmoe.gguf.llamacpp, "open_gguf", open_gguf)
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": QUESTION["content"],
                                                      "completion": "4."}) + "\n")
     answer = _ask_llama_cpp(tmp_path / "model.gguf", folder, tmp_path, DemoSettings())

@@ -13,7 +13,7 @@ from assets import llama_cpp_template, qwen3_tokenizer_with
 from chat_checks import before_last_answer, example, trained
 from ollama_go import build_go_program, ollama_chat_values
 
-from mlxmoe.ollama import chat_formats, default_system_prompt, detect_chat_format
+from mlxmoe.gguf.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
 
 pytestmark = pytest.mark.proof("templates")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tiny_models import make_trainable_checkpoint
 
-from mlxmoe.adapters import read_adapter_config
+from mlxmoe.adapt.files import read_adapter_config
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
@@ -81,7 +81,7 @@ def test_run_folder_holds_adapters_config_metrics_and_checkpoints(qwen2_moe, dat
 @pytest.mark.slow
 def test_experts_strategy_leaves_the_router_bit_identical(qwen2_moe, data, tmp_path):
     import mlxmoe
-    from mlxmoe.adapters import load_adapters
+    from mlxmoe.adapt.files import load_adapters
 
     train(recipe(qwen2_moe, data, lora={"strategy": "experts"}), tmp_path, show_progress=False)
     model, _ = mlxmoe.load(qwen2_moe)
@@ -97,7 +97,7 @@ def test_experts_strategy_leaves_the_router_bit_identical(qwen2_moe, data, tmp_p
 @pytest.mark.slow
 def test_experts_plus_router_changes_the_router(qwen2_moe, data, tmp_path, router_mode):
     import mlxmoe
-    from mlxmoe.adapters import load_adapters
+    from mlxmoe.adapt.files import load_adapters
 
     spec = {"strategy": "experts+router", "router_mode": router_mode, "rank": 4}
     train(recipe(qwen2_moe, data, lora=spec), tmp_path, show_progress=False)

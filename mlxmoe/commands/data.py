@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..faq import MAX_ANSWER_CHARS
+from ..data.faq import MAX_ANSWER_CHARS
 from ._ui import console
 
 
@@ -26,7 +26,7 @@ def data() -> None:
               help="Answers keep whole paragraphs up to this length.")
 def python_faq(out_dir, source, faq_dir, max_answer_chars) -> None:
     """Python questions and answers from the documentation, split 80/10/10 by question hash."""
-    from ..faq import build_dataset
+    from ..data.faq import build_dataset
 
     built = build_dataset(out_dir, source=source, faq_dir=faq_dir, max_chars=max_answer_chars)
     table = Table(title="python-faq", show_header=False)

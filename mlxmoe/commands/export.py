@@ -52,14 +52,14 @@ def export(model, adapter, gguf_out, file_type, adapter_only, ollama_dir, name, 
     if ollama_dir is not None:
         from pathlib import Path
 
-        from ..hub import resolve
-        from ..ollama import (
+        from ..gguf.ollama import (
             create_model,
             default_system_prompt,
             detect_chat_format,
             model_parameters,
             write_modelfile,
         )
+        from ..hub import resolve
 
         model_dir = resolve(model)
         folder = Path(gguf_out).parent if ollama_dir == "." else Path(ollama_dir)

@@ -33,9 +33,9 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     from ..dtypes import dtype_name
     from ..errors import MlxMoeError
     from ..info import read_config
-    from ..plan import DISPATCH_DETAIL, plan_export, plan_training
-    from ..plan_advice import budget, suggestions, target, verdict
-    from ..plan_load import plan_load
+    from ..plan.advice import budget, suggestions, target, verdict
+    from ..plan.load import plan_load
+    from ..plan.training import DISPATCH_DETAIL, plan_export, plan_training
     from ..recipe import load_recipe
 
     recipe = load_recipe(

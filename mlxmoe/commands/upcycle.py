@@ -22,7 +22,7 @@ def upcycle(out, dense, layout, experts, top_k, expert_noise, seed) -> None:
     import tempfile
     from pathlib import Path
 
-    from ..gguf_import import gguf_to_hf
+    from ..gguf.importer import gguf_to_hf
     from ..upcycle import default_dense_gguf
     from ..upcycle import upcycle as run_upcycle
 

@@ -17,8 +17,8 @@ import gguf
 import numpy as np
 
 from ..atomic import atomic_file
-from ..merge import MergedWeights
 from .export import ExportError, ExportReport, TensorPlan, permute_qk, validate
+from .merge import MergedWeights
 
 
 def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:

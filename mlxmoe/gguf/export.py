@@ -23,9 +23,9 @@ from ..atomic import atomic_file
 from ..config import MoEArgs
 from ..errors import MlxMoeError
 from ..families.base import GGUFPart
-from ..merge import MergedWeights, all_finite
 from .blocks import cast, mxfp4_from_hub, quantize_legacy
 from .kquants import QUANTIZERS, q4_k_m_type
+from .merge import MergedWeights, all_finite
 from .vocab import add_tokenizer
 from .writer import GGUFWriter
 

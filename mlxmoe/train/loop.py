@@ -19,10 +19,11 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..adapt import apply_adapters, trainable_report
-from ..adapters import adapter_config, adapter_tensors, save_adapters, weights_fingerprint
+from ..adapt.files import adapter_config, adapter_tensors, save_adapters, weights_fingerprint
 from ..atomic import write_text_atomic
-from ..batches import BatchSchedule
 from ..blas import describe as describe_blas
+from ..data.batches import BatchSchedule
+from ..data.tokenize_worker import TokenizeJob
 from ..dtypes import dtype_name, resolve_dtype
 from ..errors import MlxMoeError
 from ..hub import resolve
@@ -31,7 +32,6 @@ from ..memory import peak_memory_gb
 from ..monitor import ExpertMonitor
 from ..nn.moe import Router, set_dispatch
 from ..recipe import Recipe
-from ..tokenize_worker import TokenizeJob
 from .distributed import World, fingerprint, share_run
 from .progress import TrainProgress
 from .state import (

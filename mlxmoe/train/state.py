@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..adapters import ADAPTER_FILE, adapter_tensors
+from ..adapt.files import ADAPTER_FILE, adapter_tensors
 from ..atomic import atomic_dir, remove_stale_temps, write_text_atomic
 from ..errors import MlxMoeError
 from ..model import CausalLM

@@ -26,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..batches import Batch
+from ..data.batches import Batch
 from ..losses import (
     cross_entropy,
     expert_counts,

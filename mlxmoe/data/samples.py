@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MlxMoeError
-from .harmony import is_harmony
-from .thinking import (
+from ..errors import MlxMoeError
+from ..harmony import is_harmony
+from ..thinking import (
     DEFAULT_THINKING,
     check_thinking_mode,
     for_training,

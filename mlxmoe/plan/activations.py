@@ -1,5 +1,5 @@
 """What one micro-batch's forward pass keeps for the backward pass, and the backward's largest
-transient, counted from the shapes of the arrays MLX keeps (see mlxmoe/plan.py)."""
+transient, counted from the shapes of the arrays MLX keeps (see mlxmoe/plan/training.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .config import MoEArgs
-from .losses import ce_chunk_rows
-from .model import CausalLM
-from .nn.moe import DENSE_MIN_PAIRS
+from ..config import MoEArgs
+from ..losses import ce_chunk_rows
+from ..model import CausalLM
+from ..nn.moe import DENSE_MIN_PAIRS
 
 ANSWER_MULTIPLE = 64  # train.step.answer_positions pads the answer positions to this
 
@@ -127,7 +127,7 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
 
 def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths: tuple[int, int],
                 rank: int, compiled: bool, dispatch: str) -> Counter:
-    """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan.py's docstring);
+    """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan/training.py's docstring);
     ``widths``: bytes a value of the model's dtype and of the arrays the CPU keeps in float32
     (``a`` and ``f`` in ``activations``)."""
     a, f = widths

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .errors import MlxMoeError
+from ..atomic import write_text_atomic
+from ..errors import MlxMoeError
 
 DEBIAN_DOCS = Path("/usr/share/doc")
 MAX_ANSWER_CHARS = 500

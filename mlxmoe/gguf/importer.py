@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_dir
-from .errors import CheckpointError
-from .families.llama import FAMILY as LLAMA
-from .safetensors_io import TensorOut, fresh_output, write_safetensors
-from .tensor_names import ROLES, compile_pattern
+from ..atomic import atomic_dir
+from ..errors import CheckpointError
+from ..families.llama import FAMILY as LLAMA
+from ..safetensors_io import TensorOut, fresh_output, write_safetensors
+from ..tensor_names import ROLES, compile_pattern
 
 GGML_CONTROL, GGML_USER_DEFINED = 3, 4  # llama.cpp's token types
 

@@ -28,10 +28,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_file
-from .checkpoint import read_json
-from .errors import CheckpointError, MlxMoeError
-from .thinking import NON_THINKING
+from ..atomic import atomic_file
+from ..checkpoint import read_json
+from ..errors import CheckpointError, MlxMoeError
+from ..thinking import NON_THINKING
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 def templates_dir() -> Path:
     """The installed package's templates, or export/ itself in a source checkout."""
-    installed = Path(__file__).with_name("templates")
-    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "export"
+    installed = Path(__file__).parents[1] / "templates"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "export"
 
 
 @cache

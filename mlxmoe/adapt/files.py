@@ -12,13 +12,13 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .adapt import AdapterSpec, apply_adapters
-from .atomic import atomic_file, write_text_atomic
-from .checkpoint import open_checkpoint
-from .dtypes import dtype_name
-from .errors import MlxMoeError
-from .model import CausalLM
-from .safetensors_io import save_arrays
+from ..atomic import atomic_file, write_text_atomic
+from ..checkpoint import open_checkpoint
+from ..dtypes import dtype_name
+from ..errors import MlxMoeError
+from ..model import CausalLM
+from ..safetensors_io import save_arrays
+from . import AdapterSpec, apply_adapters
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -17,14 +17,14 @@ from math import prod
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import stays_float32
-from .config import ConfigView
-from .dtypes import dtype_name
-from .families import family_for
-from .info import MXFP4_ROLES, lazy_model, quantize_as_loaded
-from .load import load_order
-from .plan import LineItem
-from .tensor_names import role_of_path
+from ..checkpoint import stays_float32
+from ..config import ConfigView
+from ..dtypes import dtype_name
+from ..families import family_for
+from ..info import MXFP4_ROLES, lazy_model, quantize_as_loaded
+from ..load import load_order
+from ..tensor_names import role_of_path
+from .training import LineItem
 
 # The bytes of a weight as checkpoints store it (config.json's ``torch_dtype``)
 STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -18,19 +18,19 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .adapters import (
+from ..adapt.files import (
     ADAPTER_FILE,
     AdapterError,
     read_adapter_config,
     read_adapter_tensors,
     weights_fingerprint,
 )
-from .atomic import atomic_dir
-from .checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
-from .errors import CheckpointError
-from .hub import resolve
-from .prequantized import COMPONENTS, MXFP4, component, dequantized, quantized_shape
-from .safetensors_io import (
+from ..atomic import atomic_dir
+from ..checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from ..errors import CheckpointError
+from ..hub import resolve
+from ..prequantized import COMPONENTS, MXFP4, component, dequantized, quantized_shape
+from ..safetensors_io import (
     TensorIn,
     TensorOut,
     from_float32,
@@ -38,7 +38,7 @@ from .safetensors_io import (
     safetensors_index,
     write_safetensors,
 )
-from .tensor_names import ROLES, compile_pattern, role_of_path
+from ..tensor_names import ROLES, compile_pattern, role_of_path
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ pass: an array stays alive until the last operation that reads it has run, and t
 gradient of an operation reads only some of its inputs (a frozen ``x @ W.T`` needs ``W``
 for ``dx``, not ``x``; ``a * b`` needs both; softmax needs its output). The peak is reached
 when the backward pass starts (every kept activation alive, plus the loss's gradient) or, with
-large adapters, during the AdamW update. Each term (mlxmoe/plan_activations.py) names the
+large adapters, during the AdamW update. Each term (mlxmoe/plan/activations.py) names the
 arrays it counts; where MLX's evaluation order decides what is alive at once, the term says
 it was measured (bench/memory_plan.py compares the whole prediction with real steps).
 Activations are in the recipe's ``train.dtype`` on the planned device; routing, LoRA
@@ -24,17 +24,17 @@ from math import prod
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .adapt import AdapterSpec, apply_adapters
-from .blas import choose_library
-from .config import MoEArgs
-from .dtypes import resolve_dtype
-from .errors import MlxMoeError
-from .families import family_for
-from .info import lazy_model, weight_bytes
-from .model import CausalLM
-from .nn.moe import choose_dispatch
-from .plan_activations import Shape, activations
-from .recipe import Recipe, TrainConfig
+from ..adapt import AdapterSpec, apply_adapters
+from ..blas import choose_library
+from ..config import MoEArgs
+from ..dtypes import resolve_dtype
+from ..errors import MlxMoeError
+from ..families import family_for
+from ..info import lazy_model, weight_bytes
+from ..model import CausalLM
+from ..nn.moe import choose_dispatch
+from ..recipe import Recipe, TrainConfig
+from .activations import Shape, activations
 
 # Float32 adapter-sized arrays alive while AdamW updates, beyond the parameters and moments:
 # the gradients, their clipped copy and the moments being rewritten (measured: bench/README.md).

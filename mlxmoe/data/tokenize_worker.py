@@ -2,7 +2,7 @@
 
 Loading a Hugging Face tokenizer (through mlx-lm) imports transformers and, where it is
 installed, torch: ~300 MB of resident memory that training never uses again once its files
-are token ids. ``tokenize_files`` runs ``load_dataset`` in ``python -m mlxmoe.tokenize_worker``
+are token ids. ``tokenize_files`` runs ``load_dataset`` in ``python -m mlxmoe.data.tokenize_worker``
 and reads the datasets back from plain arrays (``.npz`` without pickles) and JSON; the
 child's errors come back as the same one-line errors (a bad line is named by file and line).
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MlxMoeError
+from ..errors import MlxMoeError
+from ..thinking import DEFAULT_THINKING
 from .samples import DataError, Dataset, Example, load_dataset
-from .thinking import DEFAULT_THINKING
 
 DATA_ERROR, OTHER_ERROR = 3, 4
 
@@ -38,7 +38,7 @@ class TokenizeJob:
                "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "thinking": thinking,
                "out": str(self.folder)}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mlxmoe.tokenize_worker", json.dumps(job)],
+            [sys.executable, "-m", "mlxmoe.data.tokenize_worker", json.dumps(job)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> list[Dataset | None]:
@@ -90,7 +90,7 @@ def read_dataset(folder: Path, index: int) -> Dataset:
 
 
 def main(job: dict) -> int:
-    from .load import require_tokenizer
+    from ..load import require_tokenizer
 
     out = Path(job["out"])
     try:

@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import MlxMoeError
-from .plan import TrainingPlan, model_memory, plan_training
-from .recipe import Recipe
+from ..errors import MlxMoeError
+from ..recipe import Recipe
+from .training import TrainingPlan, model_memory, plan_training
 
 GiB = 2**30
 OS_HEADROOM = 4 * GiB  # what a raised wired limit should leave to macOS and other apps

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MlxMoeError
+from ..errors import MlxMoeError
 
 
 def _import():
