@@ -61,34 +61,72 @@ def matmul_rates(setting: str) -> dict:
     library = choose_library(setting)
     if library:
         env = preload_env(library, env)
-    out = subprocess.run([sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.splitlines()[-1])
 
 
 def train_run(model: Path, data: Path, out: Path, setting: str, dispatch: str, iters: int) -> dict:
     recipe = out.with_suffix(".yaml")
-    recipe.write_text(json.dumps({
-        "lora": {"strategy": "experts", "rank": 8, "alpha": 16},
-        "train": {"iters": iters, "batch_size": 4, "learning_rate": 5e-4, "warmup": 1,
-                  "max_seq_len": 256, "quantize": 0, "report_every": 1, "val_every": 0,
-                  "save_every": 0, "moe_dispatch": dispatch},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "lora": {"strategy": "experts", "rank": 8, "alpha": 16},
+                "train": {
+                    "iters": iters,
+                    "batch_size": 4,
+                    "learning_rate": 5e-4,
+                    "warmup": 1,
+                    "max_seq_len": 256,
+                    "quantize": 0,
+                    "report_every": 1,
+                    "val_every": 0,
+                    "save_every": 0,
+                    "moe_dispatch": dispatch,
+                },
+            }
+        )
+    )
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mlxmoe", "train", "--model", str(model), "--data",
-                    str(data), "--out", str(out), "--recipe", str(recipe), "--no-plots"],
-                   env=env_for(setting), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxmoe",
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--recipe",
+            str(recipe),
+            "--no-plots",
+        ],
+        env=env_for(setting),
+        check=True,
+        capture_output=True,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first step compiles
-    return {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
-            "losses": [r["loss"] for r in rows], "wall_s": time.perf_counter() - start,
-            "peak_gb": max(r["peak_memory_gb"] for r in rows)}
+    return {
+        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+        "losses": [r["loss"] for r in rows],
+        "wall_s": time.perf_counter() - start,
+        "peak_gb": max(r["peak_memory_gb"] for r in rows),
+    }
 
 
 def demo_run(setting: str, folder: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mlxmoe", "demo", "--out", str(folder), "--iters", "2",
-                    "--eval-answers", "1"], env=env_for(setting), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mlxmoe", "demo", "--out", str(folder), "--iters", "2", "--eval-answers", "1"],
+        env=env_for(setting),
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -102,19 +140,27 @@ def main() -> None:
     from mlxmoe.blas import choose_library, wheel_library
 
     if choose_library("auto") is None:
-        sys.exit("no OpenBLAS to compare with: pip install ngsolve-openblas (Linux x86_64) "
-                 "or apt-get install libopenblas0-pthread")
+        sys.exit(
+            "no OpenBLAS to compare with: pip install ngsolve-openblas (Linux x86_64) "
+            "or apt-get install libopenblas0-pthread"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, data = args.model, args.data
         if model is None:
             model = tmp / "model"
-            subprocess.run([sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(model)], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(model)],
+                check=True,
+                capture_output=True,
+            )
         if data is None:
             data = tmp / "data"
-            subprocess.run([sys.executable, "-m", "mlxmoe", "data", "python-faq", str(data)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "mlxmoe", "data", "python-faq", str(data)],
+                check=True,
+                capture_output=True,
+            )
 
         # bfloat16 never reaches a BLAS: MLX's own CPU kernel (why the dense dispatch and
         # train.dtype auto stay float32 on the CPU)
@@ -122,20 +168,27 @@ def main() -> None:
         wheel = wheel_library() not in (None, choose_library("auto"))
         for setting in ("bundled", "auto", *(["wheel"] if wheel else [])):
             rates = matmul_rates(setting)
-            print(f"  {rates['blas']:<60} MLX {rates['mlx']:7.1f}   MLX bfloat16 "
-                  f"{rates['mlx_bf16']:6.1f}   numpy {rates['numpy']:7.1f}", flush=True)
+            print(
+                f"  {rates['blas']:<60} MLX {rates['mlx']:7.1f}   MLX bfloat16 "
+                f"{rates['mlx_bf16']:6.1f}   numpy {rates['numpy']:7.1f}",
+                flush=True,
+            )
 
         print(f"\nmlxmoe train, {model.name}, {args.iters} steps of batch 4 (experts strategy)")
-        print(f"  {'BLAS':<10}{'dispatch':<10}{'tokens/s':>10}{'ratio':>8}{'peak GB':>9}{'max |dloss|':>13}",
-              flush=True)
+        print(
+            f"  {'BLAS':<10}{'dispatch':<10}{'tokens/s':>10}{'ratio':>8}{'peak GB':>9}{'max |dloss|':>13}",
+            flush=True,
+        )
         base = None
         for setting, dispatch in RUNS:  # each row as soon as it is measured: the first is slow
             r = train_run(model, data, tmp / f"run-{setting}-{dispatch}", setting, dispatch, args.iters)
             base = base or r
             diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
-            print(f"  {setting:<10}{dispatch:<10}{r['tokens_per_s']:>10.1f}"
-                  f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['peak_gb']:>9.2f}{diff:>13.2e}",
-                  flush=True)
+            print(
+                f"  {setting:<10}{dispatch:<10}{r['tokens_per_s']:>10.1f}"
+                f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}{r['peak_gb']:>9.2f}{diff:>13.2e}",
+                flush=True,
+            )
 
         if args.demo:
             print("\nmlxmoe demo --iters 2 --eval-answers 1, wall time")

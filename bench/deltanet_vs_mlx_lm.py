@@ -32,8 +32,13 @@ from mlxmoe.nn.gated_deltanet import DeltaNetArgs, GatedDeltaNet
 
 
 def build(hidden: int, key_heads: int, value_heads: int, head_dim: int):
-    args = DeltaNetArgs(hidden_size=hidden, num_key_heads=key_heads, num_value_heads=value_heads,
-                        key_head_dim=head_dim, value_head_dim=head_dim)
+    args = DeltaNetArgs(
+        hidden_size=hidden,
+        num_key_heads=key_heads,
+        num_value_heads=value_heads,
+        key_head_dim=head_dim,
+        value_head_dim=head_dim,
+    )
     ours = GatedDeltaNet(args)
     rng = np.random.default_rng(0)
     weights = {}
@@ -48,10 +53,18 @@ def build(hidden: int, key_heads: int, value_heads: int, head_dim: int):
             value = rng.standard_normal(p.shape) / np.sqrt(p.shape[-1])
         weights[name] = mx.array(value.astype(np.float32))
     ours.load_weights(list(weights.items()))
-    theirs = MlxLmGatedDeltaNet(TextModelArgs(
-        hidden_size=hidden, num_attention_heads=8, linear_num_key_heads=key_heads,
-        linear_num_value_heads=value_heads, linear_key_head_dim=head_dim,
-        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4, rms_norm_eps=1e-6))
+    theirs = MlxLmGatedDeltaNet(
+        TextModelArgs(
+            hidden_size=hidden,
+            num_attention_heads=8,
+            linear_num_key_heads=key_heads,
+            linear_num_value_heads=value_heads,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            linear_conv_kernel_dim=4,
+            rms_norm_eps=1e-6,
+        )
+    )
     theirs.load_weights(list(weights.items()))
     for layer in (ours, theirs):
         layer.train()
@@ -88,8 +101,11 @@ def main() -> None:
     parser.add_argument("--value-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true",
-                        help="mx.compile both steps (as `train.compile` does the training step)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="mx.compile both steps (as `train.compile` does the training step)",
+    )
     opts = parser.parse_args()
 
     print(blas.describe())
@@ -99,21 +115,28 @@ def main() -> None:
     shape = (opts.batch, opts.seq, opts.hidden)
     x = mx.array(rng.standard_normal(shape).astype(np.float32))
     cotangent = mx.array(rng.standard_normal(shape).astype(np.float32))
-    steps = {"mlxmoe (chunked)": step_fn(ours, cotangent, opts.compile),
-             "mlx-lm (recurrent ops)": step_fn(theirs, cotangent, opts.compile)}
-    print(f"batch {opts.batch} x seq {opts.seq}, hidden {opts.hidden}, {opts.key_heads} key / "
-          f"{opts.value_heads} value heads of {opts.head_dim}; forward+backward w.r.t. the "
-          f"{sum(p.size for _, p in tree_flatten(ours.trainable_parameters())) / 1e6:.2f}M "
-          f"parameters and the input; {opts.repeats} timed repeats after one warm-up"
-          f"{'; compiled' if opts.compile else ''}")
+    steps = {
+        "mlxmoe (chunked)": step_fn(ours, cotangent, opts.compile),
+        "mlx-lm (recurrent ops)": step_fn(theirs, cotangent, opts.compile),
+    }
+    print(
+        f"batch {opts.batch} x seq {opts.seq}, hidden {opts.hidden}, {opts.key_heads} key / "
+        f"{opts.value_heads} value heads of {opts.head_dim}; forward+backward w.r.t. the "
+        f"{sum(p.size for _, p in tree_flatten(ours.trainable_parameters())) / 1e6:.2f}M "
+        f"parameters and the input; {opts.repeats} timed repeats after one warm-up"
+        f"{'; compiled' if opts.compile else ''}"
+    )
 
     results = {name: step(x) for name, step in steps.items()}  # warm-up, and the comparison
     (v0, g0), (v1, g1) = results.values()
     grads0, grads1 = dict(tree_flatten(g0)), dict(tree_flatten(g1))
-    worst = max(float(mx.abs(grads0[k] - grads1[k]).max() / (mx.abs(grads1[k]).max() + 1e-12))
-                for k in grads0)
-    print(f"loss {float(v0):.4f} vs {float(v1):.4f}; largest gradient difference "
-          f"{worst:.2e} of that gradient's max-abs")
+    worst = max(
+        float(mx.abs(grads0[k] - grads1[k]).max() / (mx.abs(grads1[k]).max() + 1e-12)) for k in grads0
+    )
+    print(
+        f"loss {float(v0):.4f} vs {float(v1):.4f}; largest gradient difference "
+        f"{worst:.2e} of that gradient's max-abs"
+    )
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(opts.repeats):

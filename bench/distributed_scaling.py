@@ -41,12 +41,35 @@ def make_data(folder: Path, n: int, words: int) -> Path:
 
 
 def run(ranks: int, model: Path, data: Path, recipe: Path, out: Path) -> list[dict]:
-    command = [sys.executable, "-m", "mlxmoe", "train", "--model", str(model), "--data", str(data),
-               "--out", str(out), "--recipe", str(recipe)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlxmoe",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--recipe",
+        str(recipe),
+    ]
     if ranks > 1:
         launcher = Path(sys.executable).with_name("mlx.launch")
-        command = [str(launcher), "--backend", "ring", "-n", str(ranks), "-p",
-                   str(free_port_pair()), "--python", sys.executable, "--", *command[1:]]
+        command = [
+            str(launcher),
+            "--backend",
+            "ring",
+            "-n",
+            str(ranks),
+            "-p",
+            str(free_port_pair()),
+            "--python",
+            sys.executable,
+            "--",
+            *command[1:],
+        ]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if not (out / "adapters.safetensors").is_file():
         sys.exit(f"the {ranks}-rank run failed:\n{proc.stdout}\n{proc.stderr}")
@@ -75,40 +98,66 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_trainable_checkpoint(
-            "qwen3_moe", tmp / "model", hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-            moe_intermediate_size=args.hidden, num_hidden_layers=args.layers,
-            num_experts=args.experts, num_experts_per_tok=args.top_k, head_dim=args.hidden // 4,
+            "qwen3_moe",
+            tmp / "model",
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 2,
+            moe_intermediate_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            head_dim=args.hidden // 4,
         )
         data = make_data(tmp / "data", n=args.batch_size * 16, words=args.words)
         recipe = tmp / "recipe.yaml"
-        recipe.write_text(json.dumps({  # JSON is YAML
-            "lora": {"strategy": "experts"},
-            "train": {"iters": args.iters, "batch_size": args.batch_size, "quantize": 0,
-                      "warmup": 0, "report_every": max(args.iters // 5, 1), "val_every": 0,
-                      "save_every": 0, "max_seq_len": 512},
-        }))
+        recipe.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "lora": {"strategy": "experts"},
+                    "train": {
+                        "iters": args.iters,
+                        "batch_size": args.batch_size,
+                        "quantize": 0,
+                        "warmup": 0,
+                        "report_every": max(args.iters // 5, 1),
+                        "val_every": 0,
+                        "save_every": 0,
+                        "max_seq_len": 512,
+                    },
+                }
+            )
+        )
         one = run(1, model, data, recipe, tmp / "one")
         two = run(2, model, data, recipe, tmp / "two")
 
-    print(f"qwen3_moe hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-"
-          f"{args.top_k}; global batch {args.batch_size}, {args.iters} steps, {os.cpu_count()} cores")
+    print(
+        f"qwen3_moe hidden {args.hidden}, {args.layers} layers, {args.experts} experts top-"
+        f"{args.top_k}; global batch {args.batch_size}, {args.iters} steps, {os.cpu_count()} cores"
+    )
     loss_gap = abs(one[-1]["loss"] - two[-1]["loss"])
-    print(f"final loss: 1 rank {one[-1]['loss']:.6f}, 2 ranks {two[-1]['loss']:.6f} "
-          f"(difference {loss_gap:.1e})")
+    print(
+        f"final loss: 1 rank {one[-1]['loss']:.6f}, 2 ranks {two[-1]['loss']:.6f} (difference {loss_gap:.1e})"
+    )
     tps1, tps2 = steady(one, "tokens_per_s"), steady(two, "tokens_per_s")
     step1, step2 = steady(one, "step_s"), steady(two, "step_s")
     comm = steady(two, "comm_s")
     print(f"{'':>8} {'tokens/s':>10} {'s/step':>8} {'comm s/step':>12} {'peak GB':>8}")
     print(f"{'1 rank':>8} {tps1:>10.0f} {step1:>8.3f} {'-':>12} {one[-1]['peak_memory_gb']:>8.2f}")
-    print(f"{'2 ranks':>8} {tps2:>10.0f} {step2:>8.3f} {comm:>12.4f} "
-          f"{max(r['peak_memory_gb'] for r in two[-1]['ranks']):>8.2f}")
+    print(
+        f"{'2 ranks':>8} {tps2:>10.0f} {step2:>8.3f} {comm:>12.4f} "
+        f"{max(r['peak_memory_gb'] for r in two[-1]['ranks']):>8.2f}"
+    )
     for rank in two[-1]["ranks"]:
         per_rank = sum(r["ranks"][rank["rank"]]["tokens_per_s"] for r in two[1:] or two)
         per_rank /= len(two[1:] or two)
-        print(f"{'rank ' + str(rank['rank']):>8} {per_rank:>10.0f} {'':>8} {'':>12} "
-              f"{rank['peak_memory_gb']:>8.2f}")
-    print(f"speed-up {tps2 / tps1:.2f}x (efficiency {tps2 / tps1 / 2:.0%}); gradient all_sum "
-          f"{comm / step2:.1%} of a 2-rank step")
+        print(
+            f"{'rank ' + str(rank['rank']):>8} {per_rank:>10.0f} {'':>8} {'':>12} "
+            f"{rank['peak_memory_gb']:>8.2f}"
+        )
+    print(
+        f"speed-up {tps2 / tps1:.2f}x (efficiency {tps2 / tps1 / 2:.0%}); gradient all_sum "
+        f"{comm / step2:.1%} of a 2-rank step"
+    )
     if loss_gap > 1e-3:
         sys.exit("the 1-rank and 2-rank runs disagree")
 

@@ -51,36 +51,68 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit("set LLAMA_CPP_SRC (or --llama-cpp-src) to llama.cpp's tree with "
-                         "convert_hf_to_gguf.py")
+        raise SystemExit(
+            "set LLAMA_CPP_SRC (or --llama-cpp-src) to llama.cpp's tree with convert_hf_to_gguf.py"
+        )
     src = args.llama_cpp_src.resolve()
-    converter_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p)}
+    converter_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(src / "gguf-py"), os.environ.get("PYTHONPATH")) if p),
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model
         if model is None:
             model = tmp / "smollm2-moe"
-            subprocess.run([sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(model)],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(model)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         size = model_bytes(model)
         print(f"model: {model} ({size / 2**20:.0f} MiB of safetensors)")
-        rows = {("mlxmoe", "startup"): measure([sys.executable, "-c", "import mlxmoe.cli"]),
-                ("convert", "startup"): measure([sys.executable, str(src / "convert_hf_to_gguf.py"),
-                                                 "--help"], converter_env)}
+        rows = {
+            ("mlxmoe", "startup"): measure([sys.executable, "-c", "import mlxmoe.cli"]),
+            ("convert", "startup"): measure(
+                [sys.executable, str(src / "convert_hf_to_gguf.py"), "--help"], converter_env
+            ),
+        }
         for file_type in args.types:
             out = tmp / f"{file_type}.gguf"
             rows[("mlxmoe", file_type)] = measure(
-                [sys.executable, "-m", "mlxmoe", "export", "--model", str(model), "--gguf", str(out),
-                 "--type", file_type])
+                [
+                    sys.executable,
+                    "-m",
+                    "mlxmoe",
+                    "export",
+                    "--model",
+                    str(model),
+                    "--gguf",
+                    str(out),
+                    "--type",
+                    file_type,
+                ]
+            )
             ours_bytes = out.stat().st_size
             out.unlink()
             rows[("convert", file_type)] = measure(
-                [sys.executable, str(src / "convert_hf_to_gguf.py"), "--outtype", file_type,
-                 "--outfile", str(out), str(model)], converter_env)
-            print(f"{file_type}: GGUF {ours_bytes / 2**20:.1f} MiB (mlxmoe), "
-                  f"{out.stat().st_size / 2**20:.1f} MiB (convert_hf_to_gguf.py)")
+                [
+                    sys.executable,
+                    str(src / "convert_hf_to_gguf.py"),
+                    "--outtype",
+                    file_type,
+                    "--outfile",
+                    str(out),
+                    str(model),
+                ],
+                converter_env,
+            )
+            print(
+                f"{file_type}: GGUF {ours_bytes / 2**20:.1f} MiB (mlxmoe), "
+                f"{out.stat().st_size / 2**20:.1f} MiB (convert_hf_to_gguf.py)"
+            )
             out.unlink()
 
     print(f"\n{'tool':<8} {'type':<8} {'seconds':>8} {'peak RSS MiB':>13} {'% of model':>11}")
@@ -89,13 +121,23 @@ def main() -> None:
     print()
     for file_type in args.types:
         (ours_s, ours_rss), (their_s, their_rss) = rows[("mlxmoe", file_type)], rows[("convert", file_type)]
-        print(f"{file_type}: {their_s / ours_s:.2f}x faster (goal >= 2x), peak RSS "
-              f"{ours_rss / their_rss:.2f}x the converter's and {100 * ours_rss / size:.0f}% of the "
-              f"model (goal <= 25%)")
+        print(
+            f"{file_type}: {their_s / ours_s:.2f}x faster (goal >= 2x), peak RSS "
+            f"{ours_rss / their_rss:.2f}x the converter's and {100 * ours_rss / size:.0f}% of the "
+            f"model (goal <= 25%)"
+        )
     if args.json:
-        args.json.write_text(json.dumps(
-            {"model_bytes": size, "rows": [{"tool": t, "type": k, "seconds": s, "peak_rss": r}
-                                           for (t, k), (s, r) in rows.items()]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model_bytes": size,
+                    "rows": [
+                        {"tool": t, "type": k, "seconds": s, "peak_rss": r} for (t, k), (s, r) in rows.items()
+                    ],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ class Agreement:
             self.max_margin = max(self.max_margin, float(margins.max()))
 
     def row(self, label: str) -> str:
-        return (f"{label:<52} {100 * self.equal / self.positions:6.1f}%  "
-                f"{self.positions - self.equal:>5} of {self.positions}  {self.max_margin:8.3f}")
+        return (
+            f"{label:<52} {100 * self.equal / self.positions:6.1f}%  "
+            f"{self.positions - self.equal:>5} of {self.positions}  {self.max_margin:8.3f}"
+        )
 
 
 def prepare(tmp: Path, demo: Path | None) -> tuple[Path, Path]:
@@ -107,8 +109,11 @@ def round_as_q8_0_file(model, folder: Path) -> None:
         if plan.qtype == Q.F32:
             continue
         data = weights.tensor(plan.ours)
-        data = data.astype(np.float16) if plan.qtype == Q.F16 else \
-            gguf.quants.dequantize(gguf.quants.quantize(data, plan.qtype), plan.qtype)
+        data = (
+            data.astype(np.float16)
+            if plan.qtype == Q.F16
+            else gguf.quants.dequantize(gguf.quants.quantize(data, plan.qtype), plan.qtype)
+        )
         rounded.append((plan.ours, mx.array(data.astype(np.float32))))
     model.load_weights(rounded, strict=False)
 
@@ -132,14 +137,18 @@ def main() -> None:
         model.eval()
         samples = answer_positions(data, tokenizer)
         n = sum(len(at) for _, at in samples)
-        print(f"{blas.describe()}\nmodel: {folder} (float32)\npositions: {n} answer tokens of "
-              f"{len(samples)} held-out FAQ questions ({data / 'test.jsonl'})\n")
+        print(
+            f"{blas.describe()}\nmodel: {folder} (float32)\npositions: {n} answer tokens of "
+            f"{len(samples)} held-out FAQ questions ({data / 'test.jsonl'})\n"
+        )
         print(f"{'against our float32 model':<52} {'top-1':>7}  {'differ':>14}  max margin")
         reference = mlx_logits(model, samples)
         for file_type in ("f16", "q8_0"):
             path = export_gguf(folder, tmp / f"{file_type}.gguf", file_type).path
-            print(llama_cpp_agreement(path, samples, reference).row(f"llama.cpp, our {file_type} GGUF"),
-                  flush=True)
+            print(
+                llama_cpp_agreement(path, samples, reference).row(f"llama.cpp, our {file_type} GGUF"),
+                flush=True,
+            )
             path.unlink()
         round_as_q8_0_file(model, folder)
         weights_only = Agreement()
@@ -152,8 +161,11 @@ def main() -> None:
             load_adapters(tuned, args.demo / "run")
             tuned.eval()
             print("\nthe fine-tuned model (the demo's adapter attached, float32):")
-            print(llama_cpp_agreement(args.demo / GGUF_NAME, samples, mlx_logits(tuned, samples))
-                  .row("llama.cpp, the demo's q8_0 GGUF (adapter merged)"))
+            print(
+                llama_cpp_agreement(args.demo / GGUF_NAME, samples, mlx_logits(tuned, samples)).row(
+                    "llama.cpp, the demo's q8_0 GGUF (adapter merged)"
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,33 @@ save(model, folder, style="t4")
 def make_checkpoint(folder: Path, hidden: int, layers: int, experts: int, dtype: str) -> int:
     # in a child: a process's max RSS survives fork and exec on Linux, so the measuring
     # children must not start from a parent that held torch and the model
-    subprocess.run([sys.executable, "-c", MAKE, str(ROOT / "tests"), str(folder), str(hidden),
-                    str(layers), str(experts), dtype], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MAKE,
+            str(ROOT / "tests"),
+            str(folder),
+            str(hidden),
+            str(layers),
+            str(experts),
+            dtype,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def measure(tool: str, folder: Path, out: Path, dtype: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, tool, str(folder), str(out), dtype],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, tool, str(folder), str(out), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
@@ -83,29 +100,44 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--dtype", choices=("bf16", "f32"), default="bf16",
-                        help="the checkpoint's dtype (the model is loaded in the same)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "f32"),
+        default="bf16",
+        help="the checkpoint's dtype (the model is loaded in the same)",
+    )
     args = parser.parse_args()
     model_dtype = {"bf16": "bfloat16", "f32": "float32"}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoint"
         size = make_checkpoint(folder, args.hidden, args.layers, args.experts, args.dtype)
-        print(f"Qwen3-MoE hidden {args.hidden}, {args.layers} layers, {args.experts} experts: "
-              f"{args.dtype} checkpoint {size / 2**20:.0f} MiB, loaded in {model_dtype}, 4-bit group 64")
-        print(f"  {'tool':<20}{'seconds':>9}{'quantized MiB':>15}{'MLX peak MiB':>14}{'max RSS MiB':>13}"
-              f"{'peak / checkpoint':>19}")
+        print(
+            f"Qwen3-MoE hidden {args.hidden}, {args.layers} layers, {args.experts} experts: "
+            f"{args.dtype} checkpoint {size / 2**20:.0f} MiB, loaded in {model_dtype}, 4-bit group 64"
+        )
+        print(
+            f"  {'tool':<20}{'seconds':>9}{'quantized MiB':>15}{'MLX peak MiB':>14}{'max RSS MiB':>13}"
+            f"{'peak / checkpoint':>19}"
+        )
         rows = {}
         for tool in ("mlxmoe", "mlx_lm.convert"):
             r = rows[tool] = measure(tool, folder, Path(tmp) / "mlx", model_dtype)
-            print(f"  {tool:<20}{r['seconds']:>9.1f}{r['quantized'] / 2**20:>15.0f}"
-                  f"{r['mlx_peak'] / 2**20:>14.0f}{r['max_rss'] / 2**20:>13.0f}"
-                  f"{r['mlx_peak'] / size:>19.2f}", flush=True)
+            print(
+                f"  {tool:<20}{r['seconds']:>9.1f}{r['quantized'] / 2**20:>15.0f}"
+                f"{r['mlx_peak'] / 2**20:>14.0f}{r['max_rss'] / 2**20:>13.0f}"
+                f"{r['mlx_peak'] / size:>19.2f}",
+                flush=True,
+            )
         ours, theirs = rows["mlxmoe"], rows["mlx_lm.convert"]
         predicted = plan_load(read_config(folder), 4, 64, getattr(mx, model_dtype)).peak
-        print(f"mlxmoe plan's load peak: {predicted / 2**20:.0f} MiB "
-              f"({predicted / ours['mlx_peak']:.3f}x the measured MLX peak)")
-        print(f"mlxmoe / mlx-lm: MLX peak {ours['mlx_peak'] / theirs['mlx_peak']:.2f}x, "
-              f"max RSS {ours['max_rss'] / theirs['max_rss']:.2f}x")
+        print(
+            f"mlxmoe plan's load peak: {predicted / 2**20:.0f} MiB "
+            f"({predicted / ours['mlx_peak']:.3f}x the measured MLX peak)"
+        )
+        print(
+            f"mlxmoe / mlx-lm: MLX peak {ours['mlx_peak'] / theirs['mlx_peak']:.2f}x, "
+            f"max RSS {ours['max_rss'] / theirs['max_rss']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -32,43 +32,117 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # shared helpers
 from step_memory import measure_fresh, predict, setting  # noqa: E402
 
-TINY = dict(model_type="qwen3_moe", vocab_size=2048, hidden_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
-            moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-            max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6,
-            tie_word_embeddings=False)
-SMALL = dict(model_type="mixtral", vocab_size=16000, hidden_size=512, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024,
-             num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
-             rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
-SMALL_SHARED = dict(model_type="qwen2_moe", vocab_size=16384, hidden_size=384, num_hidden_layers=6,
-                    num_attention_heads=6, num_key_value_heads=6, intermediate_size=1024,
-                    moe_intermediate_size=256, shared_expert_intermediate_size=1024,
-                    num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
-                    decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096,
-                    rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False)
-OLMOE = dict(model_type="olmoe", vocab_size=8192, hidden_size=256, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=8, intermediate_size=256,
-             num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, clip_qkv=None,
-             max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=1e4,
-             tie_word_embeddings=False)
+TINY = dict(
+    model_type="qwen3_moe",
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
+SMALL = dict(
+    model_type="mixtral",
+    vocab_size=16000,
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    intermediate_size=1024,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
+SMALL_SHARED = dict(
+    model_type="qwen2_moe",
+    vocab_size=16384,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=1024,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
+OLMOE = dict(
+    model_type="olmoe",
+    vocab_size=8192,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=256,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=False,
+    clip_qkv=None,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=1e4,
+    tie_word_embeddings=False,
+)
 
 # Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet in three layers of four, gated attention in the
 # fourth (the last), routed experts and a shared expert; Qwen3.5 in its multimodal layout
-LINEAR = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-              rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
-              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-              linear_value_head_dim=32, moe_intermediate_size=128,
-              shared_expert_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
-              full_attention_interval=4)
-SMALL_LINEAR = dict(LINEAR, vocab_size=16384, hidden_size=512, num_attention_heads=8,
-                    head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
-                    linear_key_head_dim=64, linear_value_head_dim=64, moe_intermediate_size=256,
-                    shared_expert_intermediate_size=512, num_experts=16, num_experts_per_tok=4)
+LINEAR = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    full_attention_interval=4,
+)
+SMALL_LINEAR = dict(
+    LINEAR,
+    vocab_size=16384,
+    hidden_size=512,
+    num_attention_heads=8,
+    head_dim=64,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=512,
+    num_experts=16,
+    num_experts_per_tok=4,
+)
 TINY_NEXT = dict(LINEAR, model_type="qwen3_next", intermediate_size=256, norm_topk_prob=True)
-SMALL_NEXT = dict(SMALL_LINEAR, model_type="qwen3_next", intermediate_size=1024,
-                  norm_topk_prob=True)
+SMALL_NEXT = dict(SMALL_LINEAR, model_type="qwen3_next", intermediate_size=1024, norm_topk_prob=True)
 TINY_QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=LINEAR)
 SMALL_QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=SMALL_LINEAR)
 
@@ -110,8 +184,12 @@ SETTINGS = QUICK + [
 # experts through gather_mm in float32, a float32 copy of their weights per layer.
 TINY_F96 = {**TINY, "moe_intermediate_size": 96}  # group 64: down projections float
 SMALL_F960 = {**SMALL, "intermediate_size": 960}  # group 128: down projections float
-SHARED_D320 = {**SMALL_SHARED, "hidden_size": 320, "num_attention_heads": 5,
-               "num_key_value_heads": 5}  # group 128: all but the down projections float
+SHARED_D320 = {
+    **SMALL_SHARED,
+    "hidden_size": 320,
+    "num_attention_heads": 5,
+    "num_key_value_heads": 5,
+}  # group 128: all but the down projections float
 OLMOE_F192 = {**OLMOE, "intermediate_size": 192}  # group 128: down projections float
 MAC = dict(bits=4, dtype="bfloat16", device="cpu")
 MAC_QUICK = [
@@ -149,16 +227,23 @@ def run_all(settings: list[dict]) -> list[dict]:
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from exc
         plan = predict(s)
-        rows.append({**s, **measured, "predicted": plan.peak, "phase": plan.phase,
-                     "dtype": dtype_name(plan.dtype)})
+        rows.append(
+            {**s, **measured, "predicted": plan.peak, "phase": plan.phase, "dtype": dtype_name(plan.dtype)}
+        )
         print_row(rows[-1])
     worst = max(abs(r["predicted"] / r["mlx_peak"] - 1) for r in rows)
     print(f"\nlargest deviation from mx.get_peak_memory: {100 * worst:.1f}%")
     return rows
 
 
-EXPORT_MODEL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8)
+EXPORT_MODEL = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+)
 EXPORTS = [("f16", False), ("q8_0", False), ("q8_0", True), ("q4_k_m", True)]
 
 
@@ -213,10 +298,18 @@ def run_exports(root: Path) -> list[dict]:
     memory = model_memory(cfg, mx.float32, 0, 64, AdapterSpec())
     rows = []
     for file_type, with_adapter in EXPORTS:
-        job = {"model": str(folder), "out": str(root / f"{file_type}.gguf"), "type": file_type,
-               "adapter": str(root / "adapter") if with_adapter else None}
-        out = subprocess.run([sys.executable, __file__, "--export", json.dumps(job)],
-                             capture_output=True, text=True, check=False)
+        job = {
+            "model": str(folder),
+            "out": str(root / f"{file_type}.gguf"),
+            "type": file_type,
+            "adapter": str(root / "adapter") if with_adapter else None,
+        }
+        out = subprocess.run(
+            [sys.executable, __file__, "--export", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode:
             raise SystemExit(f"export {file_type}: failed\n{out.stderr[-2000:]}")
         measured = json.loads(out.stdout.strip().splitlines()[-1])
@@ -228,18 +321,23 @@ def run_exports(root: Path) -> list[dict]:
 def print_exports(rows: list[dict]) -> None:
     """Export reads and encodes with numpy (tracemalloc sees it); MLX only merges."""
     mib = MiB
-    print(f"\n{'GGUF type':<10} {'adapter':<8} {'predicted':>10} {'numpy peak':>11} {'ratio':>6} "
-          f"{'mx peak':>9}")
+    print(
+        f"\n{'GGUF type':<10} {'adapter':<8} {'predicted':>10} {'numpy peak':>11} {'ratio':>6} {'mx peak':>9}"
+    )
     for r in rows:
-        print(f"{r['type']:<10} {'yes' if r['adapter'] else 'no':<8} {r['predicted'] / mib:>8.1f}Mi "
-              f"{r['numpy_peak'] / mib:>9.1f}Mi {r['predicted'] / r['numpy_peak']:>6.3f} "
-              f"{r['mlx_peak'] / mib:>7.1f}Mi")
+        print(
+            f"{r['type']:<10} {'yes' if r['adapter'] else 'no':<8} {r['predicted'] / mib:>8.1f}Mi "
+            f"{r['numpy_peak'] / mib:>9.1f}Mi {r['predicted'] / r['numpy_peak']:>6.3f} "
+            f"{r['mlx_peak'] / mib:>7.1f}Mi"
+        )
 
 
 MiB = 2**20
-HEADER = (f"{'model':<18} {'dtype':<8} {'bits':>4} {'group':>5} {'batch x seq':>11} {'ckpt':>4} "
-          f"{'strategy':<15} {'accum':>5} {'dispatch':<8} "
-          f"{'predicted':>10} {'mx peak':>10} {'ratio':>6} {'RSS rise':>10} {'ratio':>6}  phase")
+HEADER = (
+    f"{'model':<18} {'dtype':<8} {'bits':>4} {'group':>5} {'batch x seq':>11} {'ckpt':>4} "
+    f"{'strategy':<15} {'accum':>5} {'dispatch':<8} "
+    f"{'predicted':>10} {'mx peak':>10} {'ratio':>6} {'RSS rise':>10} {'ratio':>6}  phase"
+)
 
 
 def print_header() -> None:
@@ -248,20 +346,30 @@ def print_header() -> None:
 
 
 def print_row(r: dict) -> None:
-    rss = (f"{r['rss_rise'] / MiB:>8.1f}Mi {r['predicted'] / r['rss_rise']:>6.3f}" if r["rss_rise"]
-           else f"{'-':>10} {'-':>6}")
-    print(f"{r['name']:<18} {r['dtype']:<8} {r['bits']:>4} {r['group']:>5} "
-          f"{str(r['batch']) + ' x ' + str(r['seq']):>11} "
-          f"{'on' if r['checkpoint'] else 'off':>4} {r['strategy']:<15} {r['accum']:>5} "
-          f"{r['dispatch']:<8} {r['predicted'] / MiB:>8.1f}Mi {r['mlx_peak'] / MiB:>8.1f}Mi "
-          f"{r['predicted'] / r['mlx_peak']:>6.3f} {rss}  {r['phase']}", flush=True)
+    rss = (
+        f"{r['rss_rise'] / MiB:>8.1f}Mi {r['predicted'] / r['rss_rise']:>6.3f}"
+        if r["rss_rise"]
+        else f"{'-':>10} {'-':>6}"
+    )
+    print(
+        f"{r['name']:<18} {r['dtype']:<8} {r['bits']:>4} {r['group']:>5} "
+        f"{str(r['batch']) + ' x ' + str(r['seq']):>11} "
+        f"{'on' if r['checkpoint'] else 'off':>4} {r['strategy']:<15} {r['accum']:>5} "
+        f"{r['dispatch']:<8} {r['predicted'] / MiB:>8.1f}Mi {r['mlx_peak'] / MiB:>8.1f}Mi "
+        f"{r['predicted'] / r['mlx_peak']:>6.3f} {rss}  {r['phase']}",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the tiny settings")
-    parser.add_argument("--profile", choices=("both", "float32", "mac"), default="both",
-                        help="float32: this backend's default dtype; mac: bfloat16 over 4 bits")
+    parser.add_argument(
+        "--profile",
+        choices=("both", "float32", "mac"),
+        default="both",
+        help="float32: this backend's default dtype; mac: bfloat16 over 4 bits",
+    )
     parser.add_argument("--exports-only", action="store_true", help="only the GGUF exports")
     parser.add_argument("--export", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,8 +377,10 @@ def main() -> None:
         print(json.dumps(measure_export(json.loads(args.export))))
         return
     if not args.exports_only:
-        settings = {"float32": QUICK if args.quick else SETTINGS,
-                    "mac": MAC_QUICK if args.quick else MAC_PROFILE}
+        settings = {
+            "float32": QUICK if args.quick else SETTINGS,
+            "mac": MAC_QUICK if args.quick else MAC_PROFILE,
+        }
         for profile, chosen in settings.items():
             if args.profile in (profile, "both"):
                 print(f"\n{profile} profile")

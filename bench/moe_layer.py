@@ -128,8 +128,11 @@ class PaddedBlockExperts(SwitchExperts):
         counts = (flat[:, None] == mx.arange(n_experts, dtype=flat.dtype)).sum(0).astype(mx.uint32)
         padded = (counts + m - 1) // m * m
         padded_end = mx.cumsum(padded)
-        slot = (padded_end - padded)[expert_of_sorted] + mx.arange(n, dtype=mx.uint32) - (
-            mx.cumsum(counts) - counts)[expert_of_sorted]
+        slot = (
+            (padded_end - padded)[expert_of_sorted]
+            + mx.arange(n, dtype=mx.uint32)
+            - (mx.cumsum(counts) - counts)[expert_of_sorted]
+        )
         n_blocks = (n + n_experts * (m - 1)) // m
         token_of_slot = mx.zeros((n_blocks * m,), mx.uint32).at[slot].add(order // k)
         block_start = mx.arange(n_blocks, dtype=mx.uint32)[:, None] * m
@@ -137,8 +140,7 @@ class PaddedBlockExperts(SwitchExperts):
         expert_of_block = expert_of_block.astype(mx.uint32)
 
         rows = x.reshape(-1, x.shape[-1])[token_of_slot].reshape(n_blocks, m, -1)
-        h = nn.silu(self.gate_proj(rows, expert_of_block, True)) * self.up_proj(
-            rows, expert_of_block, True)
+        h = nn.silu(self.gate_proj(rows, expert_of_block, True)) * self.up_proj(rows, expert_of_block, True)
         y = self.down_proj(h, expert_of_block, True).reshape(n_blocks * m, -1)
         return y[slot[mx.argsort(order)]].reshape(*indices.shape, -1)
 
@@ -175,8 +177,9 @@ def routing(w: Workload, experts: int, seed: int) -> mx.array:
     return mx.array(np.argsort(scores, axis=1)[:, : w.top_k].astype(np.uint32))
 
 
-def build_variants(w: Workload, expert_counts: list[int], block_rows: list[int],
-                   seed: int = 0) -> list[Variant]:
+def build_variants(
+    w: Workload, expert_counts: list[int], block_rows: list[int], seed: int = 0
+) -> list[Variant]:
     rng = np.random.default_rng(seed)
     x = mx.array(rng.standard_normal((w.tokens, w.hidden)).astype(np.float32))
     cotangent = mx.array(rng.standard_normal((w.tokens, w.top_k, w.hidden)).astype(np.float32))
@@ -223,21 +226,36 @@ def blas_in_use() -> str:
     if not maps.exists():
         return f"{platform.system()}: system BLAS (Accelerate on macOS); {preload_note}"
     # numpy's own scipy_openblas64_ exports suffixed symbols only: MLX cannot call it
-    libs = sorted({line.split()[-1] for line in maps.read_text().splitlines()
-                   if "blas" in line.split()[-1].lower() and "scipy_openblas" not in line})
-    first = "OpenBLAS (preloaded, its cblas_sgemm wins)" if "openblas" in preload.lower() else (
-        "the MLX wheel's bundled reference BLAS")
+    libs = sorted(
+        {
+            line.split()[-1]
+            for line in maps.read_text().splitlines()
+            if "blas" in line.split()[-1].lower() and "scipy_openblas" not in line
+        }
+    )
+    first = (
+        "OpenBLAS (preloaded, its cblas_sgemm wins)"
+        if "openblas" in preload.lower()
+        else ("the MLX wheel's bundled reference BLAS")
+    )
     return f"{first}; {preload_note}\n  mapped: " + ", ".join(Path(p).name for p in libs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a forward pass as warm-up and one timed step (under a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a forward pass as warm-up and one timed step (under a minute)"
+    )
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--repeats", type=int, help="timed repeats (default 5, --quick 1)")
-    parser.add_argument("--blocks", type=int, nargs="*", default=[], metavar="M",
-                        help="also time the padded-block candidate layout with M-row blocks")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="M",
+        help="also time the padded-block candidate layout with M-row blocks",
+    )
     parser.add_argument("--cache-gb", type=float, help="MLX buffer-cache limit (default: MLX's)")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
@@ -247,13 +265,17 @@ def main() -> None:
     cache_limit = mx.set_cache_limit(0)
     mx.set_cache_limit(cache_limit)
 
-    print(f"mlx {version('mlx')} ({mx.default_device()}), mlx-lm {version('mlx-lm')}, "
-          f"{os.cpu_count()} CPUs, {platform.machine()}")
+    print(
+        f"mlx {version('mlx')} ({mx.default_device()}), mlx-lm {version('mlx-lm')}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
+    )
     print("BLAS:", blas_in_use())
     print(f"MLX buffer-cache limit: {cache_limit / 2**20:.0f} MiB")
-    print(f"tokens {w.tokens}, top-{w.top_k}, hidden {w.hidden}, expert ffn {w.ffn}, float32 "
-          f"activations, 4-bit = affine group {w.group_size}; median of {repeats} after a warm-up "
-          f"{'forward' if args.quick else 'step'}")
+    print(
+        f"tokens {w.tokens}, top-{w.top_k}, hidden {w.hidden}, expert ffn {w.ffn}, float32 "
+        f"activations, 4-bit = affine group {w.group_size}; median of {repeats} after a warm-up "
+        f"{'forward' if args.quick else 'step'}"
+    )
 
     started = time.perf_counter()
     variants = build_variants(w, args.experts, args.blocks)
@@ -268,8 +290,10 @@ def main() -> None:
             v.times.append(time.perf_counter() - t)
 
     dense = {v.kind: v.median_s for v in variants if v.experts is None}
-    print(f"\n{'variant':<24}{'ms':>9}{'GFLOP/s':>9}{'vs mlx-lm':>13}{'of dense':>10}"
-          f"{'max|dy|':>11}{'max|dgrad|':>12}")
+    print(
+        f"\n{'variant':<24}{'ms':>9}{'GFLOP/s':>9}{'vs mlx-lm':>13}{'of dense':>10}"
+        f"{'max|dy|':>11}{'max|dgrad|':>12}"
+    )
     for v in variants:
         label = f"{v.name} {v.kind}" + (f" E={v.experts}" if v.experts else "")
         gflops = w.flops(v.kind == "float") / v.median_s / 1e9
@@ -277,8 +301,7 @@ def main() -> None:
         if v.experts is None:
             cells.append(f"{'':>13}{1.0:10.2f}")
         else:
-            ref = next(r for r in variants
-                       if (r.name, r.experts, r.kind) == ("mlx-lm", v.experts, v.kind))
+            ref = next(r for r in variants if (r.name, r.experts, r.kind) == ("mlx-lm", v.experts, v.kind))
             cells.append(f"{v.median_s / ref.median_s:13.2f}{dense[v.kind] / v.median_s:10.2f}")
             if v.name != "mlx-lm":
                 y, grads = results[v.name, v.experts, v.kind]
@@ -286,10 +309,12 @@ def main() -> None:
                 dy = mx.abs(y - ref_y).max().item()
                 cells.append(f"{dy:11.1e}{max_abs_diff(grads, ref_grads):12.1e}")
         print("".join(cells))
-    print(f"\nms: median fwd+bwd. vs mlx-lm: time / mlx-lm's time (target <= 1.0). of dense: "
-          f"dense-matmul time / variant time at equal FLOPs (target >= 0.70; 4-bit rows against "
-          f"the dense quantized_matmul row). max|dy|, max|dgrad|: largest output and gradient "
-          f"differences from mlx-lm (target 0). Took {time.perf_counter() - started:.0f} s.")
+    print(
+        f"\nms: median fwd+bwd. vs mlx-lm: time / mlx-lm's time (target <= 1.0). of dense: "
+        f"dense-matmul time / variant time at equal FLOPs (target >= 0.70; 4-bit rows against "
+        f"the dense quantized_matmul row). max|dy|, max|dgrad|: largest output and gradient "
+        f"differences from mlx-lm (target 0). Took {time.perf_counter() - started:.0f} s."
+    )
 
 
 if __name__ == "__main__":

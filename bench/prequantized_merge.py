@@ -53,17 +53,46 @@ def main() -> None:
         run = [sys.executable, "-m", "mlxmoe"]
         subprocess.run([*run, "upcycle", "--out", str(tmp / "float")], check=True, capture_output=True)
         subprocess.run([*run, "data", "python-faq", str(tmp / "data")], check=True, capture_output=True)
-        convert(str(tmp / "float"), str(tmp / "q"), quantize=True, q_bits=args.bits,
-                q_group_size=args.group_size)
+        convert(
+            str(tmp / "float"), str(tmp / "q"), quantize=True, q_bits=args.bits, q_group_size=args.group_size
+        )
         recipe = tmp / "recipe.yaml"
-        recipe.write_text(json.dumps({
-            "lora": {"strategy": "experts", "rank": 8, "alpha": 16},
-            "train": {"iters": args.iters, "batch_size": 4, "learning_rate": 5e-4, "warmup": 1,
-                      "max_seq_len": 256, "quantize": args.bits, "group_size": args.group_size,
-                      "report_every": 2, "val_every": 0, "save_every": 0}}))
-        subprocess.run([*run, "train", "--model", str(tmp / "q"), "--data", str(tmp / "data"),
-                        "--out", str(tmp / "run"), "--recipe", str(recipe), "--no-plots"],
-                       check=True, capture_output=True)
+        recipe.write_text(
+            json.dumps(
+                {
+                    "lora": {"strategy": "experts", "rank": 8, "alpha": 16},
+                    "train": {
+                        "iters": args.iters,
+                        "batch_size": 4,
+                        "learning_rate": 5e-4,
+                        "warmup": 1,
+                        "max_seq_len": 256,
+                        "quantize": args.bits,
+                        "group_size": args.group_size,
+                        "report_every": 2,
+                        "val_every": 0,
+                        "save_every": 0,
+                    },
+                }
+            )
+        )
+        subprocess.run(
+            [
+                *run,
+                "train",
+                "--model",
+                str(tmp / "q"),
+                "--data",
+                str(tmp / "data"),
+                "--out",
+                str(tmp / "run"),
+                "--recipe",
+                str(recipe),
+                "--no-plots",
+            ],
+            check=True,
+            capture_output=True,
+        )
         full, grid = tmp / "merged-full", tmp / "merged-grid"
         export_hf(tmp / "q", full, tmp / "run", dtype="F32", base_weights=tmp / "float")
         export_hf(tmp / "q", grid, tmp / "run", dtype="F32")
@@ -73,11 +102,15 @@ def main() -> None:
         ppl_grid, top_grid = perplexity_and_argmax(grid, texts)
         agree = sum((a == b).sum().item() for a, b in zip(top_full, top_grid))
         positions = sum(a.size for a in top_full)
-        print(f"SmolLM2-135M MoE, mlx-lm {args.bits}-bit group {args.group_size}, LoRA {args.iters} "
-              f"steps over it; {len(texts)} held-out FAQ answers, {positions} positions")
+        print(
+            f"SmolLM2-135M MoE, mlx-lm {args.bits}-bit group {args.group_size}, LoRA {args.iters} "
+            f"steps over it; {len(texts)} held-out FAQ answers, {positions} positions"
+        )
         print(f"  merged into the full-precision release: perplexity {ppl_full:.2f}")
-        print(f"  merged into the dequantized grid:       perplexity {ppl_grid:.2f} "
-              f"({ppl_grid / ppl_full:.3f}x)")
+        print(
+            f"  merged into the dequantized grid:       perplexity {ppl_grid:.2f} "
+            f"({ppl_grid / ppl_full:.3f}x)"
+        )
         print(f"  top-1 agreement grid vs full:          {agree / positions:.1%}")
 
 

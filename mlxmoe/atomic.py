@@ -113,8 +113,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         _make_parent(target)
         remove_stale_temps(target)
         # Keep the suffix: some writers (mx.save_safetensors) append theirs when it is missing.
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix,
-                                   dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent)
         os.close(fd)
         tmp_path, made = Path(tmp), True
         yield tmp_path

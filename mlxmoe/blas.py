@@ -103,13 +103,17 @@ def choose_library(setting: str | None = None, candidates=CANDIDATES) -> Path | 
     if setting == "wheel":
         library = wheel_library()
         if library is None:
-            raise BlasError(f"{SETTING}=wheel: the {WHEEL_DISTRIBUTION} wheel is not installed "
-                            f"(pip install {WHEEL_DISTRIBUTION}; Linux x86_64 only)")
+            raise BlasError(
+                f"{SETTING}=wheel: the {WHEEL_DISTRIBUTION} wheel is not installed "
+                f"(pip install {WHEEL_DISTRIBUTION}; Linux x86_64 only)"
+            )
         return library
     path = Path(setting).expanduser()
     if not path.is_file():
-        raise BlasError(f"{SETTING}={setting}: no such library (use auto, wheel, bundled or the "
-                        "path of a BLAS shared library such as OpenBLAS's libblas.so.3)")
+        raise BlasError(
+            f"{SETTING}={setting}: no such library (use auto, wheel, bundled or the "
+            "path of a BLAS shared library such as OpenBLAS's libblas.so.3)"
+        )
     return path
 
 
@@ -131,8 +135,7 @@ def bundled_gfortran() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     site = Path(spec.submodule_search_locations[0]).parent
-    found = sorted(site.glob("*.libs/libgfortran*.so.5*"),
-                   key=lambda p: (p.parent.name != "mlx_cpu.libs", p))
+    found = sorted(site.glob("*.libs/libgfortran*.so.5*"), key=lambda p: (p.parent.name != "mlx_cpu.libs", p))
     return found[0] if found else None
 
 
@@ -246,8 +249,10 @@ def check_matmul() -> float:
     exact = a.astype(np.float64) @ b.astype(np.float64)
     error = float(np.abs(ours - exact).max() / np.abs(exact).max())
     if not error < 1e-4:
-        raise BlasError(f"MLX's matmul with {loaded_blas()} is wrong (relative error {error:.2e}); "
-                        f"set {SETTING}=bundled to run with MLX's own BLAS")
+        raise BlasError(
+            f"MLX's matmul with {loaded_blas()} is wrong (relative error {error:.2e}); "
+            f"set {SETTING}=bundled to run with MLX's own BLAS"
+        )
     return error
 
 
@@ -258,9 +263,12 @@ def describe() -> str:
         return f"BLAS: {used} ({ORIGINS[origin(used)]}, preloaded; {SETTING}=bundled turns it off)"
     if sys.platform.startswith("linux"):
         found = choose_library("auto")
-        hint = (f"{SETTING}=auto preloads {found}" if found else
-                f"no OpenBLAS found: pip install {WHEEL_DISTRIBUTION} (x86_64) or "
-                "apt-get install libopenblas0-pthread")
+        hint = (
+            f"{SETTING}=auto preloads {found}"
+            if found
+            else f"no OpenBLAS found: pip install {WHEEL_DISTRIBUTION} (x86_64) or "
+            "apt-get install libopenblas0-pthread"
+        )
         return f"BLAS: {ORIGINS['bundled']} ({hint})"
     return "BLAS: the platform's (Accelerate/Metal)"
 
@@ -273,8 +281,10 @@ def demo_time() -> str | None:
     kind = origin(loaded_blas())
     fast = f"about {DEMO_MINUTES['wheel']} minutes with OpenBLAS"
     if kind == "bundled":
-        return (f"the demo takes about {DEMO_MINUTES['bundled']} minutes on 2 CPU cores with "
-                f"{ORIGINS['bundled']} ({fast})")
+        return (
+            f"the demo takes about {DEMO_MINUTES['bundled']} minutes on 2 CPU cores with "
+            f"{ORIGINS['bundled']} ({fast})"
+        )
     if kind == "other":
         return f"the demo takes {fast} on 2 CPU cores"
     return f"the demo takes about {DEMO_MINUTES[kind]} minutes on 2 CPU cores with this BLAS"

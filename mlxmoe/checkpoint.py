@@ -33,8 +33,14 @@ from .tensor_names import FLOAT32_ROLES, ROLES, UNQUANTIZED_ROLES, role_of_path
 
 # Files that make up a tokenizer (and its chat template), copied along with weights.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
     "generation_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -116,7 +122,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if mxfp4 and not family.mxfp4_experts:
         raise CheckpointError(
             f"{config_path}: quantization_config.quant_method 'mxfp4' is read for gpt-oss's experts, "
-            f"not for {family.name}: use the model's float release")
+            f"not for {family.name}: use the model's float release"
+        )
     return Checkpoint(folder, config, family, _weight_files(folder), quantization, mxfp4)
 
 
@@ -159,8 +166,10 @@ def read_weights(
         refuse_foreign_tensor(source, file)
         for name, array in ckpt.family.split(source, stored, file):
             if not quantized and array.dtype in (mx.uint8, mx.uint32):
-                raise CheckpointError(f"{file}: tensor {source!r} is packed ({dtype_str(stored)}), "
-                                      "but config.json declares no quantization")
+                raise CheckpointError(
+                    f"{file}: tensor {source!r} is packed ({dtype_str(stored)}), "
+                    "but config.json declares no quantization"
+                )
             hf_name, part = component(name) if quantized else (name, "weight")
             match = ckpt.family.match_hf(hf_name)
             if match is None:
@@ -211,10 +220,15 @@ def read_weights(
     }, specs
 
 
-def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
-                       expected: dict[str, tuple[int, ...]], found: dict[str, mx.array],
-                       origin: dict[str, tuple[str, Path]], keep_mxfp4: bool, dtype: mx.Dtype
-                       ) -> dict[str, tuple[int, int, str]]:
+def _quantized_modules(
+    ckpt: Checkpoint,
+    packed: dict[str, dict[str, mx.array]],
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, mx.array],
+    origin: dict[str, tuple[str, Path]],
+    keep_mxfp4: bool,
+    dtype: mx.Dtype,
+) -> dict[str, tuple[int, int, str]]:
     """Adds the quantized tensors to ``found`` (routers and the other never-quantized roles
     dequantized, MXFP4 experts too unless ``keep_mxfp4`` or the rest arrives quantized too, as
     in mlx-lm's gpt-oss); returns module path -> (bits, group size, mode) of those kept
@@ -228,17 +242,26 @@ def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
         role = role_of_path(ours)
         if mode == MXFP4 and (role is None or role[0] not in MXFP4_ROLES):
             name, file = origin[f"{ours}:{next(iter(parts))}"]
-            raise CheckpointError(f"{file}: tensor {name!r} is MXFP4; mlxmoe reads MXFP4 for "
-                                  "gpt-oss's experts only (mlx_lm.convert -q quantizes the rest affine)")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is MXFP4; mlxmoe reads MXFP4 for "
+                "gpt-oss's experts only (mlx_lm.convert -q quantizes the rest affine)"
+            )
         if mode == MXFP4:
             bits, group = _mxfp4_shape(ours, parts, expected[ours], origin)
         else:
             missing = [p for p in ("weight", *COMPONENTS) if p not in parts]
             if missing:
-                raise CheckpointError(f"{ckpt.folder}: quantized tensor {ckpt.hf_name(ours)!r} has no "
-                                      f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})")
-            bits, group = quantized_shape(ours, tuple(parts["weight"].shape),
-                                          tuple(parts["scales"].shape), expected[ours], str(ckpt.folder))
+                raise CheckpointError(
+                    f"{ckpt.folder}: quantized tensor {ckpt.hf_name(ours)!r} has no "
+                    f"{missing[0]!r} ({ours.rsplit('.', 1)[0]}.{missing[0]})"
+                )
+            bits, group = quantized_shape(
+                ours,
+                tuple(parts["weight"].shape),
+                tuple(parts["scales"].shape),
+                expected[ours],
+                str(ckpt.folder),
+            )
         if (role is not None and role[0] in UNQUANTIZED_ROLES) or (mode == MXFP4 and not keep_mxfp4):
             found[ours] = dequantized(parts, bits, group, mode, dtype)
             continue
@@ -250,8 +273,9 @@ def _quantized_modules(ckpt: Checkpoint, packed: dict[str, dict[str, mx.array]],
     return specs
 
 
-def _mxfp4_shape(ours: str, parts: dict[str, mx.array], want: tuple[int, ...],
-                 origin: dict[str, tuple[str, Path]]) -> tuple[int, int]:
+def _mxfp4_shape(
+    ours: str, parts: dict[str, mx.array], want: tuple[int, ...], origin: dict[str, tuple[str, Path]]
+) -> tuple[int, int]:
     """(4, 32) for blocks and scales that hold a ``want`` weight; else an error naming the
     checkpoint's tensor and file."""
     present = next(iter(parts))
@@ -259,18 +283,24 @@ def _mxfp4_shape(ours: str, parts: dict[str, mx.array], want: tuple[int, ...],
     for part, other in (("weight", "scales"), ("scales", "weight")):
         if part in parts and other not in parts:
             name, file = origin[f"{ours}:{part}"]
-            raise CheckpointError(f"{file}: MXFP4 tensor {name!r} has no "
-                                  f"{'scales' if other == 'scales' else 'blocks'} beside it")
+            raise CheckpointError(
+                f"{file}: MXFP4 tensor {name!r} has no "
+                f"{'scales' if other == 'scales' else 'blocks'} beside it"
+            )
     if sorted(parts) != ["scales", "weight"]:
-        raise CheckpointError(f"{file}: tensor {name!r}: MXFP4 has blocks and scales only, "
-                              f"found {sorted(parts)}")
+        raise CheckpointError(
+            f"{file}: tensor {name!r}: MXFP4 has blocks and scales only, found {sorted(parts)}"
+        )
     name, file = origin[f"{ours}:weight"]
     where = f"{file}: tensor {name!r}"
-    bits, group = quantized_shape(ours, tuple(parts["weight"].shape), tuple(parts["scales"].shape),
-                                  want, where)
+    bits, group = quantized_shape(
+        ours, tuple(parts["weight"].shape), tuple(parts["scales"].shape), want, where
+    )
     if (bits, group) != (4, 32):
-        raise CheckpointError(f"{where}: MXFP4 stores 4-bit values in groups of 32; its shapes "
-                              f"say {bits} bits in groups of {group} for {ours} {want}")
+        raise CheckpointError(
+            f"{where}: MXFP4 stores 4-bit values in groups of 32; its shapes "
+            f"say {bits} bits in groups of {group} for {ours} {want}"
+        )
     return bits, group
 
 

@@ -66,7 +66,16 @@ def run() -> None:
     main()
 
 
-COMMANDS = (data.data, upcycle.upcycle, info.info, plan.plan, train.train, eval_command.eval,
-            ablate.ablate, export.export, demo.demo)
+COMMANDS = (
+    data.data,
+    upcycle.upcycle,
+    info.info,
+    plan.plan,
+    train.train,
+    eval_command.eval,
+    ablate.ablate,
+    export.export,
+    demo.demo,
+)
 for _command in COMMANDS:
     main.add_command(_command)

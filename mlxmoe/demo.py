@@ -73,8 +73,10 @@ def _no_tick(label: str, done: int, total: int) -> None:
 
 
 def demo_recipe(settings: DemoSettings, model: Path, data: Path) -> Recipe:
-    recipe = load_recipe(settings.recipe or recipes_dir() / DEMO_RECIPE,
-                         train={"iters": settings.iters, "dtype": settings.dtype})
+    recipe = load_recipe(
+        settings.recipe or recipes_dir() / DEMO_RECIPE,
+        train={"iters": settings.iters, "dtype": settings.dtype},
+    )
     recipe.model, recipe.data.path = str(model), str(data)
     return recipe
 
@@ -99,8 +101,13 @@ def run_demo(settings: DemoSettings, say: Say = print, tick: Tick = _no_tick) ->
         _upcycled_model(model, say)
     with _Stage(report, "eval base", say, "evaluating the base model on the held-out questions"):
         report.base = _evaluate(model, data, None, recipe.train.dtype, settings, tick)
-    with _Stage(report, "train", say, f"training LoRA ({recipe.lora.strategy} strategy, "
-                f"{recipe.train.iters} steps of {recipe.train.batch_size})"):
+    with _Stage(
+        report,
+        "train",
+        say,
+        f"training LoRA ({recipe.lora.strategy} strategy, "
+        f"{recipe.train.iters} steps of {recipe.train.batch_size})",
+    ):
         report.training = _train(recipe, run, say)
         report.plots = [str(p) for p in training_plots(run, "mlxmoe demo: SmolLM2 MoE on the Python FAQ")]
     with _Stage(report, "eval tuned", say, "evaluating the fine-tuned model"):
@@ -156,21 +163,32 @@ def _upcycled_model(folder: Path, say: Say) -> None:
         upcycle(dense, folder, layout="mixtral", n_experts=4, top_k=2)
 
 
-def _evaluate(model: Path, data: Path, adapter: Path | None, dtype: str, settings: DemoSettings,
-              tick: Tick) -> dict:
+def _evaluate(
+    model: Path, data: Path, adapter: Path | None, dtype: str, settings: DemoSettings, tick: Tick
+) -> dict:
     from .evaluate import evaluate
 
-    report = evaluate(model, data / "test.jsonl", adapter=adapter, dtype=dtype,
-                      max_new_tokens=settings.max_new_tokens, generate_limit=settings.eval_answers,
-                      progress=lambda done, total: tick("eval", done, total))
+    report = evaluate(
+        model,
+        data / "test.jsonl",
+        adapter=adapter,
+        dtype=dtype,
+        max_new_tokens=settings.max_new_tokens,
+        generate_limit=settings.eval_answers,
+        progress=lambda done, total: tick("eval", done, total),
+    )
     answered = [s for s in report.per_sample if s.generated is not None]
     return {
-        "perplexity": report.perplexity, "rouge_l": report.rouge_l,
-        "samples": report.samples, "answer_tokens": report.answer_tokens,
-        "generated": report.generated_samples, "generation_tps": report.generation_tps,
+        "perplexity": report.perplexity,
+        "rouge_l": report.rouge_l,
+        "samples": report.samples,
+        "answer_tokens": report.answer_tokens,
+        "generated": report.generated_samples,
+        "generation_tps": report.generation_tps,
         "spread": (report.experts or {}).get("spread"),
-        "answers": [{"reference": s.reference, "generated": s.generated, "rouge_l": s.rouge_l}
-                    for s in answered],
+        "answers": [
+            {"reference": s.reference, "generated": s.generated, "rouge_l": s.rouge_l} for s in answered
+        ],
     }
 
 
@@ -188,7 +206,9 @@ def _train(recipe: Recipe, run: Path, say: Say) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     return {
-        "steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+        "steps": rows[-1]["step"],
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
         "val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_gb": max(r["peak_memory_gb"] for r in rows),
@@ -199,8 +219,9 @@ def _train(recipe: Recipe, run: Path, say: Say) -> dict[str, Any]:
 def _export(model: Path, run: Path, path: Path, tick: Tick) -> dict[str, Any]:
     from .gguf.export import export_gguf
 
-    result = export_gguf(model, path, "q8_0", adapter=run,
-                         on_tensor=lambda done, total, name: tick("export", done, total))
+    result = export_gguf(
+        model, path, "q8_0", adapter=run, on_tensor=lambda done, total, name: tick("export", done, total)
+    )
     return {"path": str(result.path), "bytes": result.bytes, "seconds": result.seconds}
 
 
@@ -223,12 +244,17 @@ def _ask_llama_cpp(gguf_path: Path, model: Path, data: Path, settings: DemoSetti
     prompt = non_thinking_prompt(tokenizer, [{"role": "user", "content": sample["prompt"]}])
     started = time.perf_counter()
     with open_gguf(gguf_path, n_ctx=1024, logits_all=False) as llm:
-        result = llm.create_completion(prompt, max_tokens=settings.max_new_tokens,
-                                       temperature=0.0,
-                                       stop=chat_formats()[detect_chat_format(model)]["stop"])
+        result = llm.create_completion(
+            prompt,
+            max_tokens=settings.max_new_tokens,
+            temperature=0.0,
+            stop=chat_formats()[detect_chat_format(model)]["stop"],
+        )
     answer = reply_answer(result["choices"][0]["text"]).strip()
     return {
-        "question": sample["prompt"], "reference": sample["completion"], "answer": answer,
+        "question": sample["prompt"],
+        "reference": sample["completion"],
+        "answer": answer,
         "rouge_l": rouge_l(sample["completion"], answer).f1,
         "tokens": result["usage"]["completion_tokens"],
         "seconds": round(time.perf_counter() - started, 2),
@@ -244,6 +270,11 @@ def _modelfile(out: Path, gguf_path: Path, model: Path, name: str) -> tuple[str,
         write_modelfile,
     )
 
-    path = write_modelfile(out, gguf_path, detect_chat_format(model),
-                           system=default_system_prompt(model), params=model_parameters(model))
+    path = write_modelfile(
+        out,
+        gguf_path,
+        detect_chat_format(model),
+        system=default_system_prompt(model),
+        params=model_parameters(model),
+    )
     return str(path), create_model(path, name)

@@ -45,8 +45,9 @@ def is_harmony(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template writes harmony (gpt-oss), seen in what it renders
     for one user message."""
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "ping"}], tokenize=False, add_generation_prompt=True
+        )
     except Exception:  # jinja2 errors, raise_exception() in templates, no template at all
         return False
     return isinstance(text, str) and PROBE_USER in text and text.endswith(GENERATION_PROMPT)

@@ -34,8 +34,10 @@ def resolve(path_or_id: str | Path, revision: str | None = None) -> Path:
         return Path(snapshot_download(text, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except LocalEntryNotFoundError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else (
-            "the hub cannot be reached and it is not in the cache"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the cache"
+            if offline
+            else ("the hub cannot be reached and it is not in the cache")
         )
         raise CheckpointError(f"{text}: cannot load from the Hugging Face hub: {why}") from exc
     except HfHubHTTPError as exc:

@@ -93,6 +93,7 @@ def quantize_as_loaded(model: CausalLM, bits: int, group_size: int = 64) -> None
     ``lazy_model`` from config.json) stay MXFP4, 4.25 bits a weight, whatever ``bits``; the
     other layers are quantized to ``bits``."""
     if getattr(model, "mxfp4", False):
+
         def is_mxfp4(path: str, _module) -> dict | bool:
             role = role_of_path(f"{path}.weight")
             return MXFP4_EXPERTS if role is not None and role[0] in MXFP4_ROLES else False

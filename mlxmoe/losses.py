@@ -57,8 +57,11 @@ CE_MIN_CHUNK_ROWS = 32
 
 
 def linear_cross_entropy(
-    hidden: mx.array, project: Callable[[mx.array], mx.array], targets: mx.array,
-    weight: mx.array, vocab_size: int,
+    hidden: mx.array,
+    project: Callable[[mx.array], mx.array],
+    targets: mx.array,
+    weight: mx.array,
+    vocab_size: int,
 ) -> mx.array:
     """sum_t w_t * CE(project(h_t), y_t) over hidden states [N, D], as ``cross_entropy``
     computes it on the full logits, without ever holding them: rows are taken in chunks,
@@ -78,7 +81,11 @@ def linear_cross_entropy(
     def loss_and_grad(h, targets, weight):
         pieces = []
         for start in range(0, n, rows):
-            hc, yc, wc = h[start:start + rows], targets[start:start + rows, None], weight[start:start + rows]
+            hc, yc, wc = (
+                h[start : start + rows],
+                targets[start : start + rows, None],
+                weight[start : start + rows],
+            )
             if pieces:  # one chunk after the other: MLX would otherwise schedule them together
                 hc = mx.depends(hc, pieces[-1])
             logits = project(hc).astype(mx.float32)
@@ -91,7 +98,8 @@ def linear_cross_entropy(
             loss = (wc * (lse - mx.take_along_axis(logits, yc, axis=-1))[:, 0]).sum()
             dlogits = e * (wc[:, None] / total)  # softmax * w
             dlogits = mx.put_along_axis(  # minus w at the target
-                dlogits, yc, mx.take_along_axis(dlogits, yc, axis=-1) - wc[:, None], axis=-1)
+                dlogits, yc, mx.take_along_axis(dlogits, yc, axis=-1) - wc[:, None], axis=-1
+            )
             _, (dh,) = mx.vjp(project, [hc], [dlogits.astype(hc.dtype)])  # project is linear
             pieces.append(mx.concatenate([dh.astype(mx.float32).reshape(-1), loss.reshape(1)]))
         loss = sum(piece[-1] for piece in pieces)
@@ -107,18 +115,21 @@ def linear_cross_entropy(
 
 
 def head_cross_entropy(
-    hidden: mx.array, project: Callable[[mx.array], mx.array], targets: mx.array,
-    weight: mx.array, vocab_size: int,
+    hidden: mx.array,
+    project: Callable[[mx.array], mx.array],
+    targets: mx.array,
+    weight: mx.array,
+    vocab_size: int,
 ) -> mx.array:
     """``linear_cross_entropy``'s value without its gradient (evaluation): sum_t w_t *
     CE(project(h_t), y_t), one chunk of logits at a time."""
     rows = ce_chunk_rows(vocab_size)
     total = mx.array(0.0, mx.float32)
     for start in range(0, hidden.shape[0], rows):
-        hc = mx.depends(hidden[start:start + rows], total) if start else hidden[:rows]
+        hc = mx.depends(hidden[start : start + rows], total) if start else hidden[:rows]
         logits = project(hc).astype(mx.float32)
-        picked = mx.take_along_axis(logits, targets[start:start + rows, None], axis=-1)[:, 0]
-        total = total + (weight[start:start + rows] * (mx.logsumexp(logits, axis=-1) - picked)).sum()
+        picked = mx.take_along_axis(logits, targets[start : start + rows, None], axis=-1)[:, 0]
+        total = total + (weight[start : start + rows] * (mx.logsumexp(logits, axis=-1) - picked)).sum()
     return total
 
 
@@ -162,8 +173,11 @@ def load_balancing_loss(
 
 
 def load_balancing_share(
-    router_logits: list[mx.array], top_k: int, token_mask: mx.array | None,
-    total_assignments: mx.array, total_tokens: mx.array,
+    router_logits: list[mx.array],
+    top_k: int,
+    token_mask: mx.array | None,
+    total_assignments: mx.array,
+    total_tokens: mx.array,
 ) -> mx.array:
     """One shard's share of ``load_balancing_loss`` over a batch split into shards (the ranks
     of a data-parallel run): summed over the shards, value and gradient both equal
@@ -215,9 +229,7 @@ def router_z_share(
     return total / mx.maximum(len(layers) * total_tokens.astype(mx.float32), 1.0)
 
 
-def expert_counts(
-    router_logits: list[mx.array], top_k: int, token_mask: mx.array | None = None
-) -> mx.array:
+def expert_counts(router_logits: list[mx.array], top_k: int, token_mask: mx.array | None = None) -> mx.array:
     """[n_layers, E] float32: how many real tokens each expert received (top-k assignments).
 
     Each row sums to top_k x n_real_tokens. These are also the tokens whose gradients reach

@@ -20,8 +20,9 @@ class DecoderLayer(nn.Module):
     is set), or ``linear_attn`` (Gated DeltaNet) where ``args.layer_types`` says
     "linear_attention"."""
 
-    def __init__(self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None,
-                 linear: bool = False):
+    def __init__(
+        self, args: DecoderArgs, ffn: GatedMLP | SparseMoE, window: int | None = None, linear: bool = False
+    ):
         super().__init__()
         self.input_norm = rms_norm(args.hidden_size, args)
         if linear:
@@ -126,8 +127,10 @@ def build_decoder(args: DecoderArgs, family: str) -> CausalLM:
             return SparseMoE(args)
         return GatedMLP(args.hidden_size, args.intermediate_size)
 
-    layers = [DecoderLayer(args, ffn(i), args.attention_window(i), args.is_linear_attention(i))
-              for i in range(args.num_layers)]
+    layers = [
+        DecoderLayer(args, ffn(i), args.attention_window(i), args.is_linear_attention(i))
+        for i in range(args.num_layers)
+    ]
     hybrid = any("linear_attn" in layer for layer in layers)
     return (HybridCausalLM if hybrid else CausalLM)(args, layers, family)
 

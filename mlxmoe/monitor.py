@@ -95,9 +95,7 @@ class ExpertMonitor:
         [n_layers] mean routing entropy from ``router_entropy`` (weighted by its tokens)."""
         counts = np.asarray(counts, dtype=np.float64)
         if counts.shape != self._window.shape:
-            raise ValueError(
-                f"counts must be [n_layers, E] = {self._window.shape}, got {counts.shape}"
-            )
+            raise ValueError(f"counts must be [n_layers, E] = {self._window.shape}, got {counts.shape}")
         self._window += counts
         self.lora_update_counts += np.rint(counts).astype(np.int64)
         if entropy is not None:
@@ -180,8 +178,7 @@ class ExpertMonitor:
             breached = too_busy or entry["spread"] > rule.max_spread
             self._streaks[i] = self._streaks[i] + 1 if breached else 0
         fired = [
-            i for i, entry in enumerate(layers)
-            if entry["tokens"] > 0 and self._streaks[i] >= rule.patience
+            i for i, entry in enumerate(layers) if entry["tokens"] > 0 and self._streaks[i] >= rule.patience
         ]
         self.alarmed_layers = [layers[i]["layer"] for i in fired]
         if not fired:

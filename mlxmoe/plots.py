@@ -74,8 +74,13 @@ def loss_figure(rows: Sequence[dict[str, Any]], title: str = "training") -> Figu
         ax_loss.plot(steps, [row.get(key, math.nan) for row in rows], marker=".", label=label)
     validated = [row for row in rows if row.get("val_loss") is not None]
     if validated:
-        ax_loss.plot([row["step"] for row in validated], [row["val_loss"] for row in validated],
-                     marker="o", linestyle="--", label="validation loss")
+        ax_loss.plot(
+            [row["step"] for row in validated],
+            [row["val_loss"] for row in validated],
+            marker="o",
+            linestyle="--",
+            label="validation loss",
+        )
     ax_loss.set_title(f"{title}: loss")
     ax_loss.legend()
     ax_aux.plot(steps, [row.get("aux", math.nan) for row in rows], marker=".", color="tab:green")
@@ -116,8 +121,7 @@ def load_heatmap_figure(panels: Sequence[tuple[str, Sequence[int], np.ndarray]])
     top = max(np.nanmax(matrix) for _, _, matrix in panels)
     image = None
     for ax, (title, layers, matrix) in zip(axes, panels):
-        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=top,
-                          interpolation="nearest")
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
         ax.set_title(title)
         ax.set_xlabel("expert")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -125,7 +129,7 @@ def load_heatmap_figure(panels: Sequence[tuple[str, Sequence[int], np.ndarray]])
         step = max(1, len(layers) // 24)  # keep the labels of a 48-layer model legible
         ax.set_yticks(rows[::step], [str(layer) for layer in layers][::step])
         ax.set_ylabel("MoE layer")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.remove()
     used = list(axes[: len(panels)])
     fig.colorbar(image, ax=used, label=f"share of routed tokens\n(balanced: 1/{n_experts})")
@@ -157,8 +161,7 @@ def training_plots(run_dir: str | Path, title: str | None = None) -> list[Path]:
     return written
 
 
-def eval_plot(experts: dict[str, Any] | None, path: str | Path,
-              title: str = "evaluation") -> Path | None:
+def eval_plot(experts: dict[str, Any] | None, path: str | Path, title: str = "evaluation") -> Path | None:
     """The expert-load heatmap of an eval report's ``experts``; None for a dense model."""
     if not experts:
         return None
@@ -179,8 +182,7 @@ def ablation_figure(rows: Sequence[dict[str, Any]], title: str = "ablation") -> 
     for ax, (key, label, better) in zip(axes, ABLATION_BARS):
         values = [row.get(key) for row in rows]
         present = [i for i, v in enumerate(values) if v is not None]
-        bars = ax.bar(positions[present], [values[i] for i in present],
-                      color=[colors[i] for i in present])
+        bars = ax.bar(positions[present], [values[i] for i in present], color=[colors[i] for i in present])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         for i, value in enumerate(values):
             if value is None:

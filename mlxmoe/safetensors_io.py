@@ -15,11 +15,30 @@ import numpy as np
 from .checkpoint import INDEX_FILE, read_json
 from .errors import CheckpointError, MlxMoeError
 
-SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                        "I8": 1, "U8": 1, "BOOL": 1}
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-                "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
 
 # --- writing, one tensor at a time -------------------------------------------------------
@@ -52,8 +71,11 @@ def write_safetensors(path: Path, tensors: Iterable[TensorOut]) -> None:
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -126,8 +148,7 @@ def safetensors_header(file: Path) -> list[TensorIn]:
             if name == "__metadata__":
                 continue
             begin, end = spec["data_offsets"]
-            tensor = TensorIn(name, spec["dtype"], tuple(spec["shape"]), file, 8 + size + begin,
-                              end - begin)
+            tensor = TensorIn(name, spec["dtype"], tuple(spec["shape"]), file, 8 + size + begin, end - begin)
             if tensor.start + tensor.nbytes > file_size:
                 raise ValueError(f"tensor {name!r} lies past the end of the file")
             out.append(tensor)
@@ -148,5 +169,3 @@ def to_float32(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def from_float32(array: np.ndarray, dtype: str) -> bytes:
     return np.array(mx.array(array).astype(MX_DTYPES[dtype]).view(mx.uint8)).tobytes()
-
-

@@ -89,8 +89,14 @@ def without_reasoning(message: dict) -> dict:
     return kept
 
 
-def render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, thinking: bool,
-                harmony_format: bool | None = None, **variables) -> str:
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool,
+    thinking: bool,
+    harmony_format: bool | None = None,
+    **variables,
+) -> str:
     """The chat template's text for ``messages``; with ``generation_prompt``, the prompt for an
     answer with reasoning allowed (``thinking``) or without it (``NON_THINKING``, or in harmony
     the empty analysis message). ``harmony_format`` None finds out (``harmony.is_harmony``)."""
@@ -98,8 +104,9 @@ def render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool, t
         harmony_format = harmony.is_harmony(tokenizer)
     if not thinking and not harmony_format:
         variables = {**variables, **NON_THINKING}
-    text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt, **variables)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **variables
+    )
     if generation_prompt and not thinking and harmony_format:
         text = harmony.non_thinking(text)
     return text

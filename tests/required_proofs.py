@@ -20,7 +20,7 @@ SETTING = "MLXMOE_REQUIRE"
 PROOFS = {
     "converter": "llama.cpp's convert_hf_to_gguf.py unpacked at LLAMA_CPP_SRC",
     "templates": "the gpt-oss and Qwen3.5 chat templates of llama.cpp's models/templates, "
-                 "unpacked at LLAMA_CPP_SRC",
+    "unpacked at LLAMA_CPP_SRC",
     "blas": "an OpenBLAS: the system's (Debian: libopenblas0-pthread) or the ngsolve-openblas wheel",
     "faq": "Debian's python3.11-doc (the Python FAQ sources)",
 }
@@ -31,15 +31,19 @@ def required() -> set[str]:
     names = {name.strip() for name in os.environ.get(SETTING, "").split(",") if name.strip()}
     unknown = names - set(PROOFS)
     if unknown:
-        raise pytest.UsageError(f"{SETTING}={os.environ[SETTING]}: unknown proof(s) "
-                                f"{', '.join(sorted(unknown))} (known: {', '.join(PROOFS)})")
+        raise pytest.UsageError(
+            f"{SETTING}={os.environ[SETTING]}: unknown proof(s) "
+            f"{', '.join(sorted(unknown))} (known: {', '.join(PROOFS)})"
+        )
     return names
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", f"proof(name): the test proves a README claim and skips without the "
-                   f"prerequisite of proof name ({', '.join(PROOFS)}); {SETTING}=name fails it instead")
+        "markers",
+        f"proof(name): the test proves a README claim and skips without the "
+        f"prerequisite of proof name ({', '.join(PROOFS)}); {SETTING}=name fails it instead",
+    )
     config.stash[_REQUIRED] = required()
 
 
@@ -47,8 +51,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for marker in item.iter_markers("proof"):
             if marker.args[0] not in PROOFS:
-                raise pytest.UsageError(f"{item.nodeid}: unknown proof {marker.args[0]!r} "
-                                        f"(known: {', '.join(PROOFS)})")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: unknown proof {marker.args[0]!r} (known: {', '.join(PROOFS)})"
+                )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -60,7 +65,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if missing:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = (f"required proof {', '.join(missing)} skipped ({SETTING}="
-                           f"{os.environ[SETTING]}; it needs {'; '.join(PROOFS[n] for n in missing)}): "
-                           f"{reason}")
+        report.longrepr = (
+            f"required proof {', '.join(missing)} skipped ({SETTING}="
+            f"{os.environ[SETTING]}; it needs {'; '.join(PROOFS[n] for n in missing)}): "
+            f"{reason}"
+        )
     return report

@@ -22,14 +22,39 @@ from pathlib import Path
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def setting(name, config, bits=0, batch=2, seq=256, checkpoint=False, strategy="experts",
-            accum=1, rank=8, dispatch="gather", dtype="auto", group=64, device=None) -> dict:
+def setting(
+    name,
+    config,
+    bits=0,
+    batch=2,
+    seq=256,
+    checkpoint=False,
+    strategy="experts",
+    accum=1,
+    rank=8,
+    dispatch="gather",
+    dtype="auto",
+    group=64,
+    device=None,
+) -> dict:
     """``dispatch`` is named (never auto) so that the measured process, whatever BLAS it
     loaded, and the prediction assume the same MoE dispatch. ``device`` "cpu" measures on
     MLX's CPU backend even where a GPU is the default (None: the default device)."""
-    return dict(name=name, config=config, bits=bits, batch=batch, seq=seq, checkpoint=checkpoint,
-                strategy=strategy, accum=accum, rank=rank, dispatch=dispatch, dtype=dtype,
-                group=group, device=device)
+    return dict(
+        name=name,
+        config=config,
+        bits=bits,
+        batch=batch,
+        seq=seq,
+        checkpoint=checkpoint,
+        strategy=strategy,
+        accum=accum,
+        rank=rank,
+        dispatch=dispatch,
+        dtype=dtype,
+        group=group,
+        device=device,
+    )
 
 
 def recipe_for(s: dict):
@@ -38,9 +63,16 @@ def recipe_for(s: dict):
     return load_recipe(
         None,
         lora={"strategy": s["strategy"], "rank": s["rank"]},
-        train={"quantize": s["bits"], "group_size": s["group"], "batch_size": s["batch"],
-               "max_seq_len": s["seq"], "grad_checkpoint": s["checkpoint"],
-               "grad_accum": s["accum"], "moe_dispatch": s["dispatch"], "dtype": s["dtype"]},
+        train={
+            "quantize": s["bits"],
+            "group_size": s["group"],
+            "batch_size": s["batch"],
+            "max_seq_len": s["seq"],
+            "grad_checkpoint": s["checkpoint"],
+            "grad_accum": s["accum"],
+            "moe_dispatch": s["dispatch"],
+            "dtype": s["dtype"],
+        },
     )
 
 
@@ -93,8 +125,14 @@ def measure(s: dict) -> dict:
     mx.random.seed(0)
     model = lazy_model(ConfigView(s["config"]))
     dtype = resolve_dtype(t.dtype)
-    model.update(tree_unflatten([(k, v.astype(mx.float32 if role_is_router(k) else dtype))
-                                 for k, v in tree_flatten(model.parameters())]))
+    model.update(
+        tree_unflatten(
+            [
+                (k, v.astype(mx.float32 if role_is_router(k) else dtype))
+                for k, v in tree_flatten(model.parameters())
+            ]
+        )
+    )
     if t.quantize:
         quantize_model(model, t.quantize, t.group_size)
     mx.eval(model.parameters())
@@ -109,10 +147,17 @@ def measure(s: dict) -> dict:
     rng = np.random.default_rng(0)
     shape = (t.batch_size, t.max_seq_len)
     vocab = model.args.vocab_size  # Qwen3.5's sits in text_config
-    batches = [Batch(mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
-                     mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
-                     mx.ones(shape), mx.ones(shape), shape[0] * shape[1], shape[0] * shape[1])
-               for _ in range(t.grad_accum)]
+    batches = [
+        Batch(
+            mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
+            mx.array(rng.integers(0, vocab, shape, dtype=np.int32)),
+            mx.ones(shape),
+            mx.ones(shape),
+            shape[0] * shape[1],
+            shape[0] * shape[1],
+        )
+        for _ in range(t.grad_accum)
+    ]
     mx.eval([(b.inputs, b.targets, b.loss_mask, b.token_mask) for b in batches])
     mx.reset_peak_memory()
     stepper.step(batches)  # the first step (compiled, optimizer state written) peaks as later ones
@@ -124,8 +169,9 @@ def measure(s: dict) -> dict:
 
 def measure_fresh(s: dict) -> dict:
     """``measure`` in a new process: nothing an earlier step cached counts."""
-    out = subprocess.run([sys.executable, __file__, json.dumps(s)], capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, json.dumps(s)], capture_output=True, text=True, check=False
+    )
     if out.returncode:
         raise RuntimeError(f"{s['name']}: measurement failed\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

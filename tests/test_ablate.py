@@ -65,8 +65,13 @@ def finished(setup):
     """One whole ablation of the default strategies on a Qwen2-MoE (it has a shared expert)."""
     root, model, data = setup
     notes: list[str] = []
-    result = ablate(make_recipe(root / "recipe.yaml", model, data), root / "out",
-                    max_new_tokens=4, show_progress=False, note=notes.append)
+    result = ablate(
+        make_recipe(root / "recipe.yaml", model, data),
+        root / "out",
+        max_new_tokens=4,
+        show_progress=False,
+        note=notes.append,
+    )
     return result, notes
 
 
@@ -113,16 +118,18 @@ def test_the_table_is_each_evaluation_on_the_same_held_out_file(setup, finished)
     rows = {row.name: row for row in result.rows}
     # Independent evaluations of two configurations give the table's numbers.
     base = evaluate(model, data / "test.jsonl", max_seq_len=64, generate=False)
-    experts = evaluate(model, data / "test.jsonl", adapter=result.out_dir / "experts",
-                       max_seq_len=64, generate=False)
+    experts = evaluate(
+        model, data / "test.jsonl", adapter=result.out_dir / "experts", max_seq_len=64, generate=False
+    )
     assert rows["base"].perplexity == pytest.approx(base.perplexity, rel=1e-5)
     assert rows["experts"].perplexity == pytest.approx(experts.perplexity, rel=1e-5)
     assert rows["experts"].spread == pytest.approx(experts.experts["spread"], rel=1e-5)
     for name in DEFAULT_STRATEGIES:  # six steps at a high learning rate already help
         assert rows[name].perplexity < 0.8 * rows["base"].perplexity, name
         assert rows[name].generation_tps > 0 and 0.0 <= rows[name].rouge_l <= 1.0
-        assert rows[name].final_loss == pytest.approx(json.loads(
-            (result.out_dir / name / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
+        assert rows[name].final_loss == pytest.approx(
+            json.loads((result.out_dir / name / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+        )
 
 
 @pytest.mark.slow
@@ -141,8 +148,7 @@ def test_json_and_markdown_hold_the_table_and_the_plots_exist(finished):
         for row in rows:
             assert "| " + " | ".join(row.cell(key, spec) for key, _, spec in columns) + " |" in markdown
     assert "| base |" not in markdown.split("| strategy |")[1]  # the base did not train
-    expected = [result.out_dir / s / f
-                for s in DEFAULT_STRATEGIES for f in ("loss.png", "expert_load.png")]
+    expected = [result.out_dir / s / f for s in DEFAULT_STRATEGIES for f in ("loss.png", "expert_load.png")]
     expected += [result.out_dir / "ablation.png", result.out_dir / "ablation_expert_load.png"]
     assert result.plots == expected
     for path in result.plots:
@@ -156,8 +162,20 @@ def test_a_rerun_of_the_cli_reuses_every_finished_configuration(setup, finished)
     root, model, data = setup
     result, _ = finished
     stamps = {p: p.stat().st_mtime_ns for name in NAMES for p in (result.out_dir / name).glob("*.*")}
-    proc = run_cli("ablate", "--model", model, "--data", data, "--out", result.out_dir,
-                   "--recipe", root / "recipe.yaml", "--max-new-tokens", 4, "--no-plots")
+    proc = run_cli(
+        "ablate",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        result.out_dir,
+        "--recipe",
+        root / "recipe.yaml",
+        "--max-new-tokens",
+        4,
+        "--no-plots",
+    )
     assert proc.exit_code == 0, proc.output + repr(proc.exception)
     for name in NAMES:
         assert f"{name}: done earlier" in proc.output
@@ -179,8 +197,12 @@ def test_other_settings_in_the_same_out_are_refused(setup, finished):
     root, model, data = setup
     result, _ = finished
     with pytest.raises(MlxMoeError, match=r"other settings \(recipe.train.iters: 6 before, 8 now"):
-        ablate(make_recipe(root / "recipe.yaml", model, data, iters=8), result.out_dir,
-               max_new_tokens=4, show_progress=False)
+        ablate(
+            make_recipe(root / "recipe.yaml", model, data, iters=8),
+            result.out_dir,
+            max_new_tokens=4,
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -204,12 +226,19 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(setup, finished, tmp_p
     # experts+router: killed before its first checkpoint, with a report row already written.
     (out / "experts+router").mkdir()
     (out / "experts+router" / "metrics.jsonl").write_text(
-        (result.out_dir / "experts+router" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        (result.out_dir / "experts+router" / "metrics.jsonl").read_text().splitlines()[0] + "\n"
+    )
 
     notes: list[str] = []
-    again = ablate(make_recipe(root / "recipe.yaml", model, data), out,
-                   ["attention", "experts", "experts+router"], max_new_tokens=4,
-                   show_progress=False, plots=False, note=notes.append)
+    again = ablate(
+        make_recipe(root / "recipe.yaml", model, data),
+        out,
+        ["attention", "experts", "experts+router"],
+        max_new_tokens=4,
+        show_progress=False,
+        plots=False,
+        note=notes.append,
+    )
     assert "base: done earlier" in notes[0]
     assert f"attention: resuming {out / 'attention'} from step-000006" in notes
     assert f"experts: resuming {experts} from step-000003" in notes
@@ -232,9 +261,16 @@ def test_shared_is_skipped_with_a_note_on_a_model_without_a_shared_expert(setup,
     root, _, data = setup
     model = make_trainable_checkpoint("mixtral", tmp_path / "mixtral")
     notes: list[str] = []
-    result = ablate(make_recipe(root / "recipe.yaml", model, data, iters=2, report_every=1),
-                    tmp_path / "out", "attention,shared", max_new_tokens=2, limit=2,
-                    show_progress=False, plots=False, note=notes.append)
+    result = ablate(
+        make_recipe(root / "recipe.yaml", model, data, iters=2, report_every=1),
+        tmp_path / "out",
+        "attention,shared",
+        max_new_tokens=2,
+        limit=2,
+        show_progress=False,
+        plots=False,
+        note=notes.append,
+    )
     assert [row.name for row in result.rows] == ["base", "attention"]
     assert "no shared expert" in result.skipped["shared"]
     assert notes[0] == f"shared: skipped: {result.skipped['shared']}"

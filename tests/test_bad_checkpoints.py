@@ -78,8 +78,9 @@ def test_missing_tensor_is_named(good, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError,
-                       match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'"
+    ):
         mlxmoe.load(folder)
 
 
@@ -89,8 +90,9 @@ def test_misshaped_tensor_is_named_with_both_shapes(good, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
     tensors[name] = tensors[name][:-1]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError,
-                       match=rf"'{name}' has shape \(31, 64\), config.json implies \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"'{name}' has shape \(31, 64\), config.json implies \(32, 64\)"
+    ):
         mlxmoe.load(folder)
 
 
@@ -156,7 +158,8 @@ def test_hub_id_offline_loads_from_the_cache(good, tmp_path):
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mlxmoe", "info", str(tmp_path / "absent")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stdout.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such file or folder"]

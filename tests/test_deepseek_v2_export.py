@@ -49,13 +49,20 @@ from mlxmoe.train import train
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.
 pytestmark = pytest.mark.slow
 
-needs_converter = pytest.mark.skipif(not CONVERTER.is_file(), reason=(
-    f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)"))
+needs_converter = pytest.mark.skipif(
+    not CONVERTER.is_file(),
+    reason=(f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)"),
+)
 # DeepSeek-V2-Lite's shape as llama.cpp 0.3.36 recognizes it: 27 layers, no q_lora_rank, YaRN.
 # 24 of them dense: across 26 random tiny MoE layers most positions have a near-tied expert
 # choice somewhere (measured: 6 of 14 clear), which f16 weights may flip
-LITE = dict(q_lora_rank=None, num_hidden_layers=27, first_k_dense_replace=24, rope_parameters=V2_YARN,
-            routed_scaling_factor=1.0)
+LITE = dict(
+    q_lora_rank=None,
+    num_hidden_layers=27,
+    first_k_dense_replace=24,
+    rope_parameters=V2_YARN,
+    routed_scaling_factor=1.0,
+)
 # What llama.cpp's deepseek2 graph applies a LoRA adapter to (it multiplies the latent
 # attention's other projections with ggml_mul_mat, which takes no adapter)
 LLAMA_CPP_LORA_TARGETS = ["attn.o_proj", "experts", "shared_expert", "dense_mlp", "router"]
@@ -81,9 +88,20 @@ def ours_and_routing_margin(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_adapter(model: Path, root: Path, targets: list[str]) -> Path:
-    r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
-                                     quantize=0, report_every=3, val_every=0, max_seq_len=48),
-                    lora=dict(targets=targets, router_mode="lora", rank=4))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=3,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=0,
+            report_every=3,
+            val_every=0,
+            max_seq_len=48,
+        ),
+        lora=dict(targets=targets, router_mode="lora", rank=4),
+    )
     r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
     train(r, root / "adapter-llama-cpp-targets", show_progress=False)
     return root / "adapter-llama-cpp-targets"
@@ -97,8 +115,9 @@ class DeepseekExported(Exported):
         self.family, self.root = "deepseek_v2", root
         self.model = make_model(root / "model")
         self.adapter = train_tiny_adapter(self.model, root)  # every projection, the router
-        self.gguf = {t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path
-                     for t in ("f16", "q8_0")}
+        self.gguf = {
+            t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path for t in ("f16", "q8_0")
+        }
         with open_gguf(self.gguf["f16"], vocab_only=True) as vocab:
             self.tokens = vocab.tokenize(HELD_OUT.encode(), add_bos=True, special=False)
 
@@ -119,8 +138,9 @@ def exported(tmp_path_factory) -> DeepseekExported:
 
 def assert_same_file(ours: gguf.GGUFReader, theirs: gguf.GGUFReader) -> None:
     a, b = tensors(ours), tensors(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in a.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in b.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in a.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in b.items()
+    }
     assert [n for n in a if np.asarray(a[n].data).tobytes() != np.asarray(b[n].data).tobytes()] == []
     ours_kv, theirs_kv = loading_kv(ours), loading_kv(theirs)
     assert sorted(ours_kv) == sorted(theirs_kv)
@@ -147,11 +167,13 @@ def test_f16_tensors_and_metadata_equal_the_converters(exported):
 def test_q8_0_tensors_equal_the_converters_byte_for_byte(exported):
     theirs = run_converter(exported.merged, "q8_0", exported.root / "converter-q8_0.gguf")
     ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (exported.gguf["q8_0"], theirs))
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
     assert "Q8_0" in {t.tensor_type.name for t in ours.values()}
-    assert [n for n in ours if np.asarray(ours[n].data).tobytes()
-            != np.asarray(theirs[n].data).tobytes()] == []
+    assert [
+        n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()
+    ] == []
 
 
 def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
@@ -162,8 +184,10 @@ def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
     theirs = exported.llama_cpp(exported.gguf["f16"])
     clear = margin >= ROUTING_NEAR_TIE
     diff = np.abs(ours - theirs).max(-1)
-    print(f"deepseek_v2 f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions with a clear "
-          f"expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}")
+    print(
+        f"deepseek_v2 f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions with a clear "
+        f"expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}"
+    )
     assert clear.mean() >= 0.9 and diff[clear].max() < F16_MAX_ABS
     for position in np.nonzero(ours.argmax(-1) != theirs.argmax(-1))[0]:
         row = ours[position]
@@ -187,8 +211,12 @@ def test_q4_k_m_is_what_llama_quantize_makes_of_our_f32_and_llama_cpp_runs_it(ex
     f32 = export_gguf(exported.model, root / "f32.gguf", "f32", exported.adapter).path
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(root / "llama-q4_k_m.gguf").encode(),
-                                          ctypes.byref(params)) == 0
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(f32).encode(), str(root / "llama-q4_k_m.gguf").encode(), ctypes.byref(params)
+        )
+        == 0
+    )
     a, b = (tensors(gguf.GGUFReader(p)) for p in (ours, root / "llama-q4_k_m.gguf"))
     assert {n: t.tensor_type.name for n, t in a.items()} == {n: t.tensor_type.name for n, t in b.items()}
     assert [n for n in a if np.asarray(a[n].data).tobytes() != np.asarray(b[n].data).tobytes()] == []
@@ -205,8 +233,10 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
     lora = export_adapter_gguf(exported.model, adapter, root / "adapter.gguf").path
     base_plus_lora, base = exported.llama_cpp(base_gguf, lora=lora), exported.llama_cpp(base_gguf)
     diff = np.abs(merged - base_plus_lora).max()
-    print(f"deepseek_v2 base+lora vs merged: max-abs {diff:.4f}, "
-          f"base vs merged {np.abs(base - merged).max():.4f}")
+    print(
+        f"deepseek_v2 base+lora vs merged: max-abs {diff:.4f}, "
+        f"base vs merged {np.abs(base - merged).max():.4f}"
+    )
     assert np.abs(base - merged).max() > 10 * diff  # the adapter matters
     assert diff < F16_MAX_ABS
 
@@ -232,9 +262,11 @@ def test_v2_lite_shape_with_yarn_equals_the_converter_and_runs_in_llama_cpp(tmp_
         computed = llama_cpp_logits(llm, TOKENS)
     clear = margin >= ROUTING_NEAR_TIE  # as test_export: a near tie may pick another expert
     diff = np.abs(expected - computed).max(-1)
-    print(f"deepseek_v2 V2-Lite shape f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
-          f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), "
-          f"top-1 {top1(expected, computed):.3f}")
+    print(
+        f"deepseek_v2 V2-Lite shape f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
+        f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), "
+        f"top-1 {top1(expected, computed):.3f}"
+    )
     assert top1(expected, computed) == 1.0 and clear.mean() >= 0.9 and diff[clear].max() < F16_MAX_ABS
 
 
@@ -276,6 +308,8 @@ def test_llama_cpp_fails_or_disagrees_on_the_converters_file_where_export_refuse
     expected, margin = ours_and_routing_margin(model)
     clear = margin >= ROUTING_NEAR_TIE
     diff = np.abs(expected - computed).max(-1)[clear].max()
-    print(f"deepseek_v2 {case}: llama.cpp max-abs {diff:.3f} at {clear.sum()} positions with a clear "
-          f"expert choice, top-1 {top1(expected, computed):.3f}")
+    print(
+        f"deepseek_v2 {case}: llama.cpp max-abs {diff:.3f} at {clear.sum()} positions with a clear "
+        f"expert choice, top-1 {top1(expected, computed):.3f}"
+    )
     assert diff > F16_MAX_ABS  # where the config is llama.cpp's, it agrees within F16_MAX_ABS

@@ -21,17 +21,28 @@ from tiny_models import write_qa_data
 from mlxmoe.recipe import RecipeError, load_recipe
 from mlxmoe.train import train
 
-pytestmark = [pytest.mark.slow,  # every test launches ranks
-              pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")]
+pytestmark = [
+    pytest.mark.slow,  # every test launches ranks
+    pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed"),
+]
 
 # experts+router with a large aux_coef: the balance loss moves the router, so a wrongly
 # pooled balance loss shows in the adapters (balance_scope micro differs by ~4e-2 here).
 SETTINGS = {
     "lora": {"strategy": "experts+router"},
     "loss": {"aux_coef": 0.5},
-    "train": {"iters": 6, "batch_size": 4, "learning_rate": 2e-3, "warmup": 0, "quantize": 0,
-              "dtype": "float32",
-              "report_every": 1, "val_every": 3, "save_every": 3, "max_seq_len": 64},
+    "train": {
+        "iters": 6,
+        "batch_size": 4,
+        "learning_rate": 2e-3,
+        "warmup": 0,
+        "quantize": 0,
+        "dtype": "float32",
+        "report_every": 1,
+        "val_every": 3,
+        "save_every": 3,
+        "max_seq_len": 64,
+    },
 }
 
 
@@ -48,8 +59,8 @@ def one_process(model: Path, data: Path, out: Path, settings: dict) -> None:
 def assert_same_training(one: Path, two: Path, steps: list[int]) -> float:
     """Same loss curve and expert load, step by step; returns the adapters' max difference."""
     a, b = metrics(one), metrics(two)
-    assert [r["step"] for r in b] == steps == [r["step"] for r in a][-len(steps):]
-    for x, y in zip(a[-len(steps):], b):
+    assert [r["step"] for r in b] == steps == [r["step"] for r in a][-len(steps) :]
+    for x, y in zip(a[-len(steps) :], b):
         for key in ("loss", "ce", "aux", "z", "grad_norm", "val_loss"):
             assert (key in x) == (key in y), key
             if key in x:
@@ -63,13 +74,10 @@ def assert_same_training(one: Path, two: Path, steps: list[int]) -> float:
     return max(mx.abs(wa[k] - wb[k]).max().item() for k in wa)
 
 
-
-
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(qwen2_moe, data, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(TRAIN_KEEPING_EACH_RANKS_ADAPTERS)
-    output = launch(str(script), str(qwen2_moe), str(data), str(tmp_path / "two"),
-                    json.dumps(SETTINGS))
+    output = launch(str(script), str(qwen2_moe), str(data), str(tmp_path / "two"), json.dumps(SETTINGS))
     assert "rank 0 of 2 finished 6 steps" in output and "rank 1 of 2 finished 6 steps" in output, output
     one_process(qwen2_moe, data, tmp_path / "one", SETTINGS)
 
@@ -81,7 +89,10 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(qwen2_moe, data
     rank1 = mx.load(str(tmp_path / "two.rank1.safetensors"))
     assert all(mx.array_equal(rank0[k], rank1[k]).item() for k in rank0)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [
-        "latest", "step-000003", "step-000006"]
+        "latest",
+        "step-000003",
+        "step-000006",
+    ]
     row = metrics(tmp_path / "two")[-1]
     assert [r["rank"] for r in row["ranks"]] == [0, 1]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in row["ranks"])
@@ -137,7 +148,7 @@ def test_global_balance_loss_of_two_ranks_equals_the_loss_of_the_concatenated_ba
     output = launch(str(script))
     lines = [line for line in output.splitlines() if line.startswith("REPORT ")]
     assert lines, output
-    report = json.loads(lines[0][len("REPORT "):])
+    report = json.loads(lines[0][len("REPORT ") :])
     for term in (0, 1):  # 0: load balancing, 1: z
         whole, pooled = report[f"whole_{term}"], report[f"global_{term}"]
         assert pooled["value"] == pytest.approx(whole["value"], rel=1e-6)
@@ -164,14 +175,22 @@ main()
 """
 
 
-def test_a_rank_that_dies_stops_the_run_with_a_clear_error_and_resume_finishes_it(
-        qwen2_moe, data, tmp_path):
+def test_a_rank_that_dies_stops_the_run_with_a_clear_error_and_resume_finishes_it(qwen2_moe, data, tmp_path):
     settings = json.loads(json.dumps(SETTINGS))
     settings["train"].update(iters=8, grad_accum=2, save_every=4, report_every=2, val_every=0)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(settings))
-    run = ["train", "--model", str(qwen2_moe), "--data", str(data), "--out", str(tmp_path / "two"),
-           "--recipe", str(recipe_file)]
+    run = [
+        "train",
+        "--model",
+        str(qwen2_moe),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "two"),
+        "--recipe",
+        str(recipe_file),
+    ]
     script = tmp_path / "die.py"
     script.write_text(DIE_AT_STEP)
     os.environ["DIE_AT_STEP"] = "6"  # rank 1 dies entering step 6: checkpoint 4 is complete
@@ -209,8 +228,19 @@ def test_batch_size_must_split_over_the_ranks(qwen2_moe, data, tmp_path):
     settings["train"]["batch_size"] = 3
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(settings))
-    output = launch("-m", "mlxmoe", "train", "--model", str(qwen2_moe), "--data", str(data),
-                    "--out", str(tmp_path / "out"), "--recipe", str(recipe_file))
+    output = launch(
+        "-m",
+        "mlxmoe",
+        "train",
+        "--model",
+        str(qwen2_moe),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--recipe",
+        str(recipe_file),
+    )
     assert "batch_size 3 does not split over 2 ranks" in " ".join(output.split()), output
     assert not (tmp_path / "out").exists()
 
@@ -234,6 +264,7 @@ def test_ranks_that_see_different_data_refuse_to_train(qwen2_moe, data, tmp_path
     script = tmp_path / "run.py"
     script.write_text(EACH_RANK_ITS_OWN_DATA)
     output = launch(str(script), str(qwen2_moe), str(data), str(other), str(tmp_path / "out"))
-    assert output.count("error: the base model, data or recipe differ between rank 0 and "
-                        "rank(s) [1]") == 2, output
+    assert output.count("error: the base model, data or recipe differ between rank 0 and rank(s) [1]") == 2, (
+        output
+    )
     assert not (tmp_path / "out" / "checkpoints").exists()

@@ -35,7 +35,8 @@ def hf_answer_cross_entropy(folder: Path, samples: list[dict]) -> tuple[float, i
         prompt = tok.encode(prompt_text, add_special_tokens=False)
         answer = tok.encode(sample["completion"] + "<|im_end|>", add_special_tokens=False)
         whole = tok.apply_chat_template(
-            [*user, {"role": "assistant", "content": sample["completion"]}], tokenize=False)
+            [*user, {"role": "assistant", "content": sample["completion"]}], tokenize=False
+        )
         ids = tok.encode(whole, add_special_tokens=False)
         assert ids[: len(prompt) + len(answer)] == prompt + answer  # the answer is where we think
         with torch.no_grad():
@@ -66,7 +67,8 @@ def test_perplexity_is_exp_of_the_answer_cross_entropy_transformers_computes(qwe
         load = np.array(layer["load"])
         assert layer["spread"] == pytest.approx(np.std(load * len(load)))
     assert report.experts["spread"] == pytest.approx(
-        np.mean([layer["spread"] for layer in report.experts["layers"]]))
+        np.mean([layer["spread"] for layer in report.experts["layers"]])
+    )
 
 
 def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, eval_qa_data):
@@ -79,13 +81,13 @@ def test_greedy_answers_match_transformers_greedy_decoding(qwen2_moe, eval_qa_da
     samples = [json.loads(line) for line in (eval_qa_data / "valid.jsonl").read_text().splitlines()][:2]
     assert [r.reference for r in report.per_sample] == [s["completion"] for s in samples]
     for sample, result in zip(samples, report.per_sample):
-        text = tok.apply_chat_template([{"role": "user", "content": sample["prompt"]}],
-                                       tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": sample["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos)
-        new = [t for t in out[0, ids.shape[1]:].tolist() if t != eos]
+            out = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        new = [t for t in out[0, ids.shape[1] :].tolist() if t != eos]
         assert result.generated == tok.decode(new).strip()
         assert 0.0 <= result.rouge_l <= 1.0
     assert report.generated_samples == 2 and report.generation_tokens > 0
@@ -97,9 +99,20 @@ def test_a_trained_adapter_is_attached_and_lowers_perplexity(qwen2_moe, eval_qa_
     from mlxmoe.recipe import load_recipe
     from mlxmoe.train import train
 
-    recipe = load_recipe(None, train=dict(iters=12, batch_size=4, learning_rate=2e-3, warmup=0,
-                                          quantize=0, report_every=12, val_every=0, save_every=0,
-                                          max_seq_len=64))
+    recipe = load_recipe(
+        None,
+        train=dict(
+            iters=12,
+            batch_size=4,
+            learning_rate=2e-3,
+            warmup=0,
+            quantize=0,
+            report_every=12,
+            val_every=0,
+            save_every=0,
+            max_seq_len=64,
+        ),
+    )
     recipe.model, recipe.data = str(qwen2_moe), str(eval_qa_data)
     train(recipe, tmp_path / "run", show_progress=False)
     base = evaluate(qwen2_moe, eval_qa_data / "valid.jsonl", generate=False)
@@ -111,17 +124,41 @@ def test_a_trained_adapter_is_attached_and_lowers_perplexity(qwen2_moe, eval_qa_
 def test_cli_prints_a_table_and_writes_the_json_report(qwen2_moe, eval_qa_data, tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxmoe", "eval", "--model", str(qwen2_moe), "--data", str(eval_qa_data),
-         "--max-new-tokens", "3", "--limit", "3", "--json", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlxmoe",
+            "eval",
+            "--model",
+            str(qwen2_moe),
+            "--data",
+            str(eval_qa_data),
+            "--max-new-tokens",
+            "3",
+            "--limit",
+            "3",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for label in ("perplexity", "ROUGE-L F1", "generation", "peak memory", "expert load"):
         assert label in proc.stdout, label
     report = json.loads(out.read_text())
     assert report["data"] == str(eval_qa_data / "valid.jsonl")  # a folder without test.jsonl: valid
-    for key in ("perplexity", "cross_entropy", "answer_tokens", "rouge_l", "rouge_l_precision",
-                "rouge_l_recall", "prompt_tps", "generation_tps", "peak_memory_gb"):
+    for key in (
+        "perplexity",
+        "cross_entropy",
+        "answer_tokens",
+        "rouge_l",
+        "rouge_l_precision",
+        "rouge_l_recall",
+        "prompt_tps",
+        "generation_tps",
+        "peak_memory_gb",
+    ):
         assert isinstance(report[key], (int, float)) and math.isfinite(report[key]), key
     assert report["samples"] == len(report["per_sample"]) == 3
     assert {"spread", "max_share", "layers"} <= set(report["experts"])

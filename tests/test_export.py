@@ -76,8 +76,10 @@ class Exported:
         self.family, self.root = family, root
         self.model = model or make_model(family, root / "model")
         self.adapter = train_tiny_adapter(self.model, root)
-        self.gguf = {t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path
-                     for t in ("f16", "q8_0", "q4_k_m")}
+        self.gguf = {
+            t: export_gguf(self.model, root / f"{t}.gguf", t, self.adapter).path
+            for t in ("f16", "q8_0", "q4_k_m")
+        }
         self.base_gguf = export_gguf(self.model, root / "base-f16.gguf", "f16").path
         self.adapter_gguf = export_adapter_gguf(self.model, self.adapter, root / "adapter.gguf").path
         with open_gguf(self.gguf["f16"], vocab_only=True) as vocab:
@@ -85,8 +87,9 @@ class Exported:
 
     def export(self, file_type: str) -> Path:
         if file_type not in self.gguf:
-            self.gguf[file_type] = export_gguf(self.model, self.root / f"{file_type}.gguf", file_type,
-                                               self.adapter).path
+            self.gguf[file_type] = export_gguf(
+                self.model, self.root / f"{file_type}.gguf", file_type, self.adapter
+            ).path
         return self.gguf[file_type]
 
     def llama_cpp(self, path: Path, lora: Path | None = None) -> np.ndarray:
@@ -135,8 +138,10 @@ def assert_f16_gguf_computes_the_merged_model(exported: Exported) -> None:
     # (measured: a margin of 5e-6 in Qwen2-MoE's layer 1 moved one position by 0.43).
     clear = margin >= ROUTING_NEAR_TIE
     diff = np.abs(ours - theirs).max(-1)
-    print(f"{exported.family} f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
-          f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}")
+    print(
+        f"{exported.family} f16: max-abs {diff[clear].max():.4f} at {clear.sum()} positions "
+        f"with a clear expert choice ({diff.max():.4f} at all {len(diff)}), top-1 {top1(ours, theirs):.3f}"
+    )
     assert top1(ours, theirs) == 1.0
     assert clear.mean() >= 0.9
     assert diff[clear].max() < F16_MAX_ABS
@@ -145,8 +150,9 @@ def assert_f16_gguf_computes_the_merged_model(exported: Exported) -> None:
 def test_q8_0_gguf_agrees_on_top1(exported):
     ours = exported.merged_mlx()
     theirs = exported.llama_cpp(exported.gguf["q8_0"])
-    print(f"{exported.family} q8_0: top-1 {top1(ours, theirs):.3f}, "
-          f"max-abs {np.abs(ours - theirs).max():.3f}")
+    print(
+        f"{exported.family} q8_0: top-1 {top1(ours, theirs):.3f}, max-abs {np.abs(ours - theirs).max():.3f}"
+    )
     assert top1(ours, theirs) >= Q8_MIN_TOP1
     for position in np.nonzero(ours.argmax(-1) != theirs.argmax(-1))[0]:
         row = ours[position]
@@ -169,8 +175,10 @@ one_family = pytest.mark.parametrize("exported", ["mixtral"], indirect=True)
 def test_f32_and_bf16_ggufs_in_llama_cpp_compute_the_merged_model(exported, file_type, max_abs):
     ours = exported.merged_mlx()
     theirs = exported.llama_cpp(exported.export(file_type))
-    print(f"{exported.family} {file_type}: max-abs {np.abs(ours - theirs).max():.4f}, "
-          f"top-1 {top1(ours, theirs):.3f}")
+    print(
+        f"{exported.family} {file_type}: max-abs {np.abs(ours - theirs).max():.4f}, "
+        f"top-1 {top1(ours, theirs):.3f}"
+    )
     assert top1(ours, theirs) == 1.0
     assert np.abs(ours - theirs).max() < max_abs
 
@@ -190,8 +198,10 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
     _, margin = exported.merged_mlx_and_routing()
     clear = margin >= ROUTING_NEAR_TIE  # as in the f16 test: a near tie may pick another expert
     diff = np.abs(merged - base_plus_lora).max(-1)
-    print(f"{exported.family} base+lora vs merged: max-abs {diff[clear].max():.4f} at {clear.sum()} "
-          f"positions with a clear expert choice ({diff.max():.4f} at all {len(diff)})")
+    print(
+        f"{exported.family} base+lora vs merged: max-abs {diff[clear].max():.4f} at {clear.sum()} "
+        f"positions with a clear expert choice ({diff.max():.4f} at all {len(diff)})"
+    )
     assert np.abs(base - merged).max() > 10 * diff[clear].max()  # the adapter matters
     assert clear.mean() >= 0.9
     assert diff[clear].max() < F16_MAX_ABS
@@ -227,8 +237,11 @@ export_gguf(sys.argv[1], sys.argv[2], "q8_0")
 
 def test_a_killed_export_leaves_no_file_at_the_target(exported, tmp_path):
     target = tmp_path / "model.gguf"
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, str(exported.model), str(target)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_EXPORT, str(exported.model), str(target)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not target.exists()
 
@@ -236,9 +249,23 @@ def test_a_killed_export_leaves_no_file_at_the_target(exported, tmp_path):
 def test_cli_exports_gguf_and_reports_size_and_types(exported, tmp_path):
     out = tmp_path / "cli.gguf"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxmoe", "export", "--model", str(exported.model), "--adapter",
-         str(exported.adapter), "--gguf", str(out), "--type", "q8_0"],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+        [
+            sys.executable,
+            "-m",
+            "mlxmoe",
+            "export",
+            "--model",
+            str(exported.model),
+            "--adapter",
+            str(exported.adapter),
+            "--gguf",
+            str(out),
+            "--type",
+            "q8_0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"wrote {out}" in proc.stdout and "Q8_0 x" in proc.stdout

@@ -44,17 +44,25 @@ def test_an_answer_ends_at_the_next_heading_of_any_level():
 
 
 def test_inline_markup_becomes_the_text_sphinx_shows():
-    assert rst_inline("the built-in function :func:`breakpoint` allows") == \
-        "the built-in function breakpoint() allows"
+    assert (
+        rst_inline("the built-in function :func:`breakpoint` allows")
+        == "the built-in function breakpoint() allows"
+    )
     assert rst_inline("`Pylint <https://pylint.pycqa.org/en/latest/index.html>`_ and") == "Pylint and"
     assert rst_inline("documented as :pep:`8`.") == "documented as PEP 8."
-    assert rst_inline(":mod:`documented in the Library Reference Manual <pdb>`") == \
-        "documented in the Library Reference Manual"
-    assert rst_inline("an :exc:`!UnboundLocalError`: use :meth:`~str.join`") == \
-        "an UnboundLocalError: use join()"
+    assert (
+        rst_inline(":mod:`documented in the Library Reference Manual <pdb>`")
+        == "documented in the Library Reference Manual"
+    )
+    assert (
+        rst_inline("an :exc:`!UnboundLocalError`: use :meth:`~str.join`")
+        == "an UnboundLocalError: use join()"
+    )
     assert rst_inline("*typing* or **bold**, but not 2*3*4") == "typing or bold, but not 2*3*4"
-    assert rst_inline(r'``S.rstrip("\r\n")`` keeps its backslashes, \*this\* does not') == \
-        r'S.rstrip("\r\n") keeps its backslashes, *this* does not'
+    assert (
+        rst_inline(r'``S.rstrip("\r\n")`` keeps its backslashes, \*this\* does not')
+        == r'S.rstrip("\r\n") keeps its backslashes, *this* does not'
+    )
     assert rst_inline("a footnote [#]_ and :kbd:`Ctrl-Z`") == "a footnote and Ctrl-Z"
 
 
@@ -101,9 +109,10 @@ def test_directives_comments_and_labels_are_left_out():
 
 def test_long_answers_keep_whole_paragraphs_or_the_first_sentences():
     answers = parsed("programming.rst.txt", max_chars=200)
-    assert answers["Is there a source code level debugger with breakpoints, single-stepping, etc.?"] \
-        == ("Yes.\n\nSeveral debuggers for Python are described below, and the built-in function "
-            "breakpoint() allows you to drop into any of them.")
+    assert answers["Is there a source code level debugger with breakpoints, single-stepping, etc.?"] == (
+        "Yes.\n\nSeveral debuggers for Python are described below, and the built-in function "
+        "breakpoint() allows you to drop into any of them."
+    )
     # A first paragraph longer than the cap is cut after its last whole sentence that fits.
     assert answers["How can I create a stand-alone binary from a Python script?"] == (
         "You don't need the ability to compile Python to C code if all you want is a stand-alone "
@@ -125,8 +134,11 @@ def test_the_fixture_parses_as_the_installed_package_does():
 
 
 def test_questions_are_deduplicated_ignoring_case_and_spacing():
-    pairs = [QAPair("What is Python?", "first", "a"), QAPair("what is  python?", "second", "b"),
-             QAPair("What is a class?", "third", "c")]
+    pairs = [
+        QAPair("What is Python?", "first", "a"),
+        QAPair("what is  python?", "second", "b"),
+        QAPair("What is a class?", "third", "c"),
+    ]
     assert [p.answer for p in deduplicate(pairs)] == ["first", "third"]
 
 
@@ -136,8 +148,7 @@ def test_the_split_is_fixed_by_the_question_hash():
         expected = "train" if bucket < 80 else "valid" if bucket < 90 else "test"
         assert split_of(question) == expected
     questions = [f"What does x{i} do?" for i in range(2000)]
-    shares = {name: sum(split_of(q) == name for q in questions) / 2000
-              for name in ("train", "valid", "test")}
+    shares = {name: sum(split_of(q) == name for q in questions) / 2000 for name in ("train", "valid", "test")}
     assert shares["train"] == pytest.approx(0.8, abs=0.03)
     assert shares["valid"] == pytest.approx(0.1, abs=0.02)
     assert shares["test"] == pytest.approx(0.1, abs=0.02)
@@ -147,11 +158,15 @@ def test_pydoc_fallback_turns_topics_and_docstrings_into_plain_answers():
     pairs = {p.question: p for p in faq.pydoc_pairs()}
     assert len(pairs) > 300
     loop = pairs['What does the "for" statement do in Python?']
-    assert loop.answer.startswith('The "for" statement is used to iterate over the elements of a '
-                                  "sequence (such as a string, tuple or list) or other iterable object.")
+    assert loop.answer.startswith(
+        'The "for" statement is used to iterate over the elements of a '
+        "sequence (such as a string, tuple or list) or other iterable object."
+    )
     assert loop.source.startswith("pydoc_data.topics[")
-    assert pairs["What does the built-in function abs() do in Python?"].answer == \
-        "Return the absolute value of the argument."
+    assert (
+        pairs["What does the built-in function abs() do in Python?"].answer
+        == "Return the absolute value of the argument."
+    )
     assert "What does the str.split() method do in Python?" in pairs
     for pair in pairs.values():
         assert "::=" not in pair.answer  # grammar rules are left out
@@ -177,7 +192,8 @@ def test_cli_writes_splits_that_training_can_read(tmp_path):
 
     out = tmp_path / "faq"
     result = CliRunner().invoke(
-        main, ["data", "python-faq", str(out), "--source", "debian", "--faq-dir", str(FIXTURES)])
+        main, ["data", "python-faq", str(out), "--source", "debian", "--faq-dir", str(FIXTURES)]
+    )
     assert result.exit_code == 0, result.output
     rows = {}
     for name in ("train", "valid", "test"):

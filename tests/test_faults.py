@@ -42,7 +42,9 @@ def stop():
     os.kill(os.getpid(), signal.SIGSTOP)  # the test sends SIGKILL
 """
 
-TRAIN_WITH_A_FAULT = STOP + """
+TRAIN_WITH_A_FAULT = (
+    STOP
+    + """
 import mlx.core as mx
 from mlxmoe.train import loop, state
 if fault[:1] == ["step"]:  # after step N, before step N+1 (after checkpoint N, if any)
@@ -75,8 +77,11 @@ from mlxmoe.cli import run
 sys.argv = ["mlxmoe", *sys.argv[1:]]
 run()
 """
+)
 
-EXPORT_WITH_A_FAULT = STOP + """
+EXPORT_WITH_A_FAULT = (
+    STOP
+    + """
 import gguf
 if fault[:1] == ["metadata"]:  # the header written, the key-value metadata cut at a fraction
     def write_kv_data_to_file(self):
@@ -110,6 +115,7 @@ from mlxmoe.cli import run
 sys.argv = ["mlxmoe", *sys.argv[1:]]
 run()
 """
+)
 
 
 def run_to_fault(argv: list[str], fault: str, log: Path, timeout: float = 180) -> tuple[int, str]:
@@ -145,10 +151,21 @@ def hidden_entries(folder: Path) -> list[Path]:
 # --- training -----------------------------------------------------------------------------
 
 ITERS, SAVE_EVERY, REPORT_EVERY = 12, 4, 2
-TRAIN = {"train": {"iters": ITERS, "batch_size": 4, "learning_rate": 2e-3, "warmup": 0,
-                   "quantize": 0, "dtype": "float32", "report_every": REPORT_EVERY,
-                   "val_every": 0, "save_every": SAVE_EVERY, "max_seq_len": 64},
-         "lora": {"dropout": 0.1}}  # dropout: the resumed steps must draw the same masks
+TRAIN = {
+    "train": {
+        "iters": ITERS,
+        "batch_size": 4,
+        "learning_rate": 2e-3,
+        "warmup": 0,
+        "quantize": 0,
+        "dtype": "float32",
+        "report_every": REPORT_EVERY,
+        "val_every": 0,
+        "save_every": SAVE_EVERY,
+        "max_seq_len": 64,
+    },
+    "lora": {"dropout": 0.1},
+}  # dropout: the resumed steps must draw the same masks
 
 
 def training_faults(rng: random.Random) -> list[str]:
@@ -158,8 +175,9 @@ def training_faults(rng: random.Random) -> list[str]:
     at = rng.randrange(SAVE_EVERY, ITERS, SAVE_EVERY)
     part = rng.choice(["adapters.safetensors", "optimizer.safetensors"])
     write = f"write {at} {part} {rng.uniform(0.1, 0.9):.2f}"
-    later = rng.choice([f"step {s}" for s in range(at, ITERS)]
-                       + [f"latest {c}" for c in range(at, ITERS + 1, SAVE_EVERY)])
+    later = rng.choice(
+        [f"step {s}" for s in range(at, ITERS)] + [f"latest {c}" for c in range(at, ITERS + 1, SAVE_EVERY)]
+    )
     return [first, write, later, f"final {rng.uniform(0.1, 0.9):.2f}"]
 
 
@@ -191,16 +209,33 @@ def loss_rows(out: Path) -> list[tuple]:
 
 @pytest.mark.slow
 def test_training_killed_at_random_points_resumes_to_the_uninterrupted_adapters_bit_for_bit(
-        qwen2_moe, data, tmp_path):
+    qwen2_moe, data, tmp_path
+):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(TRAIN))
     script = tmp_path / "train_with_a_fault.py"
     script.write_text(TRAIN_WITH_A_FAULT)
 
     def mlxmoe_train(out: Path, *flags: str, fault: str = "") -> tuple[int, str]:
-        return run_to_fault([sys.executable, str(script), "train", "--model", str(qwen2_moe),
-                             "--data", str(data), "--out", str(out), "--recipe", str(recipe),
-                             "--no-plots", *flags], fault, tmp_path / "log")
+        return run_to_fault(
+            [
+                sys.executable,
+                str(script),
+                "train",
+                "--model",
+                str(qwen2_moe),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--recipe",
+                str(recipe),
+                "--no-plots",
+                *flags,
+            ],
+            fault,
+            tmp_path / "log",
+        )
 
     code, output = mlxmoe_train(tmp_path / "whole")
     assert code == 0, output
@@ -229,7 +264,11 @@ def test_training_killed_at_random_points_resumes_to_the_uninterrupted_adapters_
         assert mx.array_equal(whole[name], resumed[name]).item(), name
     assert loss_rows(out) == loss_rows(tmp_path / "whole")  # each report once, the same bits
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "latest", "step-000004", "step-000008", "step-000012"]
+        "latest",
+        "step-000004",
+        "step-000008",
+        "step-000012",
+    ]
     assert hidden_entries(out) == []
 
 
@@ -237,18 +276,21 @@ def test_training_killed_at_random_points_resumes_to_the_uninterrupted_adapters_
 
 
 @pytest.mark.slow
-def test_export_killed_at_random_points_never_leaves_a_half_gguf_and_the_next_one_succeeds(
-        tmp_path):
+def test_export_killed_at_random_points_never_leaves_a_half_gguf_and_the_next_one_succeeds(tmp_path):
     # a family and tokenizer llama.cpp reads (tests/test_export.py)
-    model = save(make_hf_model("mixtral", vocab_size=mixtral_tokenizer_folder(tmp_path / "model")),
-                 tmp_path / "model")
+    model = save(
+        make_hf_model("mixtral", vocab_size=mixtral_tokenizer_folder(tmp_path / "model")), tmp_path / "model"
+    )
     whole = {t: export_gguf(model, tmp_path / f"whole-{t}.gguf", t) for t in ("f16", "q8_0")}
     expected = {t: report.path.read_bytes() for t, report in whole.items()}
     assert expected["f16"] != expected["q8_0"]
     rng = random.Random(SEED)
     tensors = rng.sample(range(whole["f16"].tensors), 2)
-    faults = [f"metadata {rng.uniform(0.1, 0.9):.2f}", "rename",
-              *(f"tensor {k} {rng.uniform(0.1, 0.9):.2f}" for k in tensors)]
+    faults = [
+        f"metadata {rng.uniform(0.1, 0.9):.2f}",
+        "rename",
+        *(f"tensor {k} {rng.uniform(0.1, 0.9):.2f}" for k in tensors),
+    ]
     rng.shuffle(faults)
     print(f"kills (seed {SEED}): {faults}")
     script = tmp_path / "export_with_a_fault.py"
@@ -257,8 +299,21 @@ def test_export_killed_at_random_points_never_leaves_a_half_gguf_and_the_next_on
     temp = temp_file_pattern(target)
 
     def mlxmoe_export(file_type: str, fault: str = "") -> tuple[int, str]:
-        return run_to_fault([sys.executable, str(script), "export", "--model", str(model),
-                             "--gguf", str(target), "--type", file_type], fault, tmp_path / "log")
+        return run_to_fault(
+            [
+                sys.executable,
+                str(script),
+                "export",
+                "--model",
+                str(model),
+                "--gguf",
+                str(target),
+                "--type",
+                file_type,
+            ],
+            fault,
+            tmp_path / "log",
+        )
 
     # Two kills with no file at the target, then an export; two over that file, then another.
     for file_type, kills in (("f16", faults[:2]), ("q8_0", faults[2:])):
@@ -308,14 +363,23 @@ RANKS["train"].update(iters=6, grad_accum=2, save_every=2, report_every=1, val_e
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")
-def test_a_run_killed_mid_step_resumes_on_another_number_of_ranks(qwen2_moe, data, tmp_path,
-                                                                     monkeypatch):
+def test_a_run_killed_mid_step_resumes_on_another_number_of_ranks(qwen2_moe, data, tmp_path, monkeypatch):
     monkeypatch.setenv("MLXMOE_BLAS", "bundled")  # every rank and process: no re-exec
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RANKS))
     out = tmp_path / "run"
-    run = ["train", "--model", str(qwen2_moe), "--data", str(data), "--out", str(out),
-           "--recipe", str(recipe), "--no-plots"]
+    run = [
+        "train",
+        "--model",
+        str(qwen2_moe),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--recipe",
+        str(recipe),
+        "--no-plots",
+    ]
     checkpoints = out / "checkpoints"
 
     # 2 ranks; rank 1 dies inside step 4.
@@ -330,8 +394,9 @@ def test_a_run_killed_mid_step_resumes_on_another_number_of_ranks(qwen2_moe, dat
     # 2 -> 1: one process resumes from step 2; killed after step 5.
     train_script = tmp_path / "train_with_a_fault.py"
     train_script.write_text(TRAIN_WITH_A_FAULT)
-    code, output = run_to_fault([sys.executable, str(train_script), *run, "--resume"], "step 5",
-                                tmp_path / "log")
+    code, output = run_to_fault(
+        [sys.executable, str(train_script), *run, "--resume"], "step 5", tmp_path / "log"
+    )
     assert code == -signal.SIGKILL and "FAULT step 5" in output, output
     assert "data-parallel" not in output
     assert (checkpoints / "latest").read_text().strip() == "step-000004"

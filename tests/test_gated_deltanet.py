@@ -16,16 +16,33 @@ from mlxmoe.nn.gated_deltanet import DeltaNetArgs, DeltaNetCache, GatedDeltaNet,
 
 # family -> (config class, layer class, fused projections)
 FAMILIES = {
-    "qwen3_next": (configuration_qwen3_next.Qwen3NextConfig,
-                   modeling_qwen3_next.Qwen3NextGatedDeltaNet, True),
-    "qwen3_5_moe": (configuration_qwen3_5_moe.Qwen3_5MoeTextConfig,
-                    modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet, False),
+    "qwen3_next": (
+        configuration_qwen3_next.Qwen3NextConfig,
+        modeling_qwen3_next.Qwen3NextGatedDeltaNet,
+        True,
+    ),
+    "qwen3_5_moe": (
+        configuration_qwen3_5_moe.Qwen3_5MoeTextConfig,
+        modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet,
+        False,
+    ),
 }
 # Two value heads per key head and Dk != Dv, so that a wrong head grouping or split shows.
-TINY = dict(hidden_size=48, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
-            rms_norm_eps=1e-6, num_hidden_layers=1, layer_types=["linear_attention"],
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=32)
+TINY = dict(
+    hidden_size=48,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6,
+    num_hidden_layers=1,
+    layer_types=["linear_attention"],
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    vocab_size=32,
+)
 CHUNK = 64
 
 
@@ -235,7 +252,7 @@ def test_mlx_lm_generation_with_the_cache_gives_the_uncached_greedy_tokens():
     for _ in range(6):
         tokens.append(int(mx.argmax(model(mx.array([tokens]))[0, -1])))
 
-    assert generated == tokens[len(prompt):]
+    assert generated == tokens[len(prompt) :]
     assert not can_trim_prompt_cache(model.make_cache())  # a recurrent state cannot rewind
 
 

@@ -30,14 +30,12 @@ from mlxmoe.gguf.llamacpp import open_gguf
 from mlxmoe.gguf.vocab import TokenizerError, add_tokenizer
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
-LLAMA_CPP_SRC = Path(os.environ.get(
-    "LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
-))
+LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 SAMPLES = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock, isn't it? I'VE "
-               "been 'told he's there, 'RE you sure?",
+    "been 'told he's there, 'RE you sure?",
     "code": "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
-            "\n\nclass A:\n\tdef __init__(self):  # tab-indented\n\t\tself.x = {'a': [1, 2]}\n",
+    "\n\nclass A:\n\tdef __init__(self):  # tab-indented\n\t\tself.x = {'a': [1, 2]}\n",
     "cjk": "我想在苹果公司工作。日本語のテキストも読めます。한국어 문장도 있습니다。",
     "emoji": "🚀 launch 😶‍🌫️ ✅ 🦙🦙 👩‍👩‍👧‍👦 ok👍🏽",
     "numbers": "3 33 333 3333 33333 333333 3.14159 1,000,000 2024-11-22 0x1F -42 1e-5",
@@ -47,13 +45,17 @@ SAMPLES = {
 }
 CHAT = {  # text with special tokens, as a chat template renders it
     "mixtral": "<s>[INST] What is your favourite condiment? [/INST]Well, I'm quite partial to "
-               "lemon.</s>[INST] Do you have mayonnaise recipes? [/INST]",
+    "lemon.</s>[INST] Do you have mayonnaise recipes? [/INST]",
     "qwen3": "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-             "<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n",
+    "<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n",
     "smollm2": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
 }
-GGUF_SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
-                     "pad": "padding_token_id"}
+GGUF_SPECIAL_KEYS = {
+    "bos": "bos_token_id",
+    "eos": "eos_token_id",
+    "unk": "unknown_token_id",
+    "pad": "padding_token_id",
+}
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Case:
             if special is None:
                 break
             ids.append(specials[special])
-            rest = rest[cut + len(special):]
+            rest = rest[cut + len(special) :]
         return ids
 
     def token_id(self, text: str) -> int:
@@ -194,13 +196,24 @@ def test_a_vocab_only_gguf_needs_only_the_architecture_and_tokenizer_keys(case):
 
 
 @pytest.mark.proof("converter")
-@pytest.mark.skipif(not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file(),
-                    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+@pytest.mark.skipif(
+    not (LLAMA_CPP_SRC / "convert_hf_to_gguf.py").is_file(),
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+)
 def test_metadata_equals_llama_cpps_own_converter_output(case, tmp_path):
     reference = tmp_path / "converter.gguf"
     subprocess.run(
-        [sys.executable, "convert_hf_to_gguf.py", "--vocab-only", "--outfile", str(reference),
-         str(case.folder)], cwd=LLAMA_CPP_SRC, check=True, capture_output=True,
+        [
+            sys.executable,
+            "convert_hf_to_gguf.py",
+            "--vocab-only",
+            "--outfile",
+            str(reference),
+            str(case.folder),
+        ],
+        cwd=LLAMA_CPP_SRC,
+        check=True,
+        capture_output=True,
     )
     ours, theirs = tokenizer_kv(case.gguf), tokenizer_kv(reference)
     assert ours.keys() == theirs.keys()
@@ -212,8 +225,16 @@ def test_sentencepiece_token_types_follow_the_models_piece_kinds(tmp_path):
     write_vocab_gguf(folder, "llama", tmp_path / "vocab.gguf")
     spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     T = gguf.TokenType
-    expected = [T.UNKNOWN if spm.is_unknown(i) else T.CONTROL if spm.is_control(i)
-                else T.BYTE if spm.is_byte(i) else T.NORMAL for i in range(spm.get_piece_size())]
+    expected = [
+        T.UNKNOWN
+        if spm.is_unknown(i)
+        else T.CONTROL
+        if spm.is_control(i)
+        else T.BYTE
+        if spm.is_byte(i)
+        else T.NORMAL
+        for i in range(spm.get_piece_size())
+    ]
     assert gguf_array(tmp_path / "vocab.gguf", "tokenizer.ggml.token_type").tolist() == expected
     scores = gguf_array(tmp_path / "vocab.gguf", "tokenizer.ggml.scores")
     assert scores.tolist() == pytest.approx([spm.get_score(i) for i in range(spm.get_piece_size())])
@@ -224,14 +245,25 @@ def test_sentencepiece_added_tokens_from_tokenizer_json_are_single_tokens(tmp_pa
     folder = mixtral_folder(tmp_path / "hf")
     spec = json.loads((folder / "tokenizer.json").read_text())
     for i, text in ((32000, "<|im_start|>"), (32001, "<|im_end|>")):
-        spec["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": True})
+        spec["added_tokens"].append(
+            {
+                "id": i,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 32002}))
     write_vocab_gguf(folder, "llama", tmp_path / "vocab.gguf")
-    assert gguf_array(tmp_path / "vocab.gguf", "tokenizer.ggml.token_type")[32000:].tolist() == [
-        gguf.TokenType.CONTROL] * 2
+    assert (
+        gguf_array(tmp_path / "vocab.gguf", "tokenizer.ggml.token_type")[32000:].tolist()
+        == [gguf.TokenType.CONTROL] * 2
+    )
     spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     text = "<|im_start|>user\nhi there<|im_end|>"
     with open_gguf(tmp_path / "vocab.gguf", vocab_only=True) as llama:
@@ -261,8 +293,9 @@ def test_a_bare_sentencepiece_folder_gets_the_models_own_special_ids(tmp_path):
     spm = sentencepiece.SentencePieceProcessor(model_file=str(model))
     with open_gguf(tmp_path / "vocab.gguf", vocab_only=True) as llama:
         meta = llama.metadata
-        assert [meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id",
-                "unknown_token_id")] == [str(spm.bos_id()), str(spm.eos_id()), str(spm.unk_id())]
+        assert [
+            meta[f"tokenizer.ggml.{k}"] for k in ("bos_token_id", "eos_token_id", "unknown_token_id")
+        ] == [str(spm.bos_id()), str(spm.eos_id()), str(spm.unk_id())]
         assert "tokenizer.ggml.padding_token_id" not in meta  # the model has no pad piece
         assert meta["tokenizer.chat_template"] == (tmp_path / "chat_template.jinja").read_text()
         text = SAMPLES["code"]
@@ -306,8 +339,11 @@ def test_a_sentencepiece_unigram_model_is_refused(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     sentencepiece.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=30,
-        model_type="unigram", minloglevel=2,
+        input=str(text),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=30,
+        model_type="unigram",
+        minloglevel=2,
     )
     with pytest.raises(TokenizerError, match=r"tokenizer\.model: a SentencePiece UNIGRAM model"):
         add_tokenizer(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), tmp_path)
@@ -318,7 +354,7 @@ def test_corrupt_files_are_refused_naming_them(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer\.model: not a SentencePiece model"):
         add_tokenizer(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), tmp_path)
     shutil.copy(asset("mistral_common", "data/tokenizer.model.v1"), tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer_config.json").write_text("{\"add_bos_token\": tru")
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": tru')
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not valid JSON"):
         add_tokenizer(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), tmp_path)
 
@@ -346,7 +382,7 @@ def gguf_kv(path: Path) -> dict[str, tuple[int, bytes]]:
     at, kv = 24, {}
     for _ in range(n_kv):
         (key_len,) = struct.unpack_from("<Q", data, at)
-        key, at = data[at + 8:at + 8 + key_len].decode(), at + 8 + key_len
+        key, at = data[at + 8 : at + 8 + key_len].decode(), at + 8 + key_len
         (value_type,) = struct.unpack_from("<I", data, at)
         start = at = at + 4
         if value_type == ARRAY:
@@ -382,8 +418,9 @@ def test_our_writer_packs_the_metadata_byte_for_byte_as_gguf_py(name, tmp_path):
         writer = cls(files[cls], arch)
         add_tokenizer(writer, folder)  # strings, merges, float scores, int types, bools
         writer.add_array("test.mixed_widths", [0.5, -2.25, 1e-8])
-        writer.add_key_value("test.u64", [1, 2**40], gguf.GGUFValueType.ARRAY,
-                             sub_type=gguf.GGUFValueType.UINT64)
+        writer.add_key_value(
+            "test.u64", [1, 2**40], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64
+        )
         writer.add_array("test.bytes", [b"a\x00b", "é"])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

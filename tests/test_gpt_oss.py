@@ -28,20 +28,51 @@ COMMON = dict(vocab_size=96, max_position_embeddings=256, tie_word_embeddings=Fa
 # shorter than the 21-token sequence (1: each token sees only itself), MHA/GQA/MQA, one
 # expert per token, a SwiGLU clamp tight enough to cut (0.5), another alpha, YaRN rounded.
 SHAPES = {
-    "gqa-window-4": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=32,
-                         num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
-    "mha-clamped": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=4, head_dim=8, intermediate_size=24,
-                        num_local_experts=8, num_experts_per_tok=3, sliding_window=8,
-                        swiglu_limit=0.5, swiglu_alpha=1.2,
-                        layer_types=["full_attention", "sliding_attention"]),
-    "mqa-window-1": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=32, intermediate_size=16,
-                         num_local_experts=6, num_experts_per_tok=1, sliding_window=1,
-                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
-                                              beta_fast=32.0, beta_slow=1.0, truncate=True,
-                                              original_max_position_embeddings=64)),
+    "gqa-window-4": dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+    ),
+    "mha-clamped": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        intermediate_size=24,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        sliding_window=8,
+        swiglu_limit=0.5,
+        swiglu_alpha=1.2,
+        layer_types=["full_attention", "sliding_attention"],
+    ),
+    "mqa-window-1": dict(
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=16,
+        num_local_experts=6,
+        num_experts_per_tok=1,
+        sliding_window=1,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=8.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=True,
+            original_max_position_embeddings=64,
+        ),
+    ),
 }
 
 
@@ -128,19 +159,25 @@ def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(tmp_path):
     full = model(tokens)
     cache = make_prompt_cache(model)
     steps = [model(tokens[:, :6], cache=cache)]  # a prompt longer than the window, then one by one
-    steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(6, tokens.shape[1])]
+    steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(6, tokens.shape[1])]
     assert max_abs(mx.concatenate(steps, axis=1), full) < 1e-4
 
 
-@pytest.mark.parametrize("rope", [
-    dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096),
-    dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=4096),
-    dict(factor=4.0, original_max_position_embeddings=64, attention_factor=1.3),
-    dict(factor=4.0, original_max_position_embeddings=64, mscale=0.8, mscale_all_dim=0.5),
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(
+            factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096
+        ),
+        dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=4096),
+        dict(factor=4.0, original_max_position_embeddings=64, attention_factor=1.3),
+        dict(factor=4.0, original_max_position_embeddings=64, mscale=0.8, mscale_all_dim=0.5),
+    ],
+)
 def test_yarn_frequencies_are_transformers_frequencies(rope):
-    config = transformers.GptOssConfig(**COMMON, head_dim=16,
-                                       rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, **rope))
+    config = transformers.GptOssConfig(
+        **COMMON, head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, **rope)
+    )
     inv_freq, attention = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](config)
     ours, our_attention = yarn_frequencies(16, 150000.0, config.rope_parameters, 256)
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
@@ -180,8 +217,10 @@ def encode_mxfp4(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(np.abs(scaled)[..., None] - E2M1).argmin(axis=-1)
     codes = (magnitude | np.where(scaled < 0, 8, 0)).astype(np.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return (np.ascontiguousarray(blocks, dtype=np.uint8),
-            np.ascontiguousarray(exponent[..., 0] + 127, dtype=np.uint8))
+    return (
+        np.ascontiguousarray(blocks, dtype=np.uint8),
+        np.ascontiguousarray(exponent[..., 0] + 127, dtype=np.uint8),
+    )
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -194,8 +233,11 @@ def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def reference_dequantized(blocks: np.ndarray, scales: np.ndarray, dtype=torch.float32) -> np.ndarray:
     """transformers' own MXFP4 dequantization, [E, in, out] as its experts hold weights."""
-    return convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
-                                      dtype=dtype).float().numpy()
+    return (
+        convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=dtype)
+        .float()
+        .numpy()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +260,12 @@ def mxfp4_checkpoint(tmp_path_factory):
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                   "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder, hf, packed
@@ -228,14 +274,16 @@ def mxfp4_checkpoint(tmp_path_factory):
 def test_mxfp4_blocks_written_here_are_what_transformers_reads(mxfp4_checkpoint):
     _, _, packed = mxfp4_checkpoint
     for blocks, scales in packed.values():
-        assert np.array_equal(reference_dequantized(blocks, scales),
-                              decode_mxfp4(blocks, scales).swapaxes(-1, -2))
+        assert np.array_equal(
+            reference_dequantized(blocks, scales), decode_mxfp4(blocks, scales).swapaxes(-1, -2)
+        )
 
 
 def test_transformers_loads_the_mxfp4_folder_to_the_same_model(mxfp4_checkpoint):
     folder, hf, _ = mxfp4_checkpoint
     loaded = transformers.GptOssForCausalLM.from_pretrained(
-        folder, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32)
+        folder, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    )
     assert max_abs(hf_forward(loaded, TOKENS)[0], hf_forward(hf, TOKENS)[0]) == 0.0
 
 
@@ -252,8 +300,11 @@ def _expert_weights(model, layer: int) -> dict[str, np.ndarray]:
 def _reference_expert_weights(packed, layer: int, dtype=torch.float32) -> dict[str, np.ndarray]:
     gate_up = reference_dequantized(*packed[f"model.layers.{layer}.mlp.experts.gate_up_proj"], dtype)
     down = reference_dequantized(*packed[f"model.layers.{layer}.mlp.experts.down_proj"], dtype)
-    return {"gate_proj": gate_up[..., 0::2].swapaxes(-1, -2), "up_proj": gate_up[..., 1::2].swapaxes(-1, -2),
-            "down_proj": down.swapaxes(-1, -2)}
+    return {
+        "gate_proj": gate_up[..., 0::2].swapaxes(-1, -2),
+        "up_proj": gate_up[..., 1::2].swapaxes(-1, -2),
+        "down_proj": down.swapaxes(-1, -2),
+    }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -281,8 +332,10 @@ def test_quantized_loading_keeps_mxfp4_experts_as_published(mxfp4_checkpoint):
     kept, _ = mlxmoe.load(folder, quantize=4, dtype=mx.float32)
     dequantized, _ = mlxmoe.load(folder, dtype=mx.float32)
     experts = kept.layers[0].moe.experts
-    assert all(isinstance(experts[p], QuantizedExpertLinear) and experts[p].mode == "mxfp4"
-               for p in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        isinstance(experts[p], QuantizedExpertLinear) and experts[p].mode == "mxfp4"
+        for p in ("gate_proj", "up_proj", "down_proj")
+    )
     blocks, scales = packed["model.layers.0.mlp.experts.down_proj"]
     assert np.array_equal(np.array(experts.down_proj.weight).view(np.uint8).reshape(blocks.shape), blocks)
     assert np.array_equal(np.array(experts.down_proj.scales), scales)
@@ -302,8 +355,15 @@ def test_lora_attaches_to_biased_attention_and_experts_and_biases_stay_frozen(mx
     model, _ = mlxmoe.load(folder, quantize=quantize, dtype=mx.float32)
     adapted = apply_adapters(model, AdapterSpec(strategy="experts+router", router_mode="lora"))
     assert {p.split(".", 2)[2] for p in adapted} == {
-        "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
-        "moe.experts.gate_proj", "moe.experts.up_proj", "moe.experts.down_proj", "moe.router"}
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.o_proj",
+        "moe.experts.gate_proj",
+        "moe.experts.up_proj",
+        "moe.experts.down_proj",
+        "moe.router",
+    }
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
     before = model(mx.array(TOKENS))  # B = 0: the adapted model is the base model
@@ -318,6 +378,7 @@ def test_lora_attaches_to_biased_attention_and_experts_and_biases_stay_frozen(mx
 
 
 # --- what is refused ---------------------------------------------------------------------------
+
 
 def _rewrite(folder: Path, edit_tensors=None, edit_config=None) -> Path:
     if edit_tensors:
@@ -335,29 +396,66 @@ _BLOCKS = "model.layers.1.mlp.experts.gate_up_proj_blocks"
 _SCALES = "model.layers.1.mlp.experts.gate_up_proj_scales"
 
 
-@pytest.mark.parametrize("case, edit_tensors, edit_config, message", [
-    ("blocks without scales", lambda t: t.pop(_SCALES), None,
-     rf"model\.safetensors: MXFP4 tensor '{_BLOCKS}' has no scales beside it"),
-    ("scales without blocks", lambda t: t.pop(_BLOCKS), None,
-     rf"model\.safetensors: MXFP4 tensor '{_SCALES}' has no blocks beside it"),
-    ("blocks of 8 bytes", lambda t: t.update({_BLOCKS: t[_BLOCKS][..., :8].contiguous()}), None,
-     rf"model\.safetensors: tensor '{_BLOCKS}' \(uint8, shape \(4, 64, 2, 8\)\) is no MXFP4 blocks"),
-    ("float blocks", lambda t: t.update({_BLOCKS: t[_BLOCKS].float()}), None,
-     rf"model\.safetensors: tensor '{_BLOCKS}' \(float32, .*is no MXFP4 blocks"),
-    ("one scale too many", lambda t: t.update({_SCALES: torch.cat([t[_SCALES]] * 2, -1)}), None,
-     rf"model\.safetensors: tensor '{_BLOCKS}': MXFP4 stores 4-bit values in groups of 32; its "
-     r"shapes say 4 bits in groups of 16"),
-    ("a row too few", lambda t: t.update({_BLOCKS: t[_BLOCKS][:, :-2].contiguous(),
-                                          _SCALES: t[_SCALES][:, :-2].contiguous()}), None,
-     rf"model\.safetensors: tensor '{_BLOCKS}': quantized tensor .*quantizes no \(4, 32, 64\) weight"),
-    ("blocks, config without mxfp4", None, lambda c: c.pop("quantization_config"),
-     r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' "
-     r"is packed \(uint8\), but config.json declares no quantization"),
-    ("another quant method", None, lambda c: c.update(quantization_config={"quant_method": "fp8"}),
-     r"config\.json: quantization_config\.quant_method is 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "case, edit_tensors, edit_config, message",
+    [
+        (
+            "blocks without scales",
+            lambda t: t.pop(_SCALES),
+            None,
+            rf"model\.safetensors: MXFP4 tensor '{_BLOCKS}' has no scales beside it",
+        ),
+        (
+            "scales without blocks",
+            lambda t: t.pop(_BLOCKS),
+            None,
+            rf"model\.safetensors: MXFP4 tensor '{_SCALES}' has no blocks beside it",
+        ),
+        (
+            "blocks of 8 bytes",
+            lambda t: t.update({_BLOCKS: t[_BLOCKS][..., :8].contiguous()}),
+            None,
+            rf"model\.safetensors: tensor '{_BLOCKS}' \(uint8, shape \(4, 64, 2, 8\)\) is no MXFP4 blocks",
+        ),
+        (
+            "float blocks",
+            lambda t: t.update({_BLOCKS: t[_BLOCKS].float()}),
+            None,
+            rf"model\.safetensors: tensor '{_BLOCKS}' \(float32, .*is no MXFP4 blocks",
+        ),
+        (
+            "one scale too many",
+            lambda t: t.update({_SCALES: torch.cat([t[_SCALES]] * 2, -1)}),
+            None,
+            rf"model\.safetensors: tensor '{_BLOCKS}': MXFP4 stores 4-bit values in groups of 32; its "
+            r"shapes say 4 bits in groups of 16",
+        ),
+        (
+            "a row too few",
+            lambda t: t.update(
+                {_BLOCKS: t[_BLOCKS][:, :-2].contiguous(), _SCALES: t[_SCALES][:, :-2].contiguous()}
+            ),
+            None,
+            rf"model\.safetensors: tensor '{_BLOCKS}': quantized tensor .*quantizes no \(4, 32, 64\) weight",
+        ),
+        (
+            "blocks, config without mxfp4",
+            None,
+            lambda c: c.pop("quantization_config"),
+            r"model\.safetensors: tensor 'model\.layers\.\d\.mlp\.experts\.\w+_(blocks|scales)' "
+            r"is packed \(uint8\), but config.json declares no quantization",
+        ),
+        (
+            "another quant method",
+            None,
+            lambda c: c.update(quantization_config={"quant_method": "fp8"}),
+            r"config\.json: quantization_config\.quant_method is 'fp8'",
+        ),
+    ],
+)
 def test_a_bad_mxfp4_layout_is_one_error_naming_file_and_tensor(
-        mxfp4_checkpoint, tmp_path, case, edit_tensors, edit_config, message):
+    mxfp4_checkpoint, tmp_path, case, edit_tensors, edit_config, message
+):
     import shutil
 
     folder = Path(shutil.copytree(mxfp4_checkpoint[0], tmp_path / "bad"))
@@ -370,8 +468,10 @@ def test_fused_experts_of_the_wrong_shape_are_named(tmp_path):
     hf = make_gpt_oss(**SHAPES["gqa-window-4"])
     name = "model.layers.2.mlp.experts.gate_up_proj"
     folder = _rewrite(save(hf, tmp_path), lambda t: t.update({name: t[name][..., :48].contiguous()}))
-    message = (rf"model\.safetensors: tensor '{name}' has shape \(4, 64, 48\) "
-               r"\(its part .*\(4, 24, 64\)\), config\.json implies \(4, 32, 64\)")
+    message = (
+        rf"model\.safetensors: tensor '{name}' has shape \(4, 64, 48\) "
+        r"\(its part .*\(4, 24, 64\)\), config\.json implies \(4, 32, 64\)"
+    )
     with pytest.raises(CheckpointError, match=message):
         mlxmoe.load(folder, dtype=mx.float32)
 
@@ -384,11 +484,23 @@ def test_a_missing_fused_tensor_is_named_as_the_hub_stores_it(tmp_path):
 
 
 def test_mxfp4_is_refused_for_other_families(tmp_path):
-    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        **COMMON, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=32, num_local_experts=4))
-    folder = _rewrite(save(hf, tmp_path), edit_config=lambda c: c.update(
-        quantization_config={"quant_method": "mxfp4"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: quantization_config\.quant_method 'mxfp4' "
-                                              r"is read for gpt-oss's experts, not for mixtral"):
+    hf = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            **COMMON,
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            num_local_experts=4,
+        )
+    )
+    folder = _rewrite(
+        save(hf, tmp_path), edit_config=lambda c: c.update(quantization_config={"quant_method": "mxfp4"})
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"config\.json: quantization_config\.quant_method 'mxfp4' "
+        r"is read for gpt-oss's experts, not for mixtral",
+    ):
         mlxmoe.load(folder)

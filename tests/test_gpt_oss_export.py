@@ -54,11 +54,21 @@ pytestmark = pytest.mark.slow
 Q = gguf.GGMLQuantizationType
 needs_converter = pytest.mark.skipif(
     not CONVERTER.is_file(),
-    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+)
 # Every row a multiple of 32 (MXFP4's block); a window shorter than the held-out text.
-CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-              sliding_window=4, max_position_embeddings=131072)
+CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=32,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=4,
+    max_position_embeddings=131072,
+)
 # llama.cpp rounds YaRN's correction range to whole dimensions (ggml_rope_yarn_corr_dims),
 # transformers only with truncate: true, and gpt-oss ships false. Measured on this model:
 # against the YaRN llama.cpp computes, max-abs 0.054 (F16_MAX_ABS holds); against
@@ -148,16 +158,22 @@ def converted(exported) -> dict[str, gguf.GGUFReader]:
 
 # --- the converter's file ------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.proof("converter")
 @needs_converter
 def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, exported):
     ours, theirs = tensors(converted["ours"]), tensors(converted["theirs"])
     assert sorted(ours) == sorted(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
-    assert {"blk.0.post_attention_norm.weight", "blk.1.ffn_gate_exps.bias", "blk.0.attn_sinks.weight",
-            "blk.0.ffn_gate_inp.bias"} <= set(ours)
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
+    assert {
+        "blk.0.post_attention_norm.weight",
+        "blk.1.ffn_gate_exps.bias",
+        "blk.0.attn_sinks.weight",
+        "blk.0.ffn_gate_inp.bias",
+    } <= set(ours)
     differ = [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
     assert differ == []
     # export_hf wrote the hub's fused layout, which the converter split again
@@ -172,8 +188,12 @@ def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, ex
 def test_loading_metadata_equals_the_converters(converted):
     ours, theirs = loading_kv(converted["ours"]), loading_kv(converted["theirs"])
     assert ours["general.architecture"][1] == "gpt-oss"
-    for key in ("gpt-oss.rope.scaling.type", "gpt-oss.attention.sliding_window",
-                "gpt-oss.expert_feed_forward_length", "tokenizer.ggml.pre"):
+    for key in (
+        "gpt-oss.rope.scaling.type",
+        "gpt-oss.attention.sliding_window",
+        "gpt-oss.expert_feed_forward_length",
+        "tokenizer.ggml.pre",
+    ):
         assert key in ours, key
     assert sorted(ours) == sorted(theirs)
     assert [k for k in ours if ours[k] != theirs[k]] == []
@@ -181,9 +201,18 @@ def test_loading_metadata_equals_the_converters(converted):
 
 # --- gpt-oss's tokenizer ------------------------------------------------------------------
 
-HARMONY_IDS = {"<|startoftext|>": 199998, "<|endoftext|>": 199999, "<|return|>": 200002,
-               "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006, "<|end|>": 200007,
-               "<|message|>": 200008, "<|call|>": 200012, "<|endofprompt|>": 200018}
+HARMONY_IDS = {
+    "<|startoftext|>": 199998,
+    "<|endoftext|>": 199999,
+    "<|return|>": 200002,
+    "<|constrain|>": 200003,
+    "<|channel|>": 200005,
+    "<|start|>": 200006,
+    "<|end|>": 200007,
+    "<|message|>": 200008,
+    "<|call|>": 200012,
+    "<|endofprompt|>": 200018,
+}
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +225,8 @@ def harmony(tmp_path_factory):
         env.setenv("TIKTOKEN_ENCODINGS_BASE", str(encodings))
         env.setenv("TIKTOKEN_RS_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken")))
         return openai_harmony, openai_harmony.load_harmony_encoding(
-            openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+            openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS
+        )
 
 
 # Words with combining marks: llama.cpp's gpt-4o pre-tokenizer regex leaves out o200k's \p{M}
@@ -225,15 +255,21 @@ def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(ex
     assert COMBINING_MARKS[0] in CHECK_TEXT
     check_text = CHECK_TEXT.replace(COMBINING_MARKS[0], "")
     message = oh.Message.from_role_and_content
-    conversation = oh.Conversation.from_messages([
-        message(oh.Role.SYSTEM, oh.SystemContent.new().with_conversation_start_date("2026-01-01")
-                .with_reasoning_effort(oh.ReasoningEffort.LOW)),
-        message(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Answer briefly.")),
-        message(oh.Role.USER, check_text),
-        message(oh.Role.ASSISTANT, "Two and two make four.").with_channel("analysis"),
-        message(oh.Role.ASSISTANT, "4.").with_channel("final"),
-        message(oh.Role.USER, HELD_OUT),
-    ])
+    conversation = oh.Conversation.from_messages(
+        [
+            message(
+                oh.Role.SYSTEM,
+                oh.SystemContent.new()
+                .with_conversation_start_date("2026-01-01")
+                .with_reasoning_effort(oh.ReasoningEffort.LOW),
+            ),
+            message(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_instructions("Answer briefly.")),
+            message(oh.Role.USER, check_text),
+            message(oh.Role.ASSISTANT, "Two and two make four.").with_channel("analysis"),
+            message(oh.Role.ASSISTANT, "4.").with_channel("final"),
+            message(oh.Role.USER, HELD_OUT),
+        ]
+    )
     ids = list(encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
     text = encoding.decode_utf8(ids)
     assert {HARMONY_IDS[t] for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")} <= set(ids)
@@ -247,19 +283,25 @@ def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(ex
     assert names == {t: t for t in HARMONY_IDS}
     assert metadata["tokenizer.ggml.pre"] == "gpt-4o" and n_vocab == GPT_OSS_VOCAB_SIZE
     assert [int(metadata[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos", "padding")] == [
-        HARMONY_IDS["<|startoftext|>"], HARMONY_IDS["<|return|>"], HARMONY_IDS["<|endoftext|>"]]
+        HARMONY_IDS["<|startoftext|>"],
+        HARMONY_IDS["<|return|>"],
+        HARMONY_IDS["<|endoftext|>"],
+    ]
 
 
 # --- llama.cpp runs it ---------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
     ours = exported.merged_mlx()
     theirs = exported.llama_cpp(exported.f16)
     rounded = exported.mlx(exported.truncated())
-    print(f"gpt_oss f16: max-abs {np.abs(rounded - theirs).max():.4f}, top-1 {top1(rounded, theirs):.3f} "
-          f"(YaRN rounded as llama.cpp does); against the merged model as transformers computes it: "
-          f"max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}")
+    print(
+        f"gpt_oss f16: max-abs {np.abs(rounded - theirs).max():.4f}, top-1 {top1(rounded, theirs):.3f} "
+        f"(YaRN rounded as llama.cpp does); against the merged model as transformers computes it: "
+        f"max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f}"
+    )
     assert top1(rounded, theirs) == 1.0
     assert np.abs(rounded - theirs).max() < F16_MAX_ABS
     assert top1(ours, theirs) == 1.0
@@ -271,8 +313,10 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
     merged = exported.llama_cpp(exported.f16)
     base_plus_lora = exported.llama_cpp(exported.base, lora=exported.adapter_gguf)
     base = exported.llama_cpp(exported.base)
-    print(f"gpt_oss base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}, "
-          f"base vs merged {np.abs(base - merged).max():.4f}")
+    print(
+        f"gpt_oss base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}, "
+        f"base vs merged {np.abs(base - merged).max():.4f}"
+    )
     assert np.abs(base - merged).max() > 10 * np.abs(merged - base_plus_lora).max()  # the adapter matters
     assert np.abs(merged - base_plus_lora).max() < F16_MAX_ABS
     for position in np.nonzero(merged.argmax(-1) != base_plus_lora.argmax(-1))[0]:
@@ -280,16 +324,38 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
         assert row.max() - row[base_plus_lora[position].argmax()] < 2 * F16_MAX_ABS
 
 
-@pytest.mark.parametrize("config, message", [
-    (dict(swiglu_limit=5.0), r"SwiGLU alpha 1\.702 and limit 5\.0"),
-    (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types \['full_attention'"),
-    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=16.0,
-                               beta_slow=1.0, original_max_position_embeddings=4096)),
-     r"YaRN beta_fast 16\.0 \(llama\.cpp: 32\.0\)"),
-    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, attention_factor=1.1,
-                               original_max_position_embeddings=4096)),
-     r"YaRN attention factor 1\.1 "),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(swiglu_limit=5.0), r"SwiGLU alpha 1\.702 and limit 5\.0"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), r"layer_types \['full_attention'"),
+        (
+            dict(
+                rope_parameters=dict(
+                    rope_type="yarn",
+                    rope_theta=150000.0,
+                    factor=32.0,
+                    beta_fast=16.0,
+                    beta_slow=1.0,
+                    original_max_position_embeddings=4096,
+                )
+            ),
+            r"YaRN beta_fast 16\.0 \(llama\.cpp: 32\.0\)",
+        ),
+        (
+            dict(
+                rope_parameters=dict(
+                    rope_type="yarn",
+                    rope_theta=150000.0,
+                    factor=32.0,
+                    attention_factor=1.1,
+                    original_max_position_embeddings=4096,
+                )
+            ),
+            r"YaRN attention factor 1\.1 ",
+        ),
+    ],
+)
 def test_a_config_llama_cpp_computes_otherwise_is_refused(tmp_path, config, message):
     hf = make_gpt_oss(vocab_size=96, **{**CONFIG, "max_position_embeddings": 256, **config})
     hf.save_pretrained(tmp_path / "model")
@@ -305,13 +371,17 @@ def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(exported, tm
     from mlxmoe.errors import CheckpointError
     from mlxmoe.gguf.importer import gguf_to_hf
 
-    with pytest.raises(CheckpointError, match=r"general\.architecture is 'gpt-oss'; only dense 'llama' "
-                                              r"GGUFs can be imported .* Hugging Face checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"general\.architecture is 'gpt-oss'; only dense 'llama' "
+        r"GGUFs can be imported .* Hugging Face checkpoint",
+    ):
         gguf_to_hf(exported.base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 # --- MXFP4 experts, as gpt-oss is published ----------------------------------------------
+
 
 def ggml_mxfp4(x: np.ndarray) -> np.ndarray:
     """ggml's own quantizer (ggml_quantize_chunk, in the llama.cpp llama-cpp-python runs)."""
@@ -319,8 +389,15 @@ def ggml_mxfp4(x: np.ndarray) -> np.ndarray:
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     x = np.ascontiguousarray(x, np.float32)
     rows, row = x.reshape(-1, x.shape[-1]).shape
     out = np.zeros((rows, row // 32 * 17), np.uint8)
@@ -345,7 +422,8 @@ def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_roun
     path = export_gguf(exported.model, exported.root / "mxfp4.gguf", "mxfp4", exported.adapter).path
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert {n for n, t in types.items() if t == Q.MXFP4} == {
-        f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("gate", "up", "down")}
+        f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("gate", "up", "down")
+    }
     assert types["blk.0.attn_q.weight"] == Q.F16 and types["blk.0.ffn_gate_exps.bias"] == Q.F32
 
     def rounded(weight: np.ndarray) -> np.ndarray:
@@ -353,8 +431,10 @@ def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_roun
 
     ours = exported.mlx(exported.truncated(), rounded)
     theirs = exported.llama_cpp(path)
-    print(f"gpt_oss mxfp4: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f} "
-          f"(float experts: max-abs {np.abs(exported.mlx(exported.truncated()) - theirs).max():.4f})")
+    print(
+        f"gpt_oss mxfp4: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f} "
+        f"(float experts: max-abs {np.abs(exported.mlx(exported.truncated()) - theirs).max():.4f})"
+    )
     assert top1(ours, theirs) == 1.0
     assert np.abs(ours - theirs).max() < MXFP4_MAX_ABS
 
@@ -374,8 +454,15 @@ def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(export
         hub[f"{name}_blocks"], hub[f"{name}_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
     save_file(hub, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     ours = export_gguf(folder, exported.root / "published-mxfp4.gguf", "mxfp4").path

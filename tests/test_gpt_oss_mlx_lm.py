@@ -25,8 +25,15 @@ import mlxmoe
 from mlxmoe.errors import CheckpointError
 from mlxmoe.nn.moe import QuantizedExpertLinear
 
-ROUNDED_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                    truncate=True, original_max_position_embeddings=4096)
+ROUNDED_YARN = dict(
+    rope_type="yarn",
+    rope_theta=150000.0,
+    factor=32.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    truncate=True,
+    original_max_position_embeddings=4096,
+)
 TOKENS = np.random.default_rng(0).integers(0, 300, (2, 40))
 
 
@@ -49,11 +56,14 @@ def release(tmp_path_factory) -> Path:
     return published(tmp_path_factory.mktemp("gpt-oss") / "hub", rope_parameters=ROUNDED_YARN)
 
 
-@pytest.mark.parametrize("options, stored", [
-    (dict(quantize=True, q_bits=4, q_group_size=32), (4, 32)),
-    (dict(quantize=True, q_bits=8, q_group_size=64), (8, 64)),
-    (dict(dtype="float32"), None),  # experts in mxfp4, the rest float
-])
+@pytest.mark.parametrize(
+    "options, stored",
+    [
+        (dict(quantize=True, q_bits=4, q_group_size=32), (4, 32)),
+        (dict(quantize=True, q_bits=8, q_group_size=64), (8, 64)),
+        (dict(dtype="float32"), None),  # experts in mxfp4, the rest float
+    ],
+)
 def test_an_mlx_lm_gpt_oss_folder_computes_what_mlx_lm_computes(release, tmp_path, options, stored):
     import mlx_lm
 
@@ -70,8 +80,10 @@ def test_an_mlx_lm_gpt_oss_folder_computes_what_mlx_lm_computes(release, tmp_pat
         assert (ours.quantization.bits, ours.quantization.group_size) == stored
         assert all(isinstance(e, QuantizedExpertLinear) and e.mode == "mxfp4" for e in experts)
         saved = mx.load(str(folder / "model.safetensors"))
-        assert np.array_equal(np.array(layer.moe.experts.down_proj.weight),
-                              np.array(saved["model.layers.0.mlp.experts.down_proj.weight"]))
+        assert np.array_equal(
+            np.array(layer.moe.experts.down_proj.weight),
+            np.array(saved["model.layers.0.mlp.experts.down_proj.weight"]),
+        )
         q_proj = layer.attn.q_proj
         assert (q_proj.bits, q_proj.group_size, q_proj.mode) == (*stored, "affine")
     ours_logits, ref_logits = ours(mx.array(TOKENS)), reference(mx.array(TOKENS))
@@ -91,20 +103,26 @@ def test_on_gpt_oss_own_yarn_the_mlx_lm_folder_computes_what_transformers_comput
     hub = published(tmp_path / "hub")
     folder = mlx_lm_convert(hub, tmp_path / "mlx", dtype="float32")
     hf = transformers.GptOssForCausalLM.from_pretrained(
-        hub, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32)
+        hub, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    )
     ref_logits, _ = hf_forward(hf, TOKENS)
     ours, _ = mlxmoe.load(folder, dtype="float32")
     mlx_lm_logits = mlx_lm.load(str(folder))[0](mx.array(TOKENS))
     ours_diff = np.abs(np.array(ours(mx.array(TOKENS))) - ref_logits).max()
-    print(f"gpt-oss truncate false: ours {ours_diff:.1e}, mlx-lm "
-          f"{np.abs(np.array(mlx_lm_logits) - ref_logits).max():.2f} against transformers")
+    print(
+        f"gpt-oss truncate false: ours {ours_diff:.1e}, mlx-lm "
+        f"{np.abs(np.array(mlx_lm_logits) - ref_logits).max():.2f} against transformers"
+    )
     assert ours_diff < 1e-4
 
 
 def test_mxfp4_beyond_the_experts_is_refused_naming_the_mode(release, tmp_path):
     folder = mlx_lm_convert(release, tmp_path / "mlx", quantize=True, q_mode="mxfp4")
-    with pytest.raises(CheckpointError, match=r"layers other than the experts in mode 'mxfp4' "
-                                              r"\(mlx_lm.convert --q-mode mxfp4\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers other than the experts in mode 'mxfp4' "
+        r"\(mlx_lm.convert --q-mode mxfp4\)",
+    ):
         mlxmoe.load(folder)
 
 
@@ -115,9 +133,21 @@ def test_qlora_over_an_mlx_lm_gpt_oss_folder_trains_the_adapters(release, tmp_pa
     from mlxmoe.train import train
 
     folder = mlx_lm_convert(release, tmp_path / "mlx", quantize=True, q_bits=4, q_group_size=32)
-    r = load_recipe(None, train=dict(iters=8, batch_size=4, learning_rate=5e-3, warmup=0, quantize=4,
-                                     dtype="bfloat16", report_every=1, val_every=0, max_seq_len=48),
-                    lora=dict(strategy="experts", rank=4))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=8,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=4,
+            dtype="bfloat16",
+            report_every=1,
+            val_every=0,
+            max_seq_len=48,
+        ),
+        lora=dict(strategy="experts", rank=4),
+    )
     r.model, r.data = str(folder), str(write_qa_data(tmp_path / "data", n_train=32, n_valid=4))
     train(r, tmp_path / "run", show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

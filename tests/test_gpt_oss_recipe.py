@@ -46,8 +46,7 @@ def test_quantized_weights_keep_the_published_mxfp4_experts_at_4_25_bits():
             assert layer.scales.dtype == mx.uint8 and "biases" not in layer
         attention = model.layers[0].attn.q_proj
         assert attention.bits == bits and attention.group_size == 64
-    float_model = lazy_model(ConfigView({k: v for k, v in small.items()
-                                         if k != "quantization_config"}))
+    float_model = lazy_model(ConfigView({k: v for k, v in small.items() if k != "quantization_config"}))
     quantize_as_loaded(float_model, 4, 64)  # a float release is quantized like any model
     assert float_model.layers[0].moe.experts.gate_proj.group_size == 64
 
@@ -61,14 +60,20 @@ def test_recipe_plans_under_a_32gb_macs_default_gpu_limit():
     assert plan.memory.quantized + plan.memory.unquantized < 11 * 2**30  # MXFP4 experts
     # Twice the batch would not fit: the recipe uses what the default limit allows.
     recipe.train.batch_size *= 2
-    assert plan_training(ConfigView(json.loads(CONFIG.read_text()), CONFIG), recipe,
-                         memory=plan.memory).peak > mac.wired_default
+    assert (
+        plan_training(ConfigView(json.loads(CONFIG.read_text()), CONFIG), recipe, memory=plan.memory).peak
+        > mac.wired_default
+    )
 
 
 def test_cli_plan_says_the_recipe_fits():
-    proc = subprocess.run([sys.executable, "-m", "mlxmoe", "plan", str(CONFIG), "--recipe",
-                           str(RECIPE), "--memory", "32GB"], capture_output=True, text=True,
-                          env={"COLUMNS": "200", "PATH": ""}, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxmoe", "plan", str(CONFIG), "--recipe", str(RECIPE), "--memory", "32GB"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": ""},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fits under the default GPU limit" in proc.stdout
     assert "experts MXFP4 as published" in proc.stdout

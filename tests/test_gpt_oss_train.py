@@ -35,9 +35,13 @@ FLOAT = dict(quantize=0, dtype="float32")
 
 
 def conversation(word: str) -> dict:
-    return {"messages": [{"role": "system", "content": "Repeat the user's word three times."},
-                         {"role": "user", "content": f"Repeat the word {word}."},
-                         {"role": "assistant", "content": f"{word} {word} {word}"}]}
+    return {
+        "messages": [
+            {"role": "system", "content": "Repeat the user's word three times."},
+            {"role": "user", "content": f"Repeat the word {word}."},
+            {"role": "assistant", "content": f"{word} {word} {word}"},
+        ]
+    }
 
 
 def harmony_tokenizer(folder: Path) -> int:
@@ -51,17 +55,25 @@ def harmony_tokenizer(folder: Path) -> int:
         pytest.skip("llama.cpp's gpt-oss chat template is not unpacked at LLAMA_CPP_SRC")
     special = ["<|endoftext|>", *HARMONY_TOKENS]
     probe = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), chat_template=template)
-    rendered = [render_chat(probe, for_training(conversation(w)["messages"], "off", True), False,
-                            False, True) for w in WORDS]
-    corpus = [piece for text in rendered
-              for piece in re.split("|".join(map(re.escape, special)), text) if piece]
+    rendered = [
+        render_chat(probe, for_training(conversation(w)["messages"], "off", True), False, False, True)
+        for w in WORDS
+    ]
+    corpus = [
+        piece for text in rendered for piece in re.split("|".join(map(re.escape, special)), text) if piece
+    ]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|return|>",
-                                        pad_token="<|endoftext|>", chat_template=template)
+    bpe.train_from_iterator(
+        corpus * 4,
+        trainers.BpeTrainer(
+            vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|return|>", pad_token="<|endoftext|>", chat_template=template
+    )
     tokenizer.save_pretrained(folder)
     return len(tokenizer)
 
@@ -74,8 +86,15 @@ def mxfp4_experts(folder: Path) -> Path:
         tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = map(torch.from_numpy, (blocks, scales))
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -102,9 +121,21 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def recipe(model: Path, data: Path, strategy: str, base: dict):
-    r = load_recipe(None, train=dict(iters=4, batch_size=4, learning_rate=1e-2, warmup=0,
-                                     report_every=1, val_every=0, save_every=0, max_seq_len=128, **base),
-                    lora=dict(strategy=strategy, rank=4, router_mode="lora"))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=4,
+            batch_size=4,
+            learning_rate=1e-2,
+            warmup=0,
+            report_every=1,
+            val_every=0,
+            save_every=0,
+            max_seq_len=128,
+            **base,
+        ),
+        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
+    )
     r.model, r.data = str(model), str(data)
     return r
 
@@ -135,8 +166,9 @@ def test_loss_falls_for_every_strategy_and_the_adapters_load_back(setup, tmp_pat
     print(f"gpt_oss {base} {strategy}: answer ce {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}")
     assert result.steps == 4
     assert rows[-1]["ce"] < rows[0]["ce"] - 0.3, [r["ce"] for r in rows]
-    assert all(np.isfinite(r["aux"]) and r["aux"] > 0 and np.isfinite(r["z"]) and r["z"] > 0
-               for r in rows)  # the router losses
+    assert all(
+        np.isfinite(r["aux"]) and r["aux"] > 0 and np.isfinite(r["z"]) and r["z"] > 0 for r in rows
+    )  # the router losses
     layers = rows[-1]["experts"]["layers"]
     assert len(layers) == 3 and all(abs(sum(x["load"]) - 1) < 1e-6 for x in layers)
     config = read_adapter_config(tmp_path)
@@ -144,8 +176,9 @@ def test_loss_falls_for_every_strategy_and_the_adapters_load_back(setup, tmp_pat
     assert config["dtype"] == settings["dtype"]
     assert config["quantization"] == ({"bits": 4, "group_size": 32} if base == "mxfp4" else None)
     # the saved adapters, loaded back onto the base as trained: evaluated, changed, finite
-    model, _ = mlxmoe.load(setup[base], quantize=settings["quantize"] or None,
-                           group_size=32, dtype=settings["dtype"])
+    model, _ = mlxmoe.load(
+        setup[base], quantize=settings["quantize"] or None, group_size=32, dtype=settings["dtype"]
+    )
     tokens = mx.array([[5, 17, 40, 2, 99, 120, 7, 33]])
     before = model(tokens).astype(mx.float32)
     load_adapters(model, tmp_path)
@@ -174,6 +207,9 @@ def test_all_adapts_what_experts_plus_router_adapts(setup):
 
 def test_the_shared_strategy_is_refused_for_gpt_oss_which_has_no_shared_expert(setup):
     model, _ = mlxmoe.load(setup["float"], dtype=mx.float32)
-    with pytest.raises(MlxMoeError, match=r"strategy 'shared' adapts a shared expert .* "
-                                          r"gpt_oss model has none"):
+    with pytest.raises(
+        MlxMoeError,
+        match=r"strategy 'shared' adapts a shared expert .* "
+        r"gpt_oss model has none",
+    ):
         apply_adapters(model, AdapterSpec(strategy="shared"))

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.slow
 
 needs_converter = pytest.mark.skipif(
     not CONVERTER.is_file(),
-    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")
+    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+)
 
 
 def make_model(folder: Path, seed: int = 0) -> Path:
@@ -82,11 +83,13 @@ def granite_exported(tmp_path_factory) -> GraniteExported:
 def test_f16_tensors_and_metadata_equal_the_converters(granite_exported):
     ours, theirs = (tensors(r) for r in granite_exported.converted)
     assert sorted(ours) == sorted(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
     assert "blk.0.ffn_gate_exps.weight" in ours and "blk.0.ffn_up_exps.weight" in ours
-    assert [n for n in ours
-            if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()] == []
+    assert [
+        n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()
+    ] == []
     ours_kv, theirs_kv = (loading_kv(r) for r in granite_exported.converted)
     assert ours_kv["granitemoe.logit_scale"][1] == 6.0 and "granitemoe.attention.scale" in ours_kv
     assert sorted(ours_kv) == sorted(theirs_kv)
@@ -108,12 +111,15 @@ def test_f16_gguf_in_llama_cpp_computes_the_merged_model(granite_exported):
 @pytest.mark.slow
 def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(granite_exported):
     merged = granite_exported.llama_cpp(granite_exported.gguf["f16"])
-    base_plus_lora = granite_exported.llama_cpp(granite_exported.base_gguf,
-                                                lora=granite_exported.adapter_gguf)
+    base_plus_lora = granite_exported.llama_cpp(
+        granite_exported.base_gguf, lora=granite_exported.adapter_gguf
+    )
     base = granite_exported.llama_cpp(granite_exported.base_gguf)
     diff = np.abs(merged - base_plus_lora).max()
-    print(f"granitemoe base+lora vs merged: max-abs {diff:.4f}, base vs merged "
-          f"{np.abs(base - merged).max():.4f}")
+    print(
+        f"granitemoe base+lora vs merged: max-abs {diff:.4f}, base vs merged "
+        f"{np.abs(base - merged).max():.4f}"
+    )
     assert np.abs(base - merged).max() > 10 * diff  # the adapter matters
     assert diff < F16_MAX_ABS
 
@@ -144,15 +150,28 @@ def granite(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("granite-train")
     # logits divided by 2, not 6: a tiny random model's logits are small, and a sixth of them
     # leaves it a few steps too few to learn (the multipliers stay away from 1)
-    return (make_trainable_checkpoint("granitemoe", root / "model", logits_scaling=2.0),
-            write_qa_data(root / "data"))
+    return (
+        make_trainable_checkpoint("granitemoe", root / "model", logits_scaling=2.0),
+        write_qa_data(root / "data"),
+    )
 
 
 def granite_recipe(model: Path, data: Path, strategy: str):
-    r = load_recipe(None, train=dict(iters=12, batch_size=4, learning_rate=5e-3, warmup=0,
-                                     quantize=0, report_every=1, val_every=0, max_seq_len=48,
-                                     dtype="float32"),
-                    lora=dict(strategy=strategy, rank=4, router_mode="lora"))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=12,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=0,
+            report_every=1,
+            val_every=0,
+            max_seq_len=48,
+            dtype="float32",
+        ),
+        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
+    )
     r.model, r.data = str(model), str(data)
     return r
 
@@ -194,5 +213,9 @@ def test_loaded_model_routes_top_k_logits_softmaxed_among_themselves(granite):
     model, _ = mlxmoe.load(granite[0], dtype=mx.float32)
     args = model.args
     assert (args.router_softmax, args.norm_topk_prob, args.num_experts_per_tok) == ("top_k", True, 2)
-    assert (args.embedding_multiplier, args.attention_multiplier, args.residual_multiplier,
-            args.logits_scaling) == (12.0, 0.0625, 0.22, 2.0)
+    assert (
+        args.embedding_multiplier,
+        args.attention_multiplier,
+        args.residual_multiplier,
+        args.logits_scaling,
+    ) == (12.0, 0.0625, 0.22, 2.0)

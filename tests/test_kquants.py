@@ -41,8 +41,15 @@ def _ggml_quantize_chunk():
     lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return fn
 
 
@@ -50,8 +57,9 @@ def llama_cpp_encode(x: np.ndarray, qtype: Q) -> np.ndarray:
     """ggml's encoder without an importance matrix (quantize_row_*_ref), as llama-quantize."""
     rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
     out = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, qtype), np.uint8)
-    _ggml_quantize_chunk()(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0],
-                           rows.shape[1], None)
+    _ggml_quantize_chunk()(
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None
+    )
     return out.reshape(gguf.quant_shape_to_byte_shape(x.shape, qtype))
 
 
@@ -68,11 +76,10 @@ def relative_rmse(encoded: np.ndarray, x: np.ndarray, qtype: Q) -> float:
 RNG = np.random.default_rng(1234)
 DATA = {
     "normal": RNG.standard_normal((64, 4096)),
-    "row_scales_1e-8_to_1e3": RNG.standard_normal((64, 4096))
-                              * np.exp(RNG.uniform(-18, 7, (64, 1))),
+    "row_scales_1e-8_to_1e3": RNG.standard_normal((64, 4096)) * np.exp(RNG.uniform(-18, 7, (64, 1))),
     "heavy_tailed": RNG.standard_t(3, (64, 4096)) * 0.02,
     "sub_block_scales_vary": RNG.standard_normal((16, 4096))
-                             * np.repeat(10.0 ** RNG.integers(-6, 3, (16, 256)), 16, axis=1),
+    * np.repeat(10.0 ** RNG.integers(-6, 3, (16, 256)), 16, axis=1),
     "sparse": RNG.standard_normal((16, 4096)) * (RNG.uniform(size=(16, 4096)) < 0.05),
     "half_integers_ties": RNG.integers(-64, 64, (16, 4096)) / 8,
     "uniform_positive": RNG.uniform(0, 1, (16, 4096)),
@@ -177,8 +184,13 @@ def test_temporary_memory_does_not_grow_with_the_tensor():
 
 
 def test_policy_keeps_what_llama_cpp_does_not_quantize_in_f32():
-    for name in ("blk.0.attn_norm.weight", "output_norm.weight", "blk.3.ffn_gate_inp.weight",
-                 "blk.0.attn_q.bias", "blk.1.ffn_gate_inp_shexp.weight"):
+    for name in (
+        "blk.0.attn_norm.weight",
+        "output_norm.weight",
+        "blk.3.ffn_gate_inp.weight",
+        "blk.0.attn_q.bias",
+        "blk.1.ffn_gate_inp_shexp.weight",
+    ):
         assert q4_k_m_type(name, 8, 8) == Q.F32
     assert Q4_K_M_POLICY is q4_k_m_type
 
@@ -215,19 +227,28 @@ def write_f32_gguf(path: Path, n_layers, n_embd, n_ff, n_expert, tied) -> dict[s
         shapes["output.weight"] = (vocab, n_embd)
     for i in range(n_layers):
         p = f"blk.{i}."
-        shapes |= {p + "attn_norm.weight": (n_embd,), p + "ffn_norm.weight": (n_embd,),
-                   p + "attn_q.weight": (n_embd, n_embd), p + "attn_k.weight": (kv, n_embd),
-                   p + "attn_v.weight": (kv, n_embd), p + "attn_output.weight": (n_embd, n_embd)}
+        shapes |= {
+            p + "attn_norm.weight": (n_embd,),
+            p + "ffn_norm.weight": (n_embd,),
+            p + "attn_q.weight": (n_embd, n_embd),
+            p + "attn_k.weight": (kv, n_embd),
+            p + "attn_v.weight": (kv, n_embd),
+            p + "attn_output.weight": (n_embd, n_embd),
+        }
         if n_expert:
-            shapes |= {p + "ffn_gate_inp.weight": (n_expert, n_embd),
-                       p + "ffn_gate_exps.weight": (n_expert, n_ff, n_embd),
-                       p + "ffn_up_exps.weight": (n_expert, n_ff, n_embd),
-                       p + "ffn_down_exps.weight": (n_expert, n_embd, n_ff)}
+            shapes |= {
+                p + "ffn_gate_inp.weight": (n_expert, n_embd),
+                p + "ffn_gate_exps.weight": (n_expert, n_ff, n_embd),
+                p + "ffn_up_exps.weight": (n_expert, n_ff, n_embd),
+                p + "ffn_down_exps.weight": (n_expert, n_embd, n_ff),
+            }
         else:
-            shapes |= {p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
-                       p + "ffn_down.weight": (n_embd, n_ff)}
-    tensors = {name: rng.standard_normal(shape).astype(np.float32)
-               for name, shape in shapes.items()}
+            shapes |= {
+                p + "ffn_gate.weight": (n_ff, n_embd),
+                p + "ffn_up.weight": (n_ff, n_embd),
+                p + "ffn_down.weight": (n_embd, n_ff),
+            }
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     for name, data in tensors.items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()
@@ -246,8 +267,9 @@ def llama_quantized(request, tmp_path_factory):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(folder / "f32.gguf").encode(),
-                                        str(folder / "q4_k_m.gguf").encode(), ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(
+        str(folder / "f32.gguf").encode(), str(folder / "q4_k_m.gguf").encode(), ctypes.byref(params)
+    )
     assert rc == 0
     return tensors, config, gguf.GGUFReader(folder / "q4_k_m.gguf")
 
@@ -256,9 +278,10 @@ def test_llama_quantize_picks_the_types_of_our_q4_k_m_policy(llama_quantized):
     tensors, (n_layers, _, _, n_expert, tied), reader = llama_quantized
     theirs = {t.name: t.tensor_type for t in reader.tensors}
     assert theirs.keys() == tensors.keys()
-    ours = {name: q4_k_m_type(name, n_layers, n_expert or None, row_length=data.shape[-1],
-                              tied_embeddings=tied)
-            for name, data in tensors.items()}
+    ours = {
+        name: q4_k_m_type(name, n_layers, n_expert or None, row_length=data.shape[-1], tied_embeddings=tied)
+        for name, data in tensors.items()
+    }
     assert {n: q.name for n, q in ours.items()} == {n: q.name for n, q in theirs.items()}
 
 
@@ -296,8 +319,9 @@ def test_legacy_bytes_equal_llama_cpps_encoder(qtype, data):
 def test_legacy_chunks_and_threads_give_the_whole_tensor_bytes(qtype):
     experts = np.random.default_rng(4).standard_normal((3, 700, 512)).astype(np.float32)
     whole = gguf.quants.quantize(experts, qtype)
-    chunked = encode_blocks(experts, qtype, lambda b: gguf.quants.quantize(b, qtype),
-                            threads=2, chunk_values=4096)  # 256+ chunks
+    chunked = encode_blocks(
+        experts, qtype, lambda b: gguf.quants.quantize(b, qtype), threads=2, chunk_values=4096
+    )  # 256+ chunks
     np.testing.assert_array_equal(chunked, whole)
     assert chunked.shape == whole.shape
 

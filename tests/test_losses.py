@@ -28,9 +28,7 @@ B, L = 3, 7
 
 
 def random_router_logits(n_layers: int, num_experts: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).normal(size=(n_layers, B, L, num_experts)) * 2).astype(
-        np.float32
-    )
+    return (np.random.default_rng(seed).normal(size=(n_layers, B, L, num_experts)) * 2).astype(np.float32)
 
 
 def padding_mask(seed: int = 1) -> np.ndarray:
@@ -54,9 +52,7 @@ def transformers_aux(func, x: np.ndarray, top_k: int, mask: np.ndarray | None) -
 
 @pytest.mark.parametrize("module", [modeling_mixtral, modeling_qwen2_moe], ids=["mixtral", "qwen2"])
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
-@pytest.mark.parametrize(
-    "n_layers, num_experts, top_k", [(1, 4, 1), (3, 8, 2), (2, 60, 4), (4, 128, 8)]
-)
+@pytest.mark.parametrize("n_layers, num_experts, top_k", [(1, 4, 1), (3, 8, 2), (2, 60, 4), (4, 128, 8)])
 def test_load_balancing_loss_equals_transformers(module, padded, n_layers, num_experts, top_k):
     x = random_router_logits(n_layers, num_experts, seed=num_experts)
     mask = padding_mask() if padded else None
@@ -263,8 +259,9 @@ def test_linear_cross_entropy_value_and_gradient_equal_torch(head, compiled):
     value, grad = value_and_grad(mx.array(a))
     expected_value, expected_grad = torch_weighted_ce_and_grad(x, a, head_weight, targets, weight)
     assert value.item() == pytest.approx(expected_value, rel=1e-5)
-    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-4,
-                               atol=1e-4 * np.abs(expected_grad).max())
+    np.testing.assert_allclose(
+        np.array(grad), expected_grad, rtol=1e-4, atol=1e-4 * np.abs(expected_grad).max()
+    )
 
 
 def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
@@ -286,14 +283,18 @@ def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
             mx.eval(mx.grad(loss)(h))
             return mx.get_peak_memory() - before
 
-        return (peak(lambda h: linear_cross_entropy(h, head, targets, weight, vocab)),
-                peak(lambda h: cross_entropy(head(h)[None], targets[None], weight[None])))
+        return (
+            peak(lambda h: linear_cross_entropy(h, head, targets, weight, vocab)),
+            peak(lambda h: cross_entropy(head(h)[None], targets[None], weight[None])),
+        )
 
     (chunked_1k, full_1k), (chunked_4k, full_4k) = peaks(1024), peaks(4096)
     logits_4k = 4096 * vocab * 4  # 500 MiB of float32
-    print(f"gradient peak at 4096 answer tokens x {vocab} vocabulary: chunked {chunked_4k / 2**20:.0f} MiB, "
-          f"full logits {full_4k / 2**20:.0f} MiB "
-          f"(1024 tokens: {chunked_1k / 2**20:.0f} / {full_1k / 2**20:.0f})")
+    print(
+        f"gradient peak at 4096 answer tokens x {vocab} vocabulary: chunked {chunked_4k / 2**20:.0f} MiB, "
+        f"full logits {full_4k / 2**20:.0f} MiB "
+        f"(1024 tokens: {chunked_1k / 2**20:.0f} / {full_1k / 2**20:.0f})"
+    )
     assert full_4k > 2 * logits_4k and full_4k > 3.5 * full_1k  # logits, softmax, gradient
     assert chunked_4k - chunked_1k < 16 << 20  # a few MiB of gradient rows, no logits
     assert chunked_4k < logits_4k / 4
@@ -305,7 +306,8 @@ def test_head_cross_entropy_is_linear_cross_entropys_value():
     x = rng.normal(size=(N_ROWS, HIDDEN)).astype(np.float32)
     targets = rng.integers(0, VOCAB, N_ROWS).astype(np.int32)
     weight = (rng.random(N_ROWS) > 0.2).astype(np.float32)
-    expected, _ = torch_weighted_ce_and_grad(x, np.eye(HIDDEN, dtype=np.float32), head_weight,
-                                             targets, weight)
+    expected, _ = torch_weighted_ce_and_grad(
+        x, np.eye(HIDDEN, dtype=np.float32), head_weight, targets, weight
+    )
     value = head_cross_entropy(mx.array(x), project, mx.array(targets), mx.array(weight), VOCAB)
     assert value.item() == pytest.approx(expected, rel=1e-5)

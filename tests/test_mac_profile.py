@@ -71,8 +71,17 @@ def assert_bfloat16_stream(seen: list[tuple]) -> None:
 
 def recipe(model: Path, data: Path, **train_overrides):
     lora = train_overrides.pop("lora", {})
-    settings = dict(iters=12, batch_size=4, learning_rate=2e-3, warmup=0, report_every=4,
-                    val_every=6, save_every=0, max_seq_len=64, **MAC)
+    settings = dict(
+        iters=12,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup=0,
+        report_every=4,
+        val_every=6,
+        save_every=0,
+        max_seq_len=64,
+        **MAC,
+    )
     settings.update(train_overrides)
     r = load_recipe(None, train=settings, lora=lora)
     r.model, r.data = str(model), str(data)
@@ -83,12 +92,20 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("family, group_size", [
-    ("qwen2_moe", 32), ("qwen2_moe", 64), ("qwen3_moe", 64), ("mixtral", 32), ("olmoe", 64),
-    ("granitemoe", 32),
-])
+@pytest.mark.parametrize(
+    "family, group_size",
+    [
+        ("qwen2_moe", 32),
+        ("qwen2_moe", 64),
+        ("qwen3_moe", 64),
+        ("mixtral", 32),
+        ("olmoe", 64),
+        ("granitemoe", 32),
+    ],
+)
 def test_a_bfloat16_4bit_model_with_expert_lora_keeps_bfloat16_hidden_states(
-        family, group_size, tmp_path, layer_dtypes):
+    family, group_size, tmp_path, layer_dtypes
+):
     folder = save(make_hf_model(family), tmp_path / family)
     model, _ = mlxmoe.load(folder, quantize=4, group_size=group_size, dtype="bfloat16")
     apply_adapters(model, AdapterSpec(strategy="all", rank=4))
@@ -105,8 +122,9 @@ def test_a_bfloat16_4bit_model_with_expert_lora_keeps_bfloat16_hidden_states(
     down = model.layers[0].moe.experts.down_proj.base
     assert isinstance(down, QuantizedExpertLinear) == (width % group_size == 0)
     # the same weights (bfloat16 values, 4-bit grid) computed in float32
-    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v, model.parameters())
+    )
     ref = model(tokens)
     p = mx.softmax(ref, axis=-1)
     kl = (p * (nn.log_softmax(ref, axis=-1) - nn.log_softmax(logits.astype(mx.float32), axis=-1))).sum(-1)
@@ -127,6 +145,7 @@ def hybrid_folder(family: str):
         from test_qwen3_next import save as save_hybrid
 
         return save_hybrid(make_hf(family), folder)
+
     return build
 
 
@@ -145,9 +164,14 @@ def deepseek_v2_folder(folder: Path, _) -> Path:
 
 
 # The families and formats added beside the first five: each in the Mac's configuration.
-MAC_BASES = {"gpt_oss": gpt_oss_folder, "gpt_oss-mxfp4": mxfp4_folder,
-             "qwen3_next": hybrid_folder("qwen3_next"), "qwen3_5_moe": hybrid_folder("qwen3_5_moe"),
-             "mlx-lm-4bit": mlx_lm_folder, "deepseek_v2": deepseek_v2_folder}
+MAC_BASES = {
+    "gpt_oss": gpt_oss_folder,
+    "gpt_oss-mxfp4": mxfp4_folder,
+    "qwen3_next": hybrid_folder("qwen3_next"),
+    "qwen3_5_moe": hybrid_folder("qwen3_5_moe"),
+    "mlx-lm-4bit": mlx_lm_folder,
+    "deepseek_v2": deepseek_v2_folder,
+}
 
 
 @pytest.mark.parametrize("base", sorted(MAC_BASES))
@@ -164,8 +188,9 @@ def test_every_family_and_format_runs_in_bfloat16_over_4_bits(base, tmp_path, re
     assert logits.dtype == mx.bfloat16 and all(r.dtype == mx.float32 for r in routers)
     assert_bfloat16_stream(layer_dtypes)
     # the same weights (bfloat16 values, 4-bit grids, float32 adapters) computed in float32
-    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v, model.parameters())
+    )
     ref = model(tokens)
     p = mx.softmax(ref, axis=-1)
     kl = (p * (nn.log_softmax(ref, axis=-1) - nn.log_softmax(logits.astype(mx.float32), axis=-1))).sum(-1)
@@ -177,7 +202,8 @@ def test_every_family_and_format_runs_in_bfloat16_over_4_bits(base, tmp_path, re
 
 @pytest.mark.parametrize("cpu, computed_in", [(True, mx.float32), (False, mx.bfloat16)])
 def test_expert_lora_and_float_experts_run_gather_mm_in_the_backends_dtype(
-        qwen2_moe, monkeypatch, cpu, computed_in):
+    qwen2_moe, monkeypatch, cpu, computed_in
+):
     """On a GPU (simulated: the kernel is only recorded, not run) gather_mm gets bfloat16;
     on the CPU, whose kernel is float32-only, float32, cast back to bfloat16 after."""
     model, _ = mlxmoe.load(qwen2_moe, quantize=4, group_size=64, dtype="bfloat16")
@@ -201,8 +227,9 @@ def test_expert_lora_and_float_experts_run_gather_mm_in_the_backends_dtype(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_loss_falls_for_every_strategy_in_bfloat16_over_4_bits(qwen2_moe, data, tmp_path, strategy,
-                                                                layer_dtypes):
+def test_loss_falls_for_every_strategy_in_bfloat16_over_4_bits(
+    qwen2_moe, data, tmp_path, strategy, layer_dtypes
+):
     result = train(recipe(qwen2_moe, data, lora={"strategy": strategy}), tmp_path, show_progress=False)
     rows = metrics(tmp_path)
     assert result.steps == 12
@@ -217,8 +244,7 @@ def test_loss_falls_for_every_strategy_in_bfloat16_over_4_bits(qwen2_moe, data, 
 def test_every_matrix_quantized_trains_in_bfloat16(tmp_path, data, layer_dtypes):
     # hidden 64, expert FFN 32, dense FFN 128: group 32 divides every input width
     model = make_trainable_checkpoint("qwen3_moe", tmp_path / "qwen3_moe")
-    train(recipe(model, data, group_size=32, val_every=0), tmp_path / "run",
-          show_progress=False)
+    train(recipe(model, data, group_size=32, val_every=0), tmp_path / "run", show_progress=False)
     rows = metrics(tmp_path / "run")
     assert rows[-1]["ce"] < rows[0]["ce"] - 0.3, [r["ce"] for r in rows]
     assert_bfloat16_stream(layer_dtypes)
@@ -241,14 +267,15 @@ def test_resume_in_bfloat16_continues_exactly(qwen2_moe, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_in_bfloat16_matches_float32_eval_of_the_same_adapter(qwen2_moe, data, tmp_path,
-                                                                   layer_dtypes):
+def test_eval_in_bfloat16_matches_float32_eval_of_the_same_adapter(qwen2_moe, data, tmp_path, layer_dtypes):
     train(recipe(qwen2_moe, data, iters=6, val_every=0), tmp_path, show_progress=False)
-    mac = evaluate(qwen2_moe, data / "valid.jsonl", adapter=tmp_path, dtype="bfloat16",
-                   max_new_tokens=8, limit=4)
+    mac = evaluate(
+        qwen2_moe, data / "valid.jsonl", adapter=tmp_path, dtype="bfloat16", max_new_tokens=8, limit=4
+    )
     assert_bfloat16_stream(layer_dtypes)
-    cpu = evaluate(qwen2_moe, data / "valid.jsonl", adapter=tmp_path, dtype="float32",
-                   max_new_tokens=8, limit=4)
+    cpu = evaluate(
+        qwen2_moe, data / "valid.jsonl", adapter=tmp_path, dtype="float32", max_new_tokens=8, limit=4
+    )
     assert mac.generated_samples == 4 and mac.rouge_l is not None
     # the same 4-bit weights; bfloat16 rounds activations to 8 bits of mantissa
     assert mac.perplexity == pytest.approx(cpu.perplexity, rel=0.05)
@@ -260,8 +287,7 @@ def test_ablate_runs_in_bfloat16_over_4_bits(qwen2_moe, data, tmp_path, layer_dt
     shutil.copytree(data, test)
     (test / "test.jsonl").write_text("".join((data / "valid.jsonl").read_text().splitlines(True)[:3]))
     r = recipe(qwen2_moe, test, iters=4, val_every=0, save_every=2)
-    result = ablate(r, tmp_path, ["attention", "experts"], max_new_tokens=6, plots=False,
-                    show_progress=False)
+    result = ablate(r, tmp_path, ["attention", "experts"], max_new_tokens=6, plots=False, show_progress=False)
     assert [row.name for row in result.rows] == ["base", "attention", "experts"]
     assert all(np.isfinite(row.perplexity) for row in result.rows)
     assert result.settings["recipe"]["train"]["dtype"] == "bfloat16"
@@ -278,8 +304,19 @@ def test_a_qlora_run_in_bfloat16_exports_a_q8_0_gguf_that_llama_cpp_runs(tmp_pat
         hf.lm_head.weight.mul_(4.0)  # better-separated logits: top-1 is meaningful
     model = save(hf, tmp_path / "model")
     data = write_qa_data(tmp_path / "data", n_train=8, n_valid=4)
-    train(recipe(model, data, iters=3, val_every=0, report_every=3, max_seq_len=48,
-                 lora={"strategy": "all", "rank": 4}), tmp_path / "run", show_progress=False)
+    train(
+        recipe(
+            model,
+            data,
+            iters=3,
+            val_every=0,
+            report_every=3,
+            max_seq_len=48,
+            lora={"strategy": "all", "rank": 4},
+        ),
+        tmp_path / "run",
+        show_progress=False,
+    )
     gguf = export_gguf(model, tmp_path / "q8_0.gguf", "q8_0", adapter=tmp_path / "run").path
 
     merged, tokenizer = mlxmoe.load(model, dtype="float32")
@@ -296,18 +333,26 @@ def test_a_qlora_run_in_bfloat16_exports_a_q8_0_gguf_that_llama_cpp_runs(tmp_pat
     assert agree >= 0.85  # tests/test_export.py's q8_0 bound: the format's near ties
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not LAUNCH.is_file(), reason="mlx.launch is not installed")
 def test_two_ranks_train_in_bfloat16_over_4_bits(qwen2_moe, data, tmp_path):
-    settings = {"lora": {"strategy": "experts"},
-                "train": dict(iters=4, batch_size=4, learning_rate=2e-3, warmup=0, report_every=1,
-                              val_every=0, save_every=4, max_seq_len=64, **MAC)}
+    settings = {
+        "lora": {"strategy": "experts"},
+        "train": dict(
+            iters=4,
+            batch_size=4,
+            learning_rate=2e-3,
+            warmup=0,
+            report_every=1,
+            val_every=0,
+            save_every=4,
+            max_seq_len=64,
+            **MAC,
+        ),
+    }
     script = tmp_path / "run.py"
     script.write_text(TRAIN_KEEPING_EACH_RANKS_ADAPTERS)
-    output = launch(str(script), str(qwen2_moe), str(data), str(tmp_path / "two"),
-                    json.dumps(settings))
+    output = launch(str(script), str(qwen2_moe), str(data), str(tmp_path / "two"), json.dumps(settings))
     assert "rank 0 of 2 finished 4 steps" in output and "rank 1 of 2 finished 4 steps" in output, output
     rank0 = mx.load(str(tmp_path / "two.rank0.safetensors"))
     rank1 = mx.load(str(tmp_path / "two.rank1.safetensors"))
@@ -328,13 +373,43 @@ def test_cli_train_and_eval_take_the_dtype(qwen2_moe, data, tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
-    mlxmoe_cli("train", "--model", str(qwen2_moe), "--data", str(data), "--out", str(tmp_path / "run"),
-               "--iters", "2", "--max-seq-len", "64", "--quantize", "4", "--dtype", "bfloat16",
-               "--no-plots")
+    mlxmoe_cli(
+        "train",
+        "--model",
+        str(qwen2_moe),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--iters",
+        "2",
+        "--max-seq-len",
+        "64",
+        "--quantize",
+        "4",
+        "--dtype",
+        "bfloat16",
+        "--no-plots",
+    )
     assert read_adapter_config(tmp_path / "run")["dtype"] == "bfloat16"
-    out = mlxmoe_cli("eval", "--model", str(qwen2_moe), "--adapter", str(tmp_path / "run"),
-                     "--data", str(data), "--limit", "2", "--max-new-tokens", "2", "--dtype",
-                     "bfloat16", "--json", str(tmp_path / "eval.json"), "--no-plots")
+    out = mlxmoe_cli(
+        "eval",
+        "--model",
+        str(qwen2_moe),
+        "--adapter",
+        str(tmp_path / "run"),
+        "--data",
+        str(data),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--json",
+        str(tmp_path / "eval.json"),
+        "--no-plots",
+    )
     assert "bfloat16, base 4-bit, group 64" in out
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["dtype"] == "bfloat16" and report["quantization"] == "4-bit, group 64"

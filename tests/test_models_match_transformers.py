@@ -60,16 +60,33 @@ def test_tied_embeddings_use_the_embedding_as_head(tmp_path):
 
 GRANITE_SHAPES = {
     # multi-head (no GQA), top-1 of 4, transformers' default multipliers (all 1.0)
-    "mha-top1-defaults": dict(num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=1,
-                              embedding_multiplier=1.0, attention_multiplier=1.0,
-                              residual_multiplier=1.0, logits_scaling=1.0),
+    "mha-top1-defaults": dict(
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        embedding_multiplier=1.0,
+        attention_multiplier=1.0,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+    ),
     # 8 heads sharing 2 KV heads, top-3 of 8, tied embeddings, 2 layers
-    "gqa4-top3-tied": dict(num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
-                           num_experts_per_tok=3, tie_word_embeddings=True, num_hidden_layers=2,
-                           intermediate_size=48),
+    "gqa4-top3-tied": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        tie_word_embeddings=True,
+        num_hidden_layers=2,
+        intermediate_size=48,
+    ),
     # wider, longer RoPE base, 1 KV head
-    "mqa-wide": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
-                     intermediate_size=64, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    "mqa-wide": dict(
+        hidden_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+    ),
 }
 
 

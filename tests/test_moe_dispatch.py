@@ -43,8 +43,7 @@ def experts_layer(seed: int = 2) -> SwitchExperts:
 
 def naive_experts(layer: SwitchExperts, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """One token and one chosen expert at a time, in float64."""
-    wg, wu, wd = (np.array(layer[n].weight, dtype=np.float64)
-                  for n in ("gate_proj", "up_proj", "down_proj"))
+    wg, wu, wd = (np.array(layer[n].weight, dtype=np.float64) for n in ("gate_proj", "up_proj", "down_proj"))
     out = np.zeros(indices.shape + (HIDDEN,))
     for t, chosen in enumerate(indices):
         for j, e in enumerate(chosen):
@@ -73,7 +72,8 @@ def test_the_gather_kernel_broadcasts_tokens_against_tokens_given_t_1_d_and_t_1(
     # The trap itself, so the shape assertions below guard against something real.
     t = 4
     out = mx.gather_mm(
-        mx.zeros((t, 1, HIDDEN)), mx.zeros((EXPERTS, HIDDEN, FFN)),
+        mx.zeros((t, 1, HIDDEN)),
+        mx.zeros((EXPERTS, HIDDEN, FFN)),
         rhs_indices=mx.zeros((t, 1), dtype=mx.uint32),
     )
     assert out.shape == (t, t, 1, FFN)
@@ -163,8 +163,7 @@ def naive_experts_mx(params: dict, x: mx.array, indices: np.ndarray) -> mx.array
 def test_gradients_reach_chosen_expert_weights_and_activations(tokens):
     layer, indices = experts_layer(), routing(tokens)
     x = mx.array(activations(tokens))
-    cotangent = mx.array(np.random.default_rng(3).standard_normal((tokens, TOP_K, HIDDEN)),
-                         dtype=mx.float32)
+    cotangent = mx.array(np.random.default_rng(3).standard_normal((tokens, TOP_K, HIDDEN)), dtype=mx.float32)
 
     def loss(params, x):
         layer.update(params)
@@ -188,10 +187,22 @@ def test_gradients_reach_chosen_expert_weights_and_activations(tokens):
 
 def moe_args(norm_topk_prob: bool) -> MoEArgs:
     return MoEArgs(
-        model_type="qwen3_moe", vocab_size=32, hidden_size=HIDDEN, num_layers=1, num_heads=2,
-        num_kv_heads=2, head_dim=HIDDEN // 2, intermediate_size=0, rms_norm_eps=1e-6,
-        rope_theta=1e4, rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False,
-        num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=FFN,
+        model_type="qwen3_moe",
+        vocab_size=32,
+        hidden_size=HIDDEN,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=HIDDEN // 2,
+        intermediate_size=0,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        moe_intermediate_size=FFN,
         norm_topk_prob=norm_topk_prob,
     )
 
@@ -296,8 +307,9 @@ def test_dense_dispatch_computes_the_chosen_experts_only_with_their_gradients(no
         np.testing.assert_allclose(g, np.array(ref["experts"][name]["weight"]), atol=1e-5, rtol=1e-4)
         unchosen = sorted(set(range(EXPERTS)) - set(chosen.flatten().tolist()))
         assert all(np.all(g[e] == 0) for e in unchosen), f"{name}: an unchosen expert got a gradient"
-    np.testing.assert_allclose(np.array(got["router"]["weight"]), np.array(ref["router"]["weight"]),
-                               atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.array(got["router"]["weight"]), np.array(ref["router"]["weight"]), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_dense_dispatch_equals_gather_with_expert_lora_and_a_shared_expert():
@@ -323,12 +335,15 @@ def test_dense_dispatch_equals_gather_with_expert_lora_and_a_shared_expert():
     flat_gather, flat_dense = dict(tree_flatten(g_gather)), dict(tree_flatten(g_dense))
     assert any("lora_a" in k for k in flat_gather) and flat_gather.keys() == flat_dense.keys()
     for key, value in flat_gather.items():
-        np.testing.assert_allclose(np.array(flat_dense[key]), np.array(value), atol=1e-5, rtol=1e-4,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            np.array(flat_dense[key]), np.array(value), atol=1e-5, rtol=1e-4, err_msg=key
+        )
 
 
-@pytest.mark.skipif(mx.default_device() != mx.cpu,
-                    reason="auto is dense only on MLX's CPU backend (test_platform simulates both)")
+@pytest.mark.skipif(
+    mx.default_device() != mx.cpu,
+    reason="auto is dense only on MLX's CPU backend (test_platform simulates both)",
+)
 def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float_experts(monkeypatch):
     from mlxmoe import blas
     from mlxmoe.nn.moe import set_dispatch

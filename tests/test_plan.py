@@ -42,21 +42,31 @@ def _real_bytes(module: nn.Module) -> int:
 def _quantized_layer_bytes(raw: dict, experts: int) -> int:
     """One real decoder layer of this config with ``experts`` experts: zero-filled bf16 arrays
     (float32 routers), quantized to 4 bits by our quantizer, at its model path."""
-    raw = {**raw, **{k: experts for k in EXPERT_KEYS if k in raw},
-           "num_experts_per_tok": 1, "num_hidden_layers": 1}
+    raw = {
+        **raw,
+        **{k: experts for k in EXPERT_KEYS if k in raw},
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 1,
+    }
     holder = nn.Module()
     holder.layers = [lazy_model(ConfigView(raw)).layers[0]]
-    holder.update(tree_unflatten([
-        (k, mx.zeros(v.shape, mx.float32 if role_is_router(k) else mx.bfloat16))
-        for k, v in tree_flatten(holder.parameters())]))
+    holder.update(
+        tree_unflatten(
+            [
+                (k, mx.zeros(v.shape, mx.float32 if role_is_router(k) else mx.bfloat16))
+                for k, v in tree_flatten(holder.parameters())
+            ]
+        )
+    )
     quantize_model(holder, 4, 64)
     return _real_bytes(holder)
 
 
 def _quantized_rows_bytes(module: nn.Module, rows: int) -> int:
     """Bytes per row of a real quantized embedding or head, times ``rows``."""
-    module.update(tree_unflatten([(k, mx.zeros(v.shape, mx.bfloat16))
-                                  for k, v in tree_flatten(module.parameters())]))
+    module.update(
+        tree_unflatten([(k, mx.zeros(v.shape, mx.bfloat16)) for k, v in tree_flatten(module.parameters())])
+    )
     quantize_model(module, 4, 64)
     size = _real_bytes(module)
     return size // 64 * rows
@@ -74,8 +84,9 @@ def test_4bit_weights_equal_our_quantizers_arrays_for_same_shape_layers(name):
     holder.embed_tokens = nn.Embedding(64, hidden)
     if not raw.get("tie_word_embeddings"):  # Granite's head is its embedding
         holder.lm_head = nn.Linear(hidden, 64, bias=False)
-    expected = (raw["num_hidden_layers"] * layer + _quantized_rows_bytes(holder, vocab)
-                + hidden * 2)  # the final norm
+    expected = (
+        raw["num_hidden_layers"] * layer + _quantized_rows_bytes(holder, vocab) + hidden * 2
+    )  # the final norm
     memory = model_memory(ConfigView(raw), mx.bfloat16, 4, 64, AdapterSpec())
     assert memory.quantized + memory.unquantized == expected
     assert "routers (float32)" in memory.unquantized_kinds and "norms" in memory.unquantized_kinds
@@ -83,8 +94,10 @@ def test_4bit_weights_equal_our_quantizers_arrays_for_same_shape_layers(name):
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_recipe_defaults_plan_is_above_the_base_and_checkpointing_lowers_it(name):
-    recipe_file = {"mixtral-8x7b": "mixtral-8x7b-instruct",
-                   "granite-3.1-3b-a800m": "granite-moe-3b-a800m"}.get(name, name)
+    recipe_file = {
+        "mixtral-8x7b": "mixtral-8x7b-instruct",
+        "granite-3.1-3b-a800m": "granite-moe-3b-a800m",
+    }.get(name, name)
     recipe = load_recipe(RECIPES / f"{recipe_file}.yaml", train={"grad_checkpoint": False})
     cfg = ConfigView(json.loads((CONFIGS / f"{name}.json").read_text()))
     full = plan_training(cfg, recipe)
@@ -96,11 +109,24 @@ def test_recipe_defaults_plan_is_above_the_base_and_checkpointing_lowers_it(name
     assert ckpt.peak - base >= 4 * full.memory.adapters
 
 
-TINY = dict(model_type="qwen3_moe", vocab_size=2048, hidden_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
-            moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-            max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1e6,
-            tie_word_embeddings=False)
+TINY = dict(
+    model_type="qwen3_moe",
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
 
 
 def _tiny_training(recipe):
@@ -147,13 +173,16 @@ def _measured_step_peak(recipe) -> int:
 
 # The dispatch is named, not auto: the test process runs MLX's bundled BLAS, where auto is
 # gather, while a plan on a Linux machine with OpenBLAS installed assumes dense.
-@pytest.mark.skipif(mx.default_device() != mx.cpu,
-                    reason="compares a plan for MLX's CPU backend with a step on the default device")
+@pytest.mark.skipif(
+    mx.default_device() != mx.cpu,
+    reason="compares a plan for MLX's CPU backend with a step on the default device",
+)
 @pytest.mark.parametrize("dispatch", ["gather", "dense"])
 def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
-    recipe = load_recipe(RECIPES / "tiny-cpu-demo.yaml",
-                         train={"quantize": 0, "batch_size": 2, "max_seq_len": 256,
-                                "moe_dispatch": dispatch})
+    recipe = load_recipe(
+        RECIPES / "tiny-cpu-demo.yaml",
+        train={"quantize": 0, "batch_size": 2, "max_seq_len": 256, "moe_dispatch": dispatch},
+    )
     measured = _measured_step_peak(recipe)
     plan = plan_training(ConfigView(TINY), recipe, "cpu")
     assert plan.dispatch == dispatch
@@ -171,8 +200,12 @@ def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(
     assert dispatch() == "gather"  # 128 x 128 experts: gather_mm runs them from cache
     mid = {**TINY, "moe_intermediate_size": 1024}  # 128 x 1024: dense pays at E/k 3, not 4
     assert dispatch(cfg=mid) == "gather" and dispatch(cfg={**mid, "num_experts": 6}) == "dense"
-    assert dispatch(cfg=wide, device="gpu") == dispatch(cfg=wide, fast=False) == \
-        dispatch(cfg=wide, quantize=4) == "gather"
+    assert (
+        dispatch(cfg=wide, device="gpu")
+        == dispatch(cfg=wide, fast=False)
+        == dispatch(cfg=wide, quantize=4)
+        == "gather"
+    )
     many = {**wide, "num_experts": 32}  # 16 experts per choice
     assert dispatch(cfg=many) == "gather" and dispatch(cfg=many, setting="dense") == "dense"
     assert dispatch(fast=False, setting="dense") == "dense"
@@ -189,11 +222,13 @@ def test_dense_plan_keeps_every_experts_activations_and_says_so():
     experts = {d: {i.name: i.bytes for i in p.items}["activations: experts"] for d, p in plans.items()}
     choices = TINY["num_experts"] // TINY["num_experts_per_tok"]
     assert experts["dense"] == choices * experts["gather"]
-    dispatch_line = {d: next(i.detail for i in p.items if i.name == "activations: MoE dispatch")
-                     for d, p in plans.items()}
+    dispatch_line = {
+        d: next(i.detail for i in p.items if i.name == "activations: MoE dispatch") for d, p in plans.items()
+    }
     assert "dense" in dispatch_line["dense"] and "gather" in dispatch_line["gather"]
-    result = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--device",
-                                       "gpu", "--memory", "64GB"])
+    result = CliRunner().invoke(
+        main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--device", "gpu", "--memory", "64GB"]
+    )
     assert result.exit_code == 0 and "gather dispatch" in result.output, result.output
 
 
@@ -229,11 +264,25 @@ def test_suggestions_bring_qwen3_30b_under_the_limit_of_a_32gb_mac():
 
 
 def test_plan_command_prints_the_breakdown_and_the_verdict():
-    result = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--recipe",
-                                       str(RECIPES / "mixtral-8x7b-instruct.yaml"), "--memory", "36GB"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "plan",
+            str(CONFIGS / "mixtral-8x7b.json"),
+            "--recipe",
+            str(RECIPES / "mixtral-8x7b-instruct.yaml"),
+            "--memory",
+            "36GB",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for text in ("base weights (quantized)", "AdamW state", "peak", "export to GGUF q8_0",
-                 "sysctl iogpu.wired_limit_mb="):
+    for text in (
+        "base weights (quantized)",
+        "AdamW state",
+        "peak",
+        "export to GGUF q8_0",
+        "sysctl iogpu.wired_limit_mb=",
+    ):
         assert text in result.output
     bad = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--memory", "big"])
     assert bad.exit_code == 2 and "expected a size" in bad.output
@@ -246,15 +295,34 @@ def test_the_verdict_is_taken_on_the_largest_phase_load_training_or_export():
     from mlxmoe.plan.load import plan_load
 
     cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
-    recipe = load_recipe(None, lora={"strategy": "attention", "rank": 1},
-                         train={"batch_size": 1, "max_seq_len": 64, "quantize": 4})
+    recipe = load_recipe(
+        None,
+        lora={"strategy": "attention", "rank": 1},
+        train={"batch_size": 1, "max_seq_len": 64, "quantize": 4},
+    )
     training = plan_training(cfg, recipe)
     load = plan_load(cfg, 4, 64, training.dtype)
     assert load.peak > training.peak
-    result = CliRunner().invoke(main, [
-        "plan", str(CONFIGS / "mixtral-8x7b.json"), "--memory", "32GB", "--strategy", "attention",
-        "--rank", "1", "--batch-size", "1", "--max-seq-len", "64", "--quantize", "4"],
-        env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        main,
+        [
+            "plan",
+            str(CONFIGS / "mixtral-8x7b.json"),
+            "--memory",
+            "32GB",
+            "--strategy",
+            "attention",
+            "--rank",
+            "1",
+            "--batch-size",
+            "1",
+            "--max-seq-len",
+            "64",
+            "--quantize",
+            "4",
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert f"the largest phase is the load, {load.peak / GiB:.2f} GiB" in text
@@ -264,8 +332,9 @@ def test_the_verdict_is_taken_on_the_largest_phase_load_training_or_export():
 
 
 def test_the_mxfp4_export_is_planned_for_gpt_oss_and_refused_for_other_families():
-    ok = CliRunner().invoke(main, ["plan", str(CONFIGS / "gpt-oss-20b.json"), "--gguf-type", "mxfp4"],
-                            env={"COLUMNS": "200"})
+    ok = CliRunner().invoke(
+        main, ["plan", str(CONFIGS / "gpt-oss-20b.json"), "--gguf-type", "mxfp4"], env={"COLUMNS": "200"}
+    )
     assert ok.exit_code == 0 and "export to GGUF mxfp4: peak" in ok.output, ok.output
     refused = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--gguf-type", "mxfp4"])
     assert refused.exit_code == 2, refused.output  # a user error: no traceback

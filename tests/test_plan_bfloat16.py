@@ -15,23 +15,66 @@ from step_memory import measure_fresh, predict, setting
 
 from mlxmoe.cli import main
 
-BASE = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-            rope_theta=1e6, tie_word_embeddings=False)
-QWEN3 = dict(BASE, model_type="qwen3_moe", head_dim=32, intermediate_size=256,
-             moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
-MIXTRAL = dict(BASE, model_type="mixtral", intermediate_size=192, num_local_experts=4,
-               num_experts_per_tok=2)
-QWEN2 = dict(BASE, model_type="qwen2_moe", num_key_value_heads=4, intermediate_size=256,
-             moe_intermediate_size=64, shared_expert_intermediate_size=256, num_experts=8,
-             num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
-OLMOE = dict(BASE, model_type="olmoe", hidden_size=96, num_key_value_heads=4,
-             intermediate_size=128, num_experts=8, num_experts_per_tok=2)
+BASE = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
+QWEN3 = dict(
+    BASE,
+    model_type="qwen3_moe",
+    head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+)
+MIXTRAL = dict(BASE, model_type="mixtral", intermediate_size=192, num_local_experts=4, num_experts_per_tok=2)
+QWEN2 = dict(
+    BASE,
+    model_type="qwen2_moe",
+    num_key_value_heads=4,
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=256,
+    num_experts=8,
+    num_experts_per_tok=2,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+OLMOE = dict(
+    BASE,
+    model_type="olmoe",
+    hidden_size=96,
+    num_key_value_heads=4,
+    intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
 # Gated DeltaNet in three layers of four (Qwen3.5's multimodal layout: text_config)
-QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=dict(
-    BASE, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-    linear_value_head_dim=32, moe_intermediate_size=128, shared_expert_intermediate_size=128,
-    num_experts=8, num_experts_per_tok=2, full_attention_interval=4))
+QWEN3_5 = dict(
+    model_type="qwen3_5_moe",
+    text_config=dict(
+        BASE,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        full_attention_interval=4,
+    ),
+)
 MAC = dict(bits=4, dtype="bfloat16", device="cpu")
 
 SETTINGS = [
@@ -65,8 +108,9 @@ def test_bfloat16_4bit_plan_is_within_10_percent_of_a_real_cpu_step(s):
 
 def test_a_cpu_plan_counts_the_float32_copies_a_gpu_does_not_make():
     s = SETTINGS[2]
-    lines = {device: {i.name: i.bytes for i in predict(dict(s, device=device)).items}
-             for device in ("cpu", "gpu")}
+    lines = {
+        device: {i.name: i.bytes for i in predict(dict(s, device=device)).items} for device in ("cpu", "gpu")
+    }
     experts, inter = MIXTRAL["num_local_experts"], MIXTRAL["intermediate_size"]
     # every layer's down projections [E, D, F]: attention's LoRA puts each MoE layer on the
     # gradient's path
@@ -81,8 +125,7 @@ def test_a_cpu_plan_counts_the_float32_copies_a_gpu_does_not_make():
 def test_plan_command_follows_the_dtype_and_says_which():
     config = str(Path(__file__).parent / "fixtures" / "configs" / "olmoe-1b-7b.json")
     runs = {}
-    for args in ([], ["--dtype", "float32"], ["--device", "cpu"],
-                 ["--device", "cpu", "--dtype", "bfloat16"]):
+    for args in ([], ["--dtype", "float32"], ["--device", "cpu"], ["--device", "cpu", "--dtype", "bfloat16"]):
         result = CliRunner().invoke(main, ["plan", config, "--memory", "64GB", *args])
         assert result.exit_code == 0, result.output
         runs[" ".join(args)] = " ".join(result.output.split())

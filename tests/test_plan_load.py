@@ -24,13 +24,18 @@ from mlxmoe.info import read_config
 from mlxmoe.load import load_model
 from mlxmoe.plan.load import plan_load
 
-WIDE = dict(hidden_size=256, moe_intermediate_size=256, num_experts=8, head_dim=32,
-            num_attention_heads=8, num_key_value_heads=4)
+WIDE = dict(
+    hidden_size=256,
+    moe_intermediate_size=256,
+    num_experts=8,
+    head_dim=32,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 
 
 def gpt_oss(folder: Path, mxfp4: bool) -> Path:
-    shape = {**GPT_OSS_SHAPES["gqa-window-4"], "hidden_size": 256, "intermediate_size": 256,
-             "head_dim": 64}
+    shape = {**GPT_OSS_SHAPES["gqa-window-4"], "hidden_size": 256, "intermediate_size": 256, "head_dim": 64}
     make_gpt_oss(**shape).save_pretrained(folder)
     if mxfp4:  # the experts as the hub publishes them
         tensors = load_file(folder / "model.safetensors")
@@ -54,15 +59,24 @@ def mlx_lm_4bit(folder: Path) -> Path:
 CHECKPOINTS = {
     "qwen3_moe float32": lambda f: save(make_hf_model("qwen3_moe", **WIDE), f, style="t4"),
     "qwen3_moe bfloat16, 32 experts": lambda f: save(
-        make_hf_model("qwen3_moe", **{**WIDE, "num_experts": 32, "moe_intermediate_size": 64},
-                      num_experts_per_tok=4).to(torch.bfloat16), f, style="t4"),
-    "mixtral bfloat16": lambda f: save(make_hf_model(
-        "mixtral", hidden_size=256, intermediate_size=256, num_attention_heads=8,
-        num_key_value_heads=4).to(torch.bfloat16), f, style="t4"),
+        make_hf_model(
+            "qwen3_moe", **{**WIDE, "num_experts": 32, "moe_intermediate_size": 64}, num_experts_per_tok=4
+        ).to(torch.bfloat16),
+        f,
+        style="t4",
+    ),
+    "mixtral bfloat16": lambda f: save(
+        make_hf_model(
+            "mixtral", hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4
+        ).to(torch.bfloat16),
+        f,
+        style="t4",
+    ),
     "qwen2_moe, shared expert": lambda f: save(make_hf_model("qwen2_moe", hidden_size=256), f),
     "olmoe bfloat16": lambda f: save(make_hf_model("olmoe", hidden_size=256).to(torch.bfloat16), f),
-    "llama, tied embeddings": lambda f: save(make_hf_model("llama", tie_word_embeddings=True,
-                                                           vocab_size=4000), f),
+    "llama, tied embeddings": lambda f: save(
+        make_hf_model("llama", tie_word_embeddings=True, vocab_size=4000), f
+    ),
     "gpt_oss float": lambda f: gpt_oss(f, mxfp4=False),
     "gpt_oss mxfp4": lambda f: gpt_oss(f, mxfp4=True),
     "qwen3_next, fused experts": lambda f: save_hybrid(make_hybrid("qwen3_next"), f),
@@ -104,8 +118,9 @@ def load_peak(folder: Path, bits: int, dtype: str) -> int:
 FAST = ("qwen3_moe float32", "gpt_oss mxfp4")  # the rest run in the full suite only
 
 
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in CHECKPOINTS])
+@pytest.mark.parametrize(
+    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in CHECKPOINTS]
+)
 def test_the_predicted_load_peak_is_within_10_percent_of_the_measured_one(folders, name):
     settings = [(4, "bfloat16"), (4, "float32")] if name == "mlx-lm 4-bit" else SETTINGS
     if name.startswith("llama") or name == "gpt_oss mxfp4":
@@ -119,8 +134,10 @@ def test_the_predicted_load_peak_is_within_10_percent_of_the_measured_one(folder
         # MLX's CPU stream may free an input before the next array is allocated: the peak
         # measured can fall below what the plan counts as alive at once, never above it
         measured = max(load_peak(folders[name], bits, dtype) for _ in range(3))
-        print(f"{name}, {bits or 'no'} bits, {dtype}: predicted {predicted / 2**20:.2f} MiB, "
-              f"measured {measured / 2**20:.2f} MiB ({predicted / measured:.3f})")
+        print(
+            f"{name}, {bits or 'no'} bits, {dtype}: predicted {predicted / 2**20:.2f} MiB, "
+            f"measured {measured / 2**20:.2f} MiB ({predicted / measured:.3f})"
+        )
         assert abs(predicted / measured - 1) <= 0.10, (bits, dtype, predicted, measured)
 
 

@@ -81,8 +81,9 @@ def test_memory_given_on_the_command_line_overrides_what_metal_reports(monkeypat
     assert b.source == "a 64 GB Mac; macOS's default is ~3/4 of RAM"
 
 
-@pytest.mark.parametrize("info", [None, {"architecture": "x86_64", "device_name": "Intel"}],
-                         ids=["no Metal", "no memory figures"])
+@pytest.mark.parametrize(
+    "info", [None, {"architecture": "x86_64", "device_name": "Intel"}], ids=["no Metal", "no memory figures"]
+)
 def test_without_metals_figures_the_budget_is_a_32gb_mac_by_macos_rule(monkeypatch, info):
     calls = simulate_metal(monkeypatch, info)
     b = budget(None)
@@ -91,24 +92,30 @@ def test_without_metals_figures_the_budget_is_a_32gb_mac_by_macos_rule(monkeypat
     assert b.source == "a 32 GB (default; set --memory) Mac; macOS's default is ~2/3 of RAM"
 
 
-@pytest.mark.parametrize("ram_gb, default_gib", [(8, 16 / 3), (16, 32 / 3), (24, 16), (32, 64 / 3),
-                                                 (36, 24), (48, 36), (64, 48), (96, 72), (128, 96)])
+@pytest.mark.parametrize(
+    "ram_gb, default_gib",
+    [(8, 16 / 3), (16, 32 / 3), (24, 16), (32, 64 / 3), (36, 24), (48, 36), (64, 48), (96, 72), (128, 96)],
+)
 def test_macos_wires_two_thirds_of_ram_up_to_36gb_and_three_quarters_above(ram_gb, default_gib):
     assert default_wired_limit(ram_gb * GiB) == pytest.approx(default_gib * GiB, abs=1)
 
 
 def test_the_rule_is_what_metal_reports_on_a_32gb_mac():
     assert default_wired_limit(MAC_32GB["memory_size"]) == pytest.approx(
-        MAC_32GB["max_recommended_working_set_size"], rel=1e-5)
+        MAC_32GB["max_recommended_working_set_size"], rel=1e-5
+    )
 
 
-@pytest.mark.parametrize("ram_gb, peak_gib, sysctl", [
-    (32, 22, "sudo sysctl iogpu.wired_limit_mb=25600"),  # 22 GiB + 10% = 24.2 -> 25 GiB
-    (32, 26, "sudo sysctl iogpu.wired_limit_mb=28672"),  # 28.6 GiB, capped at RAM - 4 GiB
-    (64, 50, "sudo sysctl iogpu.wired_limit_mb=56320"),  # 55 GiB
-    (64, 59, "sudo sysctl iogpu.wired_limit_mb=61440"),  # 64.9 GiB, capped at 60
-    (128, 100, "sudo sysctl iogpu.wired_limit_mb=112640"),  # 110 GiB
-])
+@pytest.mark.parametrize(
+    "ram_gb, peak_gib, sysctl",
+    [
+        (32, 22, "sudo sysctl iogpu.wired_limit_mb=25600"),  # 22 GiB + 10% = 24.2 -> 25 GiB
+        (32, 26, "sudo sysctl iogpu.wired_limit_mb=28672"),  # 28.6 GiB, capped at RAM - 4 GiB
+        (64, 50, "sudo sysctl iogpu.wired_limit_mb=56320"),  # 55 GiB
+        (64, 59, "sudo sysctl iogpu.wired_limit_mb=61440"),  # 64.9 GiB, capped at 60
+        (128, 100, "sudo sysctl iogpu.wired_limit_mb=112640"),  # 110 GiB
+    ],
+)
 def test_the_wired_limit_advice_covers_the_peak_with_a_margin_and_leaves_4gib(ram_gb, peak_gib, sysctl):
     b = budget(f"{ram_gb}GB")
     v = verdict(peak_gib * GiB, b)
@@ -124,13 +131,12 @@ def test_no_advice_under_the_default_limit_or_over_ram_less_4gib():
 
 def test_plan_on_a_simulated_mac_uses_metals_limit_and_prints_the_sysctl(monkeypatch):
     recipe_file = RECIPES / "qwen3-30b-a3b.yaml"
-    peak = plan_training(read_config(str(CONFIGS / "qwen3-30b-a3b.json")),
-                         load_recipe(recipe_file)).peak
+    peak = plan_training(read_config(str(CONFIGS / "qwen3-30b-a3b.json")), load_recipe(recipe_file)).peak
     # Metal's working set just under the plan's peak, on a Mac large enough to raise it
-    simulate_metal(monkeypatch, {"memory_size": 96 * GiB,
-                                 "max_recommended_working_set_size": peak - GiB})
-    result = CliRunner().invoke(main, ["plan", str(CONFIGS / "qwen3-30b-a3b.json"),
-                                       "--recipe", str(recipe_file)])
+    simulate_metal(monkeypatch, {"memory_size": 96 * GiB, "max_recommended_working_set_size": peak - GiB})
+    result = CliRunner().invoke(
+        main, ["plan", str(CONFIGS / "qwen3-30b-a3b.json"), "--recipe", str(recipe_file)]
+    )
     assert result.exit_code == 0, result.output
     printed = " ".join(result.output.split())  # rich wraps lines at the terminal's width
     assert "this Mac: Metal's recommended working set" in printed
@@ -166,10 +172,24 @@ def test_macos_never_reexecutes_and_says_it_runs_the_platforms_blas(monkeypatch,
 
 def test_auto_dispatch_is_gather_on_a_gpu_even_with_a_fast_blas(monkeypatch):
     wide = MoEArgs(  # 64 x 16384 experts, E/k 3: dense on a CPU with a fast BLAS
-        model_type="qwen3_moe", vocab_size=32, hidden_size=64, num_layers=1, num_heads=2,
-        num_kv_heads=2, head_dim=32, intermediate_size=0, rms_norm_eps=1e-6, rope_theta=1e4,
-        rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False, num_experts=6,
-        num_experts_per_tok=2, moe_intermediate_size=16384, norm_topk_prob=True)
+        model_type="qwen3_moe",
+        vocab_size=32,
+        hidden_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=0,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16384,
+        norm_topk_prob=True,
+    )
     moe = SparseMoE(wide)
     monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
@@ -179,11 +199,26 @@ def test_auto_dispatch_is_gather_on_a_gpu_even_with_a_fast_blas(monkeypatch):
 
 
 def test_a_cpu_plan_assumes_dense_only_on_linux_where_openblas_is_preloaded(monkeypatch):
-    wide = ConfigView(dict(  # 128 x 8192 experts at E/k 4: dense on a CPU with a fast BLAS
-        model_type="qwen3_moe", vocab_size=2048, hidden_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
-        moe_intermediate_size=8192, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-        max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False))
+    wide = ConfigView(
+        dict(  # 128 x 8192 experts at E/k 4: dense on a CPU with a fast BLAS
+            model_type="qwen3_moe",
+            vocab_size=2048,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            moe_intermediate_size=8192,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        )
+    )
     args = lazy_model(wide).args
     train = load_recipe(None, train={"quantize": 0}).train
     monkeypatch.setattr("mlxmoe.plan.training.choose_library", lambda: Path("/usr/lib/libopenblas.so.0"))

@@ -21,12 +21,17 @@ def report(step: int, loads: list[list[float] | None], layers=(0, 2)) -> dict:
     entries = []
     for layer, load in zip(layers, loads):
         spread = None if load is None else float(np.std(np.array(load) * len(load)))
-        entries.append({"layer": layer, "tokens": 0 if load is None else 40, "load": load,
-                        "spread": spread})
+        entries.append({"layer": layer, "tokens": 0 if load is None else 40, "load": load, "spread": spread})
     spreads = [e["spread"] for e in entries if e["spread"] is not None]
-    return {"step": step, "loss": 6.0 - 0.1 * step, "ce": 5.9 - 0.1 * step, "aux": 2.0 + 0.01 * step,
-            "z": 4.0 - 0.02 * step, "tokens_per_s": 100.0,
-            "experts": {"spread": float(np.mean(spreads)), "layers": entries}}
+    return {
+        "step": step,
+        "loss": 6.0 - 0.1 * step,
+        "ce": 5.9 - 0.1 * step,
+        "aux": 2.0 + 0.01 * step,
+        "z": 4.0 - 0.02 * step,
+        "tokens_per_s": 100.0,
+        "experts": {"spread": float(np.mean(spreads)), "layers": entries},
+    }
 
 
 ROWS = [
@@ -75,7 +80,9 @@ def test_loss_figure_draws_loss_aux_and_z_against_the_step(tmp_path):
 def test_heatmap_shows_the_first_and_the_last_report_load(tmp_path):
     panels = plots.training_panels(ROWS)
     assert [title for title, _, _ in panels] == [
-        "first report (step 2, spread 0.71)", "last report (step 6, spread 0.72)"]
+        "first report (step 2, spread 0.71)",
+        "last report (step 6, spread 0.72)",
+    ]
     fig = plots.load_heatmap_figure(panels)
     first, last = fig.axes[:2]
     expected_first = np.array([[0.5, 0.25, 0.25, 0.0], [np.nan] * 4])  # layer 2 saw no tokens
@@ -101,8 +108,9 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
         assert imread(path).shape[2] == 4
     dense = tmp_path / "dense"
     dense.mkdir()
-    (dense / "metrics.jsonl").write_text(json.dumps({k: v for k, v in ROWS[0].items()
-                                                     if k != "experts"}) + "\n")
+    (dense / "metrics.jsonl").write_text(
+        json.dumps({k: v for k, v in ROWS[0].items() if k != "experts"}) + "\n"
+    )
     assert plots.training_plots(dense) == [dense / "loss.png"]  # no experts, no heatmap
     (dense / "metrics.jsonl").write_text("")
     with pytest.raises(MlxMoeError, match="no report rows"):
@@ -112,10 +120,8 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
 def test_ablation_bars_are_the_table_values(tmp_path):
     rows = [
         {"name": "base", "rouge_l": 0.11, "perplexity": 34.4, "spread": 0.41, "generation_tps": 4.9},
-        {"name": "attention", "rouge_l": None, "perplexity": 20.5, "spread": 0.52,
-         "generation_tps": 4.7},
-        {"name": "experts", "rouge_l": 0.30, "perplexity": 12.25, "spread": 0.38,
-         "generation_tps": 3.1},
+        {"name": "attention", "rouge_l": None, "perplexity": 20.5, "spread": 0.52, "generation_tps": 4.7},
+        {"name": "experts", "rouge_l": 0.30, "perplexity": 12.25, "spread": 0.38, "generation_tps": 3.1},
     ]
     fig = plots.ablation_figure(rows)
     assert len(fig.axes) == len(plots.ABLATION_BARS)
@@ -161,8 +167,10 @@ def small_qa_data(tmp_path_factory) -> Path:
 def test_train_cli_writes_and_prints_the_loss_and_load_plots(qwen2_moe, small_qa_data, tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("train:\n  iters: 4\n  quantize: 0\n  report_every: 2\n  val_every: 0\n"
-                      "  save_every: 0\n  max_seq_len: 64\n  learning_rate: 2.0e-3\n")
+    recipe.write_text(
+        "train:\n  iters: 4\n  quantize: 0\n  report_every: 2\n  val_every: 0\n"
+        "  save_every: 0\n  max_seq_len: 64\n  learning_rate: 2.0e-3\n"
+    )
     proc = run_cli("train", "--model", qwen2_moe, "--data", small_qa_data, "--out", out, "--recipe", recipe)
     assert f"plot: {out / 'loss.png'}" in proc.output
     assert f"plot: {out / 'expert_load.png'}" in proc.output

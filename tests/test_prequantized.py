@@ -26,8 +26,11 @@ from mlxmoe.train import train
 # Where mlx-lm 0.32.2 reads a config differently from transformers, the checkpoint avoids it
 # (its OLMoE ignores clip_qkv, its Qwen2-MoE makes every layer sparse; its Granite MoE puts
 # the experts' down projections in groups of 64 whatever the group size asked).
-MLX_LM_COMPATIBLE = {"olmoe": {"clip_qkv": None}, "qwen2_moe": {"mlp_only_layers": []},
-                     "granitemoe": {"intermediate_size": 64}}
+MLX_LM_COMPATIBLE = {
+    "olmoe": {"clip_qkv": None},
+    "qwen2_moe": {"mlp_only_layers": []},
+    "granitemoe": {"intermediate_size": 64},
+}
 
 
 def mlx_lm_quantized(folder: Path, out: Path, bits: int = 4, group_size: int = 64) -> Path:
@@ -41,21 +44,26 @@ def mlx_lm_quantized(folder: Path, out: Path, bits: int = 4, group_size: int = 6
 
 def float_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     tokenizer = make_tokenizer(folder)
-    model = make_hf_model(family, seed=seed, vocab_size=len(tokenizer),
-                          **MLX_LM_COMPATIBLE.get(family, {}))
+    model = make_hf_model(family, seed=seed, vocab_size=len(tokenizer), **MLX_LM_COMPATIBLE.get(family, {}))
     return save(model, folder, style="t4")  # mlx-lm reads no transformers-5 config
 
 
-@pytest.mark.parametrize("family, bits, group_size", [
-    ("qwen3_moe", 4, 64), ("mixtral", 4, 32), ("qwen2_moe", 4, 64), ("olmoe", 4, 64),
-    ("qwen2_moe", 8, 64), ("llama", 4, 64), ("granitemoe", 4, 64),
-])
-def test_an_mlx_lm_quantized_checkpoint_computes_what_mlx_lm_computes(family, bits, group_size,
-                                                                      tmp_path):
+@pytest.mark.parametrize(
+    "family, bits, group_size",
+    [
+        ("qwen3_moe", 4, 64),
+        ("mixtral", 4, 32),
+        ("qwen2_moe", 4, 64),
+        ("olmoe", 4, 64),
+        ("qwen2_moe", 8, 64),
+        ("llama", 4, 64),
+        ("granitemoe", 4, 64),
+    ],
+)
+def test_an_mlx_lm_quantized_checkpoint_computes_what_mlx_lm_computes(family, bits, group_size, tmp_path):
     import mlx_lm
 
-    folder = mlx_lm_quantized(float_checkpoint(family, tmp_path / "float"), tmp_path / "q",
-                              bits, group_size)
+    folder = mlx_lm_quantized(float_checkpoint(family, tmp_path / "float"), tmp_path / "q", bits, group_size)
     reference, _ = mlx_lm.load(str(folder))
     ours, tokenizer = mlxmoe.load(folder, dtype="float32")
     assert ours.quantization.bits == bits and tokenizer is not None
@@ -90,9 +98,20 @@ def quantized_run(tmp_path_factory):
         hf.lm_head.weight.mul_(4.0)  # better-separated logits: top-1 is meaningful
     float_folder = save(hf, root / "float", style="t4")
     quantized = mlx_lm_quantized(float_folder, root / "q4")
-    recipe = load_recipe(None, train=dict(iters=6, batch_size=4, learning_rate=5e-3, warmup=0,
-                                          quantize=4, report_every=3, val_every=0, max_seq_len=48),
-                         lora=dict(strategy="all", rank=4))
+    recipe = load_recipe(
+        None,
+        train=dict(
+            iters=6,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=4,
+            report_every=3,
+            val_every=0,
+            max_seq_len=48,
+        ),
+        lora=dict(strategy="all", rank=4),
+    )
     recipe.model, recipe.data = str(quantized), str(write_qa_data(root / "data", n_train=8, n_valid=4))
     train(recipe, root / "run", show_progress=False)
     return float_folder, quantized, root / "run"
@@ -109,8 +128,7 @@ def test_qlora_over_an_mlx_lm_quantized_base_trains(quantized_run):
 @pytest.mark.slow
 def test_export_with_base_weights_merges_into_the_full_precision_release(quantized_run, tmp_path):
     float_folder, quantized, run = quantized_run
-    through = export_gguf(quantized, tmp_path / "through.gguf", "f16", run,
-                          base_weights=float_folder).path
+    through = export_gguf(quantized, tmp_path / "through.gguf", "f16", run, base_weights=float_folder).path
     # the same merge done directly on the float folder (the adapter's fingerprint is the
     # quantized folder's, hence force), under the quantized folder's name (general.name)
     same_name = shutil.copytree(float_folder, tmp_path / quantized.name)
@@ -150,12 +168,17 @@ def test_export_from_the_grid_warns_and_llama_cpp_computes_it(quantized_run, tmp
     assert np.abs(ours - theirs).max() < 0.1  # f16 rounding of the merged grid
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "quant_method is 'fp8'"),
-    ({"quantization": {"bits": 4, "group_size": 64, "mode": "mxfp4"}}, "mode 'mxfp4'"),
-    ({"quantization": {"bits": 4}}, "needs 'bits' and 'group_size'"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+            "quant_method is 'fp8'",
+        ),
+        ({"quantization": {"bits": 4, "group_size": 64, "mode": "mxfp4"}}, "mode 'mxfp4'"),
+        ({"quantization": {"bits": 4}}, "needs 'bits' and 'group_size'"),
+    ],
+)
 def test_other_quantized_formats_are_refused_naming_the_format(tmp_path, config, message):
     folder = save(make_hf_model("qwen3_moe"), tmp_path / "m")
     raw = json.loads((folder / "config.json").read_text())

@@ -36,11 +36,21 @@ MAX_LOGIT_DIFF = 1e-5
 # its OLMoE ignores clip_qkv and its Qwen2-MoE makes every layer sparse (mlp_only_layers).
 # Qwen3-MoE, which reads mlp_only_layers, keeps a dense layer.
 # mlx-lm's DeepSeek-V2 builds no model without rope scaling (it reads rope_scaling["factor"]).
-MLX_LM_COMPATIBLE = {"olmoe": {"clip_qkv": None}, "qwen2_moe": {"mlp_only_layers": []},
-                     "qwen3_moe": {"mlp_only_layers": [1]},
-                     "deepseek_v2": {"rope_parameters": {
-                         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
-                         "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}}}
+MLX_LM_COMPATIBLE = {
+    "olmoe": {"clip_qkv": None},
+    "qwen2_moe": {"mlp_only_layers": []},
+    "qwen3_moe": {"mlp_only_layers": [1]},
+    "deepseek_v2": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 64,
+        }
+    },
+}
 
 
 def tokens(shape: tuple[int, int], vocab_size: int, seed: int = 0) -> mx.array:
@@ -70,7 +80,8 @@ def dequantized_copy(quantized: nn.Module, folder) -> nn.Module:
     for path, module in quantized.named_modules():
         if "scales" in module:
             weights[f"{path}.weight"] = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits)
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            )
     assert weights and weights.keys() <= dict(tree_flatten(model.parameters())).keys()
     model.load_weights(list(weights.items()), strict=False)
     model.update(tree_unflatten(tree_flatten(quantized.trainable_parameters())))
@@ -88,9 +99,7 @@ def loss_and_lora_grads(model: nn.Module, batch: mx.array) -> tuple[float, dict[
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_lora_gradients_over_a_4_bit_base_equal_those_over_its_dequantized_weights(
-    qwen2_moe_folder, shape
-):
+def test_lora_gradients_over_a_4_bit_base_equal_those_over_its_dequantized_weights(qwen2_moe_folder, shape):
     quantized, _ = mlxmoe.load(qwen2_moe_folder, quantize=4, dtype=mx.float32)
     apply_adapters(quantized, AdapterSpec(strategy="experts"))
     with_random_lora_b(quantized)
@@ -134,15 +143,23 @@ def checkpoint(request, tmp_path_factory):
 
 
 # every family at 4 bits; 8 bits on the one with a shared expert
-@pytest.mark.parametrize("checkpoint, bits", [*((f, 4) for f in sorted(TINY_CONFIGS)),
-                                              ("qwen2_moe", 8)], indirect=["checkpoint"])
+@pytest.mark.parametrize(
+    "checkpoint, bits", [*((f, 4) for f in sorted(TINY_CONFIGS)), ("qwen2_moe", 8)], indirect=["checkpoint"]
+)
 def test_quantized_logits_equal_mlx_lm_convert_of_the_same_checkpoint(checkpoint, bits, tmp_path):
     import mlx_lm
     from mlx_lm.convert import convert
 
     family, folder = checkpoint
-    convert(str(folder), str(tmp_path / "mlx"), quantize=True, q_bits=bits, q_group_size=64,
-            dtype="float32", quant_predicate=keep_routers_float)
+    convert(
+        str(folder),
+        str(tmp_path / "mlx"),
+        quantize=True,
+        q_bits=bits,
+        q_group_size=64,
+        dtype="float32",
+        quant_predicate=keep_routers_float,
+    )
     reference, _ = mlx_lm.load(str(tmp_path / "mlx"))
     ours, _ = mlxmoe.load(folder, quantize=bits, group_size=64, dtype=mx.float32)
 

@@ -51,8 +51,9 @@ def test_recipe_plans_under_a_32gb_macs_default_gpu_limit_load_included():
 
 
 def test_plan_command_says_the_recipe_fits():
-    result = CliRunner().invoke(main, ["plan", str(CONFIG), "--recipe", str(RECIPE), "--memory", "32GB"],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        main, ["plan", str(CONFIG), "--recipe", str(RECIPE), "--memory", "32GB"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "fits under the default GPU limit" in text

@@ -23,24 +23,48 @@ from mlxmoe.nn.gated_deltanet import DeltaNetCache
 
 TOKENS = np.random.default_rng(7).integers(0, 96, size=(2, 21))
 # Two value heads per key head and Dk != Dv, so a wrong head grouping shows
-TEXT = dict(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-            linear_value_head_dim=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-            num_experts=6, num_experts_per_tok=2, max_position_embeddings=256,
-            tie_word_embeddings=False)
+TEXT = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_experts=6,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 # A vision tower as small as transformers builds one: saved with the checkpoint, never read
-VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
-              patch_size=4, temporal_patch_size=2, num_position_embeddings=16)
+VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
 # Layer patterns: "hub" configs say full_attention_interval and rope_theta /
 # partial_rotary_factor at the top level, as the hub's Qwen3-Next does; the others are
 # save_pretrained's (layer_types, rope_parameters).
 PATTERNS = {
     "interval-2": (dict(num_hidden_layers=4, full_attention_interval=2), "hub"),
     "interval-4": (dict(num_hidden_layers=4), "hub"),
-    "layer-types": (dict(num_hidden_layers=3,
-                         layer_types=["full_attention", "linear_attention", "linear_attention"],
-                         rope_parameters=dict(rope_type="default", rope_theta=5000.0,
-                                              partial_rotary_factor=0.5)), "t5"),
+    "layer-types": (
+        dict(
+            num_hidden_layers=3,
+            layer_types=["full_attention", "linear_attention", "linear_attention"],
+            rope_parameters=dict(rope_type="default", rope_theta=5000.0, partial_rotary_factor=0.5),
+        ),
+        "t5",
+    ),
 }
 # Qwen3-Next only: a dense layer among the sparse ones
 NEXT_EXTRA = {"interval-4": dict(mlp_only_layers=[1], intermediate_size=40)}
@@ -85,8 +109,9 @@ def save(model: torch.nn.Module, folder: Path, style: str = "t5") -> Path:
         text = config.get("text_config", config)
         types = text.pop("layer_types")
         interval = types.index("full_attention") + 1
-        assert types == ["linear_attention" if (i + 1) % interval else "full_attention"
-                         for i in range(len(types))]
+        assert types == [
+            "linear_attention" if (i + 1) % interval else "full_attention" for i in range(len(types))
+        ]
         text["full_attention_interval"] = interval
         rope = text.pop("rope_parameters")
         text["rope_theta"], text["partial_rotary_factor"] = rope["rope_theta"], rope["partial_rotary_factor"]
@@ -152,7 +177,7 @@ def test_decoding_with_the_cache_equals_the_full_forward_pass(family, checkpoint
     cache = make_prompt_cache(model)
     assert [type(c) for c in cache] == [DeltaNetCache, KVCache] * 2
     steps = [model(tokens[:, :6], cache=cache)]
-    steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(6, 14)]
+    steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(6, 14)]
     steps.append(model(tokens[:, 14:], cache=cache))
     assert max_abs(mx.concatenate(steps, axis=1), full) < 1e-4
 
@@ -166,7 +191,7 @@ def test_mlx_lm_greedy_generation_equals_the_uncached_argmax(checkpoints):
     tokens = list(prompt)
     for _ in range(6):
         tokens.append(int(mx.argmax(model(mx.array([tokens]))[0, -1])))
-    assert generated == tokens[len(prompt):]
+    assert generated == tokens[len(prompt) :]
 
 
 def test_other_families_keep_mlx_lm_default_cache(tmp_path):
@@ -227,8 +252,10 @@ def test_fused_experts_load_as_the_per_expert_tensors(family, checkpoints, tmp_p
     def fuse(tensors):
         for stem in {n.rsplit(".experts.", 1)[0] for n in tensors if ".experts." in n}:
             experts = range(TEXT["num_experts"])
-            gate, up, down = ([tensors.pop(f"{stem}.experts.{e}.{p}.weight") for e in experts]
-                              for p in ("gate_proj", "up_proj", "down_proj"))
+            gate, up, down = (
+                [tensors.pop(f"{stem}.experts.{e}.{p}.weight") for e in experts]
+                for p in ("gate_proj", "up_proj", "down_proj")
+            )
             tensors[f"{stem}.experts.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], 1)
             tensors[f"{stem}.experts.down_proj"] = torch.stack(down)
 
@@ -250,23 +277,36 @@ def test_4bit_base_quantizes_projections_and_experts_and_keeps_the_rest_float(fa
     ref, _ = mlxmoe.load(folder, dtype=mx.float32)
     linear, full = quant.layers[0], quant.layers[1]
     fused = family == "qwen3_next"
-    quantized = [full.attn.q_proj, full.attn.o_proj, linear.linear_attn.out_proj,
-                 linear.moe.shared_expert.up_proj, quant.embed_tokens, quant.lm_head]
-    quantized += [linear.linear_attn.in_proj_qkvz] if fused else [linear.linear_attn.in_proj_qkv,
-                                                                   linear.linear_attn.in_proj_z]
+    quantized = [
+        full.attn.q_proj,
+        full.attn.o_proj,
+        linear.linear_attn.out_proj,
+        linear.moe.shared_expert.up_proj,
+        quant.embed_tokens,
+        quant.lm_head,
+    ]
+    quantized += (
+        [linear.linear_attn.in_proj_qkvz]
+        if fused
+        else [linear.linear_attn.in_proj_qkv, linear.linear_attn.in_proj_z]
+    )
     assert all("scales" in m for m in quantized)
     assert isinstance(linear.moe.experts.down_proj, QuantizedExpertLinear)
     kept = [linear.moe.shared_expert_gate, linear.linear_attn.conv1d, linear.linear_attn.norm]
-    kept += [linear.linear_attn.in_proj_ba] if fused else [linear.linear_attn.in_proj_b,
-                                                           linear.linear_attn.in_proj_a]
+    kept += (
+        [linear.linear_attn.in_proj_ba]
+        if fused
+        else [linear.linear_attn.in_proj_b, linear.linear_attn.in_proj_a]
+    )
     assert not any("scales" in m for m in kept)
 
     # It computes what its 4-bit weights say: the float model holding their dequantized values
     float_modules = dict(ref.named_modules())
     for path, module in quant.named_modules():
         if "scales" in module and not isinstance(module, QuantizedExpertLinear):
-            float_modules[path].weight = mx.dequantize(module.weight, module.scales, module.biases,
-                                                       module.group_size, module.bits)
+            float_modules[path].weight = mx.dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            )
         elif isinstance(module, QuantizedExpertLinear):
             float_modules[path].weight = module.dequantized_weight()
     tokens = mx.array(TOKENS)
@@ -290,16 +330,20 @@ def test_bfloat16_model_keeps_routers_and_a_log_in_float32(checkpoints, bits):
 
 LINEAR_TARGETS = {
     "qwen3_next": {"linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj"},
-    "qwen3_5_moe": {"linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
-                    "linear_attn.in_proj_a", "linear_attn.out_proj"},
+    "qwen3_5_moe": {
+        "linear_attn.in_proj_qkv",
+        "linear_attn.in_proj_z",
+        "linear_attn.in_proj_b",
+        "linear_attn.in_proj_a",
+        "linear_attn.out_proj",
+    },
 }
 ATTENTION_TARGETS = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"}
 
 
 @pytest.mark.parametrize("quantize", [None, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_adapts_the_linear_attention_projections_and_gradients_reach_them(family, quantize,
-                                                                               checkpoints):
+def test_lora_adapts_the_linear_attention_projections_and_gradients_reach_them(family, quantize, checkpoints):
     model, _ = mlxmoe.load(checkpoints[family][0], quantize=quantize, group_size=32, dtype=mx.float32)
     adapted = apply_adapters(model, AdapterSpec(strategy="attention"))
 
@@ -318,8 +362,9 @@ def test_lora_adapts_the_linear_attention_projections_and_gradients_reach_them(f
         return model(tokens).astype(mx.float32).square().mean()
 
     grads = dict(tree_flatten(mx.grad(loss)(model.trainable_parameters())))
-    assert all(float(mx.abs(g).max()) > 0 for k, g in grads.items() if k.endswith("lora_b")), \
-        [k for k, g in grads.items() if k.endswith("lora_b") and float(mx.abs(g).max()) == 0]
+    assert all(float(mx.abs(g).max()) > 0 for k, g in grads.items() if k.endswith("lora_b")), [
+        k for k, g in grads.items() if k.endswith("lora_b") and float(mx.abs(g).max()) == 0
+    ]
     assert max_abs(model(tokens), before) == 0.0
 
 
@@ -332,6 +377,9 @@ def test_an_mlx_lm_conversion_is_refused_by_name(checkpoints, tmp_path):
     folder = Path(shutil.copytree(checkpoints["qwen3_next"][0], tmp_path / "mlx-lm"))
     name = "model.layers.0.linear_attn.conv1d.weight"
     _rewrite(folder, lambda t: t.update({name: t[name].transpose(1, 2).contiguous()}))
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape "
-                                              r"\(96, 4, 1\), the layout mlx-lm saves"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: tensor '{name}' has shape "
+        r"\(96, 4, 1\), the layout mlx-lm saves",
+    ):
         mlxmoe.load(folder, dtype=mx.float32)

@@ -52,17 +52,29 @@ from mlxmoe.tensor_names import ROLES
 pytestmark = pytest.mark.slow
 
 FAMILIES = ("qwen3_next", "qwen3_5_moe")
-needs_converter = [pytest.mark.slow, pytest.mark.proof("converter"), pytest.mark.skipif(
-    not CONVERTER.is_file(),
-    reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)")]
+needs_converter = [
+    pytest.mark.slow,
+    pytest.mark.proof("converter"),
+    pytest.mark.skipif(
+        not CONVERTER.is_file(),
+        reason=f"llama.cpp's converter is not unpacked at {LLAMA_CPP_SRC} (LLAMA_CPP_SRC)",
+    ),
+]
 
 
 def make_model(family: str, folder: Path, seed: int = 0) -> Path:
     vocab = qwen3_tokenizer_folder(folder)
     # value heads as wide as key heads: llama.cpp's graphs assume it (a config without is refused)
     # (Qwen3.5: and multimodal RoPE sections that fit a tiny head's 2 rotary pairs)
-    rope = {} if family == "qwen3_next" else dict(rope_parameters=dict(
-        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25, mrope_section=[1, 1, 0]))
+    rope = (
+        {}
+        if family == "qwen3_next"
+        else dict(
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25, mrope_section=[1, 1, 0]
+            )
+        )
+    )
     hf = make_hf(family, seed=seed, vocab_size=vocab, linear_value_head_dim=16, **rope)
     with torch.no_grad():
         hf.lm_head.weight.mul_(4.0)  # better-separated logits: top-1 is meaningful
@@ -72,11 +84,26 @@ def make_model(family: str, folder: Path, seed: int = 0) -> Path:
 def run_converter(folder: Path, outtype: str, out: Path) -> Path:
     """``convert_hf_to_gguf.py --no-mtp`` (these checkpoints have no MTP layer)."""
     proc = subprocess.run(
-        [sys.executable, str(CONVERTER), "--no-mtp", "--outtype", outtype, "--outfile", str(out),
-         str(folder)],
-        cwd=out.parent, capture_output=True, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-            p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p)},
+        [
+            sys.executable,
+            str(CONVERTER),
+            "--no-mtp",
+            "--outtype",
+            outtype,
+            "--outfile",
+            str(out),
+            str(folder),
+        ],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(LLAMA_CPP_SRC / "gguf-py"), os.environ.get("PYTHONPATH")) if p
+            ),
+        },
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return out
@@ -138,11 +165,16 @@ def converter_test(fn):
 def test_f16_tensors_equal_the_converters(hybrid_exported):
     ours, theirs = (tensors(r) for r in hybrid_exported.converted())
     assert sorted(ours) == sorted(theirs)
-    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == \
-        {n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()}
+    assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
+        n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
+    }
     assert any(".attn_qkv." in n for n in ours) and any(".attn_gate." in n for n in ours)
-    differ = [n for n in ours if not n.endswith(".ssm_a")
-              and np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
+    differ = [
+        n
+        for n in ours
+        if not n.endswith(".ssm_a")
+        and np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()
+    ]
     assert differ == []
     # ssm_a = -exp(A_log): ours correctly rounded, the converter's torch.exp within one ulp
     for name in (n for n in ours if n.endswith(".ssm_a")):
@@ -167,11 +199,11 @@ def test_f16_gguf_in_llama_cpp_computes_the_merged_model(hybrid_exported):
 @pytest.mark.slow
 def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(hybrid_exported):
     merged = hybrid_exported.llama_cpp(hybrid_exported.gguf["f16"])
-    base_plus_lora = hybrid_exported.llama_cpp(hybrid_exported.base_gguf,
-                                               lora=hybrid_exported.adapter_gguf)
+    base_plus_lora = hybrid_exported.llama_cpp(hybrid_exported.base_gguf, lora=hybrid_exported.adapter_gguf)
     base = hybrid_exported.llama_cpp(hybrid_exported.base_gguf)
-    print(f"{hybrid_exported.family} base+lora vs merged: "
-          f"max-abs {np.abs(merged - base_plus_lora).max():.4f}")
+    print(
+        f"{hybrid_exported.family} base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}"
+    )
     assert np.abs(base - merged).max() > 10 * np.abs(merged - base_plus_lora).max()
     assert np.abs(merged - base_plus_lora).max() < F16_MAX_ABS
 
@@ -187,11 +219,13 @@ def test_q8_0_gguf_loads_and_its_disagreement_is_the_rounded_weights(hybrid_expo
     ours = hybrid_exported.merged_mlx()
     rounded = hybrid_exported.q8_0_rounded_mlx()
     theirs = hybrid_exported.llama_cpp(hybrid_exported.gguf["q8_0"])
-    print(f"{hybrid_exported.family} q8_0: top-1 {top1(ours, theirs):.3f} "
-          f"(max-abs {np.abs(ours - theirs).max():.3f}); "
-          f"our model with q8_0-rounded weights: top-1 {top1(ours, rounded):.3f} against ours, "
-          f"{top1(rounded, theirs):.3f} against llama.cpp's q8_0 "
-          f"(max-abs {np.abs(rounded - theirs).max():.3f})")
+    print(
+        f"{hybrid_exported.family} q8_0: top-1 {top1(ours, theirs):.3f} "
+        f"(max-abs {np.abs(ours - theirs).max():.3f}); "
+        f"our model with q8_0-rounded weights: top-1 {top1(ours, rounded):.3f} against ours, "
+        f"{top1(rounded, theirs):.3f} against llama.cpp's q8_0 "
+        f"(max-abs {np.abs(rounded - theirs).max():.3f})"
+    )
     assert np.isfinite(theirs).all()
     assert top1(rounded, theirs) > top1(ours, rounded)
     assert top1(ours, theirs) >= top1(ours, rounded) - 0.1
@@ -211,7 +245,6 @@ def test_q4_k_m_gguf_loads_and_stays_within_the_perplexity_bound(hybrid_exported
     assert q4 / f16 < Q4_K_M_MAX_PPL_RATIO
 
 
-
 @pytest.mark.slow
 def test_q4_k_m_types_are_the_ones_llama_quantize_picks(hybrid_exported):
     """llama_model_quantize (Q4_K_M, no imatrix) on our f16 file picks each tensor's type as
@@ -224,10 +257,16 @@ def test_q4_k_m_types_are_the_ones_llama_quantize_picks(hybrid_exported):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
     out = hybrid_exported.root / "llama-quantize-q4_k_m.gguf"
-    assert llama_cpp.llama_model_quantize(str(hybrid_exported.gguf["f16"]).encode(), str(out).encode(),
-                                          ctypes.byref(params)) == 0
-    ours, theirs = ({t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
-                    for p in (hybrid_exported.gguf["q4_k_m"], out))
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(hybrid_exported.gguf["f16"]).encode(), str(out).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
+    ours, theirs = (
+        {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+        for p in (hybrid_exported.gguf["q4_k_m"], out)
+    )
     assert ours == theirs
 
 
@@ -243,8 +282,11 @@ def test_lora_factors_become_the_gguf_tensors_own_as_the_weight_does(family, tmp
     model, _ = mlxmoe.load(save(make_hf(family, linear_value_head_dim=16), tmp_path), dtype=mx.float32)
     args, shapes = model.args, {k: v.shape for k, v in tree_flatten(model.parameters())}
     rng = np.random.default_rng(0)
-    roles = ("ssm_in", "ssm_ba", "ssm_out") if family == "qwen3_next" else \
-        ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_out")
+    roles = (
+        ("ssm_in", "ssm_ba", "ssm_out")
+        if family == "qwen3_next"
+        else ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_out")
+    )
     for role in roles:
         out, inp = shapes[ROLES[role].ours.format(bid=0)]
         a, b = rng.standard_normal((4, inp)), rng.standard_normal((out, 4))

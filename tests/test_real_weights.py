@@ -114,9 +114,7 @@ def assert_matches_llama_cpp(logits: np.ndarray, reference: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-def test_converted_checkpoint_in_transformers_matches_llama_cpp(
-    transformers_logits, llama_cpp_logits
-):
+def test_converted_checkpoint_in_transformers_matches_llama_cpp(transformers_logits, llama_cpp_logits):
     assert_matches_llama_cpp(transformers_logits, llama_cpp_logits)
 
 
@@ -170,8 +168,7 @@ def test_config_tokenizer_config_and_tensors_follow_hugging_face_conventions(smo
 def test_undoing_the_rope_row_permutation_restores_the_original_rows():
     # llama.cpp's LlamaModel.permute, rewritten from its definition in convert_hf_to_gguf.py.
     def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
-            .reshape(w.shape)
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
     assert not np.array_equal(llama_cpp_permute(w, 3), w)
@@ -247,12 +244,10 @@ def test_4_bit_real_weights_compute_what_mlx_lm_convert_computes(smollm2_hf, tok
 
     # groups of 32, the Q4_1 block size; a Llama has no router, so mlx-lm's default policy
     # (everything it can quantize) is ours
-    convert(str(smollm2_hf), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32,
-            dtype="float32")
+    convert(str(smollm2_hf), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=32, dtype="float32")
     reference, _ = mlx_lm.load(str(tmp_path / "mlx"))
     model, _ = mlxmoe.load(smollm2_hf, quantize=4, group_size=32, dtype=mx.float32)
-    quantized = [sum("scales" in module for _, module in m.named_modules())
-                 for m in (model, reference)]
+    quantized = [sum("scales" in module for _, module in m.named_modules()) for m in (model, reference)]
     assert quantized[0] == quantized[1] > 0
     logits = np.array(model(mx.array([token_ids])))
     ref_logits = np.array(reference(mx.array([token_ids])))

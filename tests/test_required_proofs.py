@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-PROOF_TESTS = '''
+PROOF_TESTS = """
 import pytest
 
 @pytest.mark.proof("converter")
@@ -31,7 +31,7 @@ def test_unmarked_skip():
 @pytest.mark.proof("blas")
 def test_marked_and_run():
     pass
-'''
+"""
 
 
 def run_pytest(tmp_path: Path, require: str | None, source: str = PROOF_TESTS) -> subprocess.CompletedProcess:
@@ -42,9 +42,24 @@ def run_pytest(tmp_path: Path, require: str | None, source: str = PROOF_TESTS) -
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     env["COLUMNS"] = "300"  # whole lines in the short test summary
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "required_proofs", "-p", "no:cacheprovider", "-rA",
-         "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "required_proofs",
+            "-p",
+            "no:cacheprovider",
+            "-rA",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_without_the_setting_a_marked_test_skips_and_the_run_passes(tmp_path):
@@ -70,10 +85,14 @@ def test_a_proof_not_required_may_skip(tmp_path):
     assert "1 passed, 3 skipped" in proc.stdout
 
 
-@pytest.mark.parametrize("source, require", [(PROOF_TESTS, "converter,blsa"),
-                                             ("import pytest\n@pytest.mark.proof('blsa')\n"
-                                              "def test_x():\n    pass\n", "blas")],
-                         ids=["setting", "marker"])
+@pytest.mark.parametrize(
+    "source, require",
+    [
+        (PROOF_TESTS, "converter,blsa"),
+        ("import pytest\n@pytest.mark.proof('blsa')\ndef test_x():\n    pass\n", "blas"),
+    ],
+    ids=["setting", "marker"],
+)
 def test_an_unknown_proof_name_is_a_usage_error(tmp_path, source, require):
     proc = run_pytest(tmp_path, require, source)
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr

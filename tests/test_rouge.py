@@ -66,8 +66,26 @@ def test_tokenizer_splits_on_non_alphanumerics_and_keeps_non_ascii_letters():
 
 
 def _sentences(rng: random.Random, n: int) -> list[str]:
-    words = ["the", "list", "dict", "Python", "returns", "a", "new", "copy", "of", "it",
-             "sort()", "key=len", "x[::-1]", "(fast)", "is", "not", "in-place", "3.11"]
+    words = [
+        "the",
+        "list",
+        "dict",
+        "Python",
+        "returns",
+        "a",
+        "new",
+        "copy",
+        "of",
+        "it",
+        "sort()",
+        "key=len",
+        "x[::-1]",
+        "(fast)",
+        "is",
+        "not",
+        "in-place",
+        "3.11",
+    ]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(0, 14))) for _ in range(n)]
 
 

@@ -55,16 +55,16 @@ def example(tmp_path: Path, tokenizer, messages: list[dict], thinking: str):
 # --- off: every answer after the non-thinking prompt ----------------------------------------
 
 
-def test_off_trains_the_answer_after_the_non_thinking_prompt_and_not_the_empty_block(
-        tmp_path, qwen3):
+def test_off_trains_the_answer_after_the_non_thinking_prompt_and_not_the_empty_block(tmp_path, qwen3):
     ex = example(tmp_path, qwen3, [QUESTION, ANSWER], "off")
     # The tokens are the template's own rendering of the sample: the empty block included ...
     assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, ANSWER])
     assert qwen3.decode(ex.tokens).endswith(f"<|im_start|>assistant\n{EMPTY_THINK}4.<|im_end|>\n")
     # ... but it is prompt: the answer and its end of turn are trained, the newline after is not.
     assert trained(qwen3, ex) == ["4.<|im_end|>"]
-    assert before_last_answer(ex) == rendered(qwen3, [QUESTION], add_generation_prompt=True,
-                                              enable_thinking=False)
+    assert before_last_answer(ex) == rendered(
+        qwen3, [QUESTION], add_generation_prompt=True, enable_thinking=False
+    )
 
 
 @pytest.mark.parametrize("answer", [REASONED, THINK_BLOCK], ids=["reasoning_content", "think block"])
@@ -75,15 +75,15 @@ def test_off_drops_reasoning_given_in_the_data(answer, tmp_path, qwen3):
     np.testing.assert_array_equal(ex.loss_mask, plain.loss_mask)
 
 
-def test_off_multi_turn_trains_every_answer_as_the_template_renders_the_conversation(
-        tmp_path, qwen3):
+def test_off_multi_turn_trains_every_answer_as_the_template_renders_the_conversation(tmp_path, qwen3):
     conversation = [QUESTION, REASONED, FOLLOW_UP, {"role": "assistant", "content": "6."}]
     ex = example(tmp_path, qwen3, conversation, "off")
     assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, ANSWER, *conversation[2:]])
     # Qwen3 writes earlier answers without a think block and the last with the empty one.
     assert trained(qwen3, ex) == ["4.<|im_end|>", "6.<|im_end|>"]
-    assert before_last_answer(ex) == rendered(qwen3, [QUESTION, ANSWER, FOLLOW_UP],
-                                              add_generation_prompt=True, enable_thinking=False)
+    assert before_last_answer(ex) == rendered(
+        qwen3, [QUESTION, ANSWER, FOLLOW_UP], add_generation_prompt=True, enable_thinking=False
+    )
 
 
 # --- keep: reasoning trained after the thinking prompt ----------------------------------------
@@ -94,8 +94,9 @@ def test_keep_trains_the_think_block_after_the_thinking_prompt(answer, tmp_path,
     ex = example(tmp_path, qwen3, [QUESTION, answer], "keep")
     assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, REASONED])
     assert trained(qwen3, ex) == ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"]
-    assert before_last_answer(ex) == rendered(qwen3, [QUESTION], add_generation_prompt=True,
-                                              enable_thinking=True)
+    assert before_last_answer(ex) == rendered(
+        qwen3, [QUESTION], add_generation_prompt=True, enable_thinking=True
+    )
 
 
 def test_keep_trains_an_answer_without_reasoning_as_off_does(tmp_path, qwen3):
@@ -110,13 +111,11 @@ def test_keep_multi_turn_trains_the_reasoning_the_template_writes(tmp_path, qwen
     ex = example(tmp_path, qwen3, [QUESTION, REASONED, FOLLOW_UP, last], "keep")
     # Qwen3's template drops the reasoning of answers before the last question.
     assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, REASONED, FOLLOW_UP, last])
-    assert trained(qwen3, ex) == ["4.<|im_end|>",
-                                  "<think>\nThree and three.\n</think>\n\n6.<|im_end|>"]
+    assert trained(qwen3, ex) == ["4.<|im_end|>", "<think>\nThree and three.\n</think>\n\n6.<|im_end|>"]
 
 
 def test_a_template_without_a_thinking_mode_trains_the_same_tokens_either_way(tmp_path):
-    mixtral = sentencepiece_bpe(asset("mistral_common", "data/tokenizer.model.v1"),
-                                MIXTRAL_TEMPLATE)
+    mixtral = sentencepiece_bpe(asset("mistral_common", "data/tokenizer.model.v1"), MIXTRAL_TEMPLATE)
     off = example(tmp_path, mixtral, [QUESTION, REASONED], "off")
     kept = example(tmp_path, mixtral, [QUESTION, REASONED], "keep")
     np.testing.assert_array_equal(off.tokens, kept.tokens)
@@ -127,8 +126,11 @@ def test_a_template_without_a_thinking_mode_trains_the_same_tokens_either_way(tm
 def test_bad_reasoning_and_an_unknown_mode_are_one_error(tmp_path, qwen3):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"messages": [QUESTION, {**ANSWER, "reasoning_content": 4}]}) + "\n")
-    with pytest.raises(DataError, match=r'train\.jsonl:1: messages\[1\] "reasoning_content" must '
-                                        "be a string"):
+    with pytest.raises(
+        DataError,
+        match=r'train\.jsonl:1: messages\[1\] "reasoning_content" must '
+        "be a string",
+    ):
         load_dataset(path, qwen3, 64)
     with pytest.raises(MlxMoeError, match="data.thinking must be one of off, keep, got 'on'"):
         load_dataset(path, qwen3, 64, thinking="on")
@@ -152,11 +154,14 @@ def test_recipe_data_is_a_path_or_a_section_with_thinking(tmp_path):
     assert (load_recipe(recipe).data.path, load_recipe(recipe).data.thinking) == (None, "off")
 
 
-@pytest.mark.parametrize(("yaml", "error"), [
-    ("data:\n  thinking: maybe\n", "data.thinking must be one of off, keep, got 'maybe'"),
-    ("data:\n  thinking: on\n", "data.thinking must be one of off, keep, got True"),
-    ("data:\n  think: keep\n", r"recipe\.yaml\.data: unknown key 'think' \(known: path, thinking\)"),
-])
+@pytest.mark.parametrize(
+    ("yaml", "error"),
+    [
+        ("data:\n  thinking: maybe\n", "data.thinking must be one of off, keep, got 'maybe'"),
+        ("data:\n  thinking: on\n", "data.thinking must be one of off, keep, got True"),
+        ("data:\n  think: keep\n", r"recipe\.yaml\.data: unknown key 'think' \(known: path, thinking\)"),
+    ],
+)
 def test_a_bad_data_thinking_is_one_error_naming_the_key(yaml, error, tmp_path):
     (recipe := tmp_path / "recipe.yaml").write_text(yaml)
     with pytest.raises(RecipeError, match=error):
@@ -201,7 +206,8 @@ def test_training_tokenizes_with_the_recipes_thinking_mode(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alone(
-        tmp_path, qwen3_folder, qwen3, monkeypatch):
+    tmp_path, qwen3_folder, qwen3, monkeypatch
+):
     from tiny_models import make_hf_model, save
 
     from mlxmoe.evaluate import evaluate
@@ -211,9 +217,15 @@ def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alon
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         (model / name).write_bytes((qwen3_folder / name).read_bytes())
     save(make_hf_model("qwen3_moe", vocab_size=151936), model)
-    samples = [{"prompt": "What is 2+2?", "completion": "4."},
-               {"messages": [FOLLOW_UP, {"role": "assistant", "content": "6.",
-                                         "reasoning_content": "Three and three."}]}]
+    samples = [
+        {"prompt": "What is 2+2?", "completion": "4."},
+        {
+            "messages": [
+                FOLLOW_UP,
+                {"role": "assistant", "content": "6.", "reasoning_content": "Three and three."},
+            ]
+        },
+    ]
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in samples))
     generation = importlib.import_module("mlx_lm.generate")  # mlx_lm.generate is a function too
@@ -225,15 +237,15 @@ def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alon
 
     monkeypatch.setattr(generation, "stream_generate", recording)
     report = evaluate(model, data, max_new_tokens=2, dtype="float32")
-    assert prompts == [rendered(qwen3, [q], add_generation_prompt=True, enable_thinking=False)
-                       for q in (QUESTION, FOLLOW_UP)]
+    assert prompts == [
+        rendered(qwen3, [q], add_generation_prompt=True, enable_thinking=False) for q in (QUESTION, FOLLOW_UP)
+    ]
     assert [r.reference for r in report.per_sample] == ["4.", "6."]
     # Perplexity is of the answers and their end of turn: no think block, no reasoning.
     assert report.answer_tokens == len(ids(qwen3, "4.<|im_end|>")) + len(ids(qwen3, "6.<|im_end|>"))
 
 
-def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_folder, qwen3,
-                                                              monkeypatch):
+def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_folder, qwen3, monkeypatch):
     import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
 
@@ -249,11 +261,11 @@ def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_fo
         yield FakeLlama()
 
     monkeypatch.setattr(mlxmoe.gguf.llamacpp, "open_gguf", open_gguf)
-    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "What is 2+2?",
-                                                     "completion": "4."}) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "completion": "4."}) + "\n")
     answer = _ask_llama_cpp(tmp_path / "model.gguf", qwen3_folder, tmp_path, DemoSettings())
     assert answer["answer"] == "4." and answer["rouge_l"] == 1.0
-    expected = qwen3.apply_chat_template([QUESTION], tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
+    expected = qwen3.apply_chat_template(
+        [QUESTION], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert calls == [(expected, ["<|im_start|>", "<|im_end|>"])]
     assert expected.endswith("<|im_start|>assistant\n" + EMPTY_THINK)

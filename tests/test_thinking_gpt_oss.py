@@ -75,8 +75,11 @@ def harmony(tmp_path_factory):
         return oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel(channel)
 
     def render(messages, effort="medium", empty_analysis=False):
-        system = (oh.SystemContent.new().with_conversation_start_date(CURRENT_DATE)
-                  .with_reasoning_effort(oh.ReasoningEffort(effort.capitalize())))
+        system = (
+            oh.SystemContent.new()
+            .with_conversation_start_date(CURRENT_DATE)
+            .with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
+        )
         conversation = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
         if messages[0]["role"] == "system":
             instructions = oh.DeveloperContent.new().with_instructions(messages[0]["content"])
@@ -87,12 +90,14 @@ def harmony(tmp_path_factory):
                 conversation.append(oh.Message.from_role_and_content(oh.Role.USER, m["content"]))
                 continue
             if m.get("thinking") or m.get("reasoning_content"):
-                conversation.append(assistant(m.get("thinking") or m["reasoning_content"],
-                                              "analysis"))
+                conversation.append(assistant(m.get("thinking") or m["reasoning_content"], "analysis"))
             conversation.append(assistant(m["content"], "final"))
         # Harmony drops the analysis of answers before the last final one, as the template does.
-        text = encoding.decode_utf8(encoding.render_conversation_for_completion(
-            oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT))
+        text = encoding.decode_utf8(
+            encoding.render_conversation_for_completion(
+                oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT
+            )
+        )
         if empty_analysis:  # one more message, then the generation prompt again
             empty = encoding.decode_utf8(encoding.render(assistant("", "analysis")))
             text = text.removesuffix("<|start|>assistant") + empty + "<|start|>assistant"
@@ -101,7 +106,8 @@ def harmony(tmp_path_factory):
     def answer(thinking, content):
         messages = [assistant(thinking, "analysis")] if thinking is not None else []
         tokens = encoding.render_conversation_for_training(
-            oh.Conversation.from_messages([*messages, assistant(content, "final")]), keep_analysis)
+            oh.Conversation.from_messages([*messages, assistant(content, "final")]), keep_analysis
+        )
         return encoding.decode_utf8(tokens)
 
     return render, answer
@@ -124,11 +130,13 @@ def developer_blank_line(text: str) -> str:
 TRAINING = {
     "off": ("off", [QUESTION, ANSWER], None),
     "off, reasoning in the data dropped": ("off", [QUESTION, REASONED], None),
-    "off, multi-turn, system prompt": ("off", [SYSTEM, QUESTION, REASONED, FOLLOW_UP, SECOND],
-                                       None),
+    "off, multi-turn, system prompt": ("off", [SYSTEM, QUESTION, REASONED, FOLLOW_UP, SECOND], None),
     "keep, reasoning_content": ("keep", [QUESTION, REASONED], "Two and two make four."),
-    "keep, think block": ("keep", [QUESTION, {**ANSWER, "content": "<think>\nTwo and two make "
-                                              "four.\n</think>\n\n4."}], "Two and two make four."),
+    "keep, think block": (
+        "keep",
+        [QUESTION, {**ANSWER, "content": "<think>\nTwo and two make four.\n</think>\n\n4."}],
+        "Two and two make four.",
+    ),
     "keep, no reasoning": ("keep", [QUESTION, ANSWER], None),
     "keep, multi-turn": ("keep", [QUESTION, REASONED, FOLLOW_UP, SECOND], "Three and three."),
 }
@@ -136,7 +144,8 @@ TRAINING = {
 
 @pytest.mark.parametrize(("mode", "messages", "reasoning"), TRAINING.values(), ids=TRAINING.keys())
 def test_training_renders_harmony_and_trains_the_final_answer_after_the_prompt(
-        mode, messages, reasoning, tmp_path, gpt_oss, harmony):
+    mode, messages, reasoning, tmp_path, gpt_oss, harmony
+):
     """The prompt before the last answer is harmony's completion prompt for the conversation so
     far (its analysis dropped), after an empty analysis message unless reasoning is trained;
     the last answer is harmony's training rendering of it, ending with <|return|>."""
@@ -150,13 +159,12 @@ def test_training_renders_harmony_and_trains_the_final_answer_after_the_prompt(
         prompt, expected = developer_blank_line(prompt), developer_blank_line(expected)
     assert gpt_oss.decode(ex.tokens) == expected
     assert gpt_oss.decode(before_last_answer(ex)) == prompt
-    assert trained(gpt_oss, ex)[-1] == expected[len(prompt):]
+    assert trained(gpt_oss, ex)[-1] == expected[len(prompt) :]
     # Earlier answers: the final channel as the history writes it, reasoning dropped.
     assert trained(gpt_oss, ex)[:-1] == ["<|channel|>final<|message|>4."] * (len(history) > 2)
 
 
-def test_off_renders_the_empty_analysis_the_official_template_writes_for_empty_thinking(
-        tmp_path, gpt_oss):
+def test_off_renders_the_empty_analysis_the_official_template_writes_for_empty_thinking(tmp_path, gpt_oss):
     ex = example(tmp_path, gpt_oss, [QUESTION, REASONED], "off")
     official = gpt_oss.apply_chat_template([QUESTION, {**ANSWER, "thinking": ""}], tokenize=False)
     assert gpt_oss.decode(ex.tokens) == official
@@ -167,16 +175,16 @@ def test_off_renders_the_empty_analysis_the_official_template_writes_for_empty_t
 # --- eval and the demo: the non-thinking prompt ---------------------------------------------
 
 
-def test_the_non_thinking_prompt_ends_with_an_empty_analysis_and_the_generation_prompt(
-        gpt_oss, harmony):
+def test_the_non_thinking_prompt_ends_with_an_empty_analysis_and_the_generation_prompt(gpt_oss, harmony):
     render, _ = harmony
     prompt = non_thinking_prompt(gpt_oss, [QUESTION])
     assert prompt == render([QUESTION], empty_analysis=True)
     assert prompt.endswith(f"<|end|>{EMPTY_ANALYSIS}<|start|>assistant")
 
 
-def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(folder, gpt_oss, harmony,
-                                                                       tmp_path, monkeypatch):
+def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(
+    folder, gpt_oss, harmony, tmp_path, monkeypatch
+):
     import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
 
@@ -185,16 +193,16 @@ def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(folder, gp
     class FakeLlama:
         def create_completion(self, prompt, **kwargs):
             calls.append((prompt, kwargs["stop"]))
-            return {"choices": [{"text": "<|channel|>final<|message|>4."}],
-                    "usage": {"completion_tokens": 4}}
+            return {"choices": [{"text": "<|channel|>final<|message|>4."}], "usage": {"completion_tokens": 4}}
 
     @contextmanager
     def open_gguf(path, **kwargs):
         yield FakeLlama()
 
     monkeypatch.setattr(mlxmoe.gguf.llamacpp, "open_gguf", open_gguf)
-    (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": QUESTION["content"],
-                                                     "completion": "4."}) + "\n")
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"prompt": QUESTION["content"], "completion": "4."}) + "\n"
+    )
     answer = _ask_llama_cpp(tmp_path / "model.gguf", folder, tmp_path, DemoSettings())
     assert answer["answer"] == "4." and answer["rouge_l"] == 1.0
     assert calls == [(harmony[0]([QUESTION], empty_analysis=True), ["<|return|>", "<|call|>"])]
@@ -220,7 +228,8 @@ def test_detected_by_its_template_with_no_default_system_prompt(folder):
 
 @pytest.mark.parametrize("think", THINK, ids=[f"think {t}" for t in THINK])
 def test_template_renders_the_official_templates_prompt_for_each_think_value(
-        think, gpt_oss, go_render, harmony):
+    think, gpt_oss, go_render, harmony
+):
     """Without thinking (unset or false): the official template's prompt with the empty
     analysis message mlxmoe trains answers after; with it: the official template's own, at the
     requested reasoning effort (true is medium). A started answer continues the final channel
@@ -234,10 +243,13 @@ def test_template_renders_the_official_templates_prompt_for_each_think_value(
         hf = [dict(m) for m in messages]
         if started and not thinking:
             hf[-1].setdefault("thinking", "")
-        official = gpt_oss.apply_chat_template(hf, tokenize=False,
-                                               add_generation_prompt=not started,
-                                               continue_final_message=started,
-                                               reasoning_effort=effort)
+        official = gpt_oss.apply_chat_template(
+            hf,
+            tokenize=False,
+            add_generation_prompt=not started,
+            continue_final_message=started,
+            reasoning_effort=effort,
+        )
         if not started and not thinking:
             official = official + "<|channel|>analysis<|message|><|end|><|start|>assistant"
         assert prompt == official, case
@@ -250,19 +262,31 @@ def test_template_renders_the_official_templates_prompt_for_each_think_value(
         assert ("Two and two" in prompt) == (case == "a started answer after reasoning"), case
 
 
-@pytest.mark.parametrize(("mode", "messages", "think"), [
-    ("off", [QUESTION, ANSWER], None),
-    ("off", [QUESTION, REASONED], False),
-    ("off", [SYSTEM, QUESTION, REASONED, FOLLOW_UP, SECOND], False),
-    ("keep", [QUESTION, ANSWER], False),
-    ("keep", [QUESTION, REASONED], True),
-    ("keep", [QUESTION, REASONED, FOLLOW_UP, SECOND], "medium"),
-], ids=["off", "off, reasoning in the data", "off, multi-turn", "keep, no reasoning",
-        "keep, reasoning", "keep, multi-turn reasoning"])
+@pytest.mark.parametrize(
+    ("mode", "messages", "think"),
+    [
+        ("off", [QUESTION, ANSWER], None),
+        ("off", [QUESTION, REASONED], False),
+        ("off", [SYSTEM, QUESTION, REASONED, FOLLOW_UP, SECOND], False),
+        ("keep", [QUESTION, ANSWER], False),
+        ("keep", [QUESTION, REASONED], True),
+        ("keep", [QUESTION, REASONED, FOLLOW_UP, SECOND], "medium"),
+    ],
+    ids=[
+        "off",
+        "off, reasoning in the data",
+        "off, multi-turn",
+        "keep, no reasoning",
+        "keep, reasoning",
+        "keep, multi-turn reasoning",
+    ],
+)
 def test_the_tokens_trained_before_a_gpt_oss_answer_are_the_modelfile_prompt(
-        mode, messages, think, tmp_path, gpt_oss, go_render):
+    mode, messages, think, tmp_path, gpt_oss, go_render
+):
     ex = example(tmp_path, gpt_oss, messages, mode)
-    history = [{("thinking" if k == "reasoning_content" else k): v for k, v in m.items()}
-               for m in messages[:-1]]
+    history = [
+        {("thinking" if k == "reasoning_content" else k): v for k, v in m.items()} for m in messages[:-1]
+    ]
     (prompt,) = go_render([ollama_chat_values(history, None, think)])
     assert gpt_oss.encode(prompt, add_special_tokens=False) == before_last_answer(ex)

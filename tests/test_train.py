@@ -28,8 +28,18 @@ def recipe(model: Path, data: Path, **train_overrides):
     collapse = train_overrides.pop("collapse", {})
     # float32 on every backend: these tests compare runs to float32 tolerances (the Mac's
     # bfloat16 over 4 bits: tests/test_mac_profile.py)
-    settings = dict(iters=12, batch_size=4, learning_rate=2e-3, warmup=0, quantize=0,
-                    dtype="float32", report_every=4, val_every=6, save_every=0, max_seq_len=64)
+    settings = dict(
+        iters=12,
+        batch_size=4,
+        learning_rate=2e-3,
+        warmup=0,
+        quantize=0,
+        dtype="float32",
+        report_every=4,
+        val_every=6,
+        save_every=0,
+        max_seq_len=64,
+    )
     settings.update(train_overrides)
     r = load_recipe(None, train=settings, lora=lora, loss=loss, collapse=collapse)
     r.model, r.data = str(model), str(data)
@@ -75,7 +85,10 @@ def test_run_folder_holds_adapters_config_metrics_and_checkpoints(qwen2_moe, dat
     assert sum(layer["load"]) == pytest.approx(1.0)
     assert {"spread", "entropy", "dead_experts", "lora_update_counts"} <= set(layer)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest", "step-000006", "step-000012"]
+        "latest",
+        "step-000006",
+        "step-000012",
+    ]
 
 
 @pytest.mark.slow
@@ -180,7 +193,9 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(qwen2_moe
     # The first checkpoint writes 2 safetensors files; die inside the second checkpoint.
     proc = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE, str(qwen2_moe), str(data), str(out)],
-        env={**os.environ, "SAVES_BEFORE_KILL": "2"}, capture_output=True, text=True,
+        env={**os.environ, "SAVES_BEFORE_KILL": "2"},
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     checkpoints = out / "checkpoints"
@@ -216,8 +231,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(qwen2
 
 @pytest.mark.slow
 def test_collapse_alarm_can_stop_the_run(qwen2_moe, data, tmp_path):
-    r = recipe(qwen2_moe, data, iters=12, report_every=2,
-               collapse={"max_expert_share": 0.34, "patience": 2, "action": "stop"})
+    r = recipe(
+        qwen2_moe,
+        data,
+        iters=12,
+        report_every=2,
+        collapse={"max_expert_share": 0.34, "patience": 2, "action": "stop"},
+    )
     result = train(r, tmp_path, show_progress=False)
     assert result.stopped and "router collapse" in result.stopped
     assert result.steps == 4
@@ -227,8 +247,11 @@ def test_collapse_alarm_can_stop_the_run(qwen2_moe, data, tmp_path):
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_training(qwen2_moe, data, tmp_path):
     train(recipe(qwen2_moe, data, iters=3, val_every=0), tmp_path / "plain", show_progress=False)
-    train(recipe(qwen2_moe, data, iters=3, val_every=0, grad_checkpoint=True),
-          tmp_path / "ckpt", show_progress=False)
+    train(
+        recipe(qwen2_moe, data, iters=3, val_every=0, grad_checkpoint=True),
+        tmp_path / "ckpt",
+        show_progress=False,
+    )
     a = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "ckpt" / "adapters.safetensors"))
     for name in a:
@@ -238,12 +261,29 @@ def test_gradient_checkpointing_gives_the_same_training(qwen2_moe, data, tmp_pat
 @pytest.mark.slow
 def test_cli_trains_from_a_recipe_with_flags_overriding(qwen2_moe, data, tmp_path):
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text("lora:\n  strategy: attention\ntrain:\n  iters: 50\n  quantize: 0\n"
-                           "  report_every: 1\n  val_every: 0\n  max_seq_len: 64\n")
+    recipe_file.write_text(
+        "lora:\n  strategy: attention\ntrain:\n  iters: 50\n  quantize: 0\n"
+        "  report_every: 1\n  val_every: 0\n  max_seq_len: 64\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxmoe", "train", "--model", str(qwen2_moe), "--data", str(data),
-         "--out", str(tmp_path / "out"), "--recipe", str(recipe_file), "--iters", "2"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlxmoe",
+            "train",
+            "--model",
+            str(qwen2_moe),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--recipe",
+            str(recipe_file),
+            "--iters",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training summary" in proc.stdout
@@ -256,9 +296,24 @@ def test_bad_data_line_is_reported_by_file_and_line(qwen2_moe, tmp_path):
     data.mkdir()
     (data / "train.jsonl").write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxmoe", "train", "--model", str(qwen2_moe), "--data", str(data),
-         "--out", str(tmp_path / "out"), "--iters", "1", "--quantize", "none"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlxmoe",
+            "train",
+            "--model",
+            str(qwen2_moe),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--iters",
+            "1",
+            "--quantize",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "train.jsonl:2" in proc.stdout
@@ -269,14 +324,32 @@ def test_bad_data_line_is_reported_by_file_and_line(qwen2_moe, tmp_path):
 def test_the_training_process_never_loads_a_tokenizer(qwen2_moe, data, tmp_path):
     """Token ids come from a child process: transformers and mlx-lm (~300 MB resident with
     torch) never enter the trainer."""
-    argv = ["mlxmoe", "train", "--model", str(qwen2_moe), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--iters", "1", "--quantize", "none"]
-    code = (f"import runpy, sys\nsys.argv = {argv!r}\n"
-            "try:\n    runpy.run_module('mlxmoe', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print('LOADED', sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "MLXMOE_BLAS": "bundled"})  # no re-exec
+    argv = [
+        "mlxmoe",
+        "train",
+        "--model",
+        str(qwen2_moe),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--iters",
+        "1",
+        "--quantize",
+        "none",
+    ]
+    code = (
+        f"import runpy, sys\nsys.argv = {argv!r}\n"
+        "try:\n    runpy.run_module('mlxmoe', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('LOADED', sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLXMOE_BLAS": "bundled"},
+    )  # no re-exec
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training summary" in proc.stdout
     assert "LOADED []" in proc.stdout

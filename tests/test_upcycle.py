@@ -29,8 +29,13 @@ N_EXPERTS, TOP_K = 4, 2
 
 @pytest.fixture(scope="module")
 def smollm2_mixtral(smollm2_hf, tmp_path_factory):
-    return upcycle(smollm2_hf, tmp_path_factory.mktemp("upcycled") / "mixtral",
-                   layout="mixtral", n_experts=N_EXPERTS, top_k=TOP_K)
+    return upcycle(
+        smollm2_hf,
+        tmp_path_factory.mktemp("upcycled") / "mixtral",
+        layout="mixtral",
+        n_experts=N_EXPERTS,
+        top_k=TOP_K,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +50,7 @@ def dense_token_ids(dense) -> list[int]:
 
 
 @pytest.mark.slow
-def test_mixtral_upcycled_smollm2_computes_the_dense_model_in_mlxmoe(
-    smollm2_mixtral, dense, dense_token_ids
-):
+def test_mixtral_upcycled_smollm2_computes_the_dense_model_in_mlxmoe(smollm2_mixtral, dense, dense_token_ids):
     dense_model, dense_tokenizer = dense
     moe, tokenizer = mlxmoe.load(smollm2_mixtral, dtype=mx.float32)
     tokens = mx.array([dense_token_ids])
@@ -94,8 +97,9 @@ def tiny_dense(tmp_path):
 def test_every_expert_is_a_byte_for_byte_copy_of_the_dense_mlp_in_its_dtype(tmp_path):
     model = make_hf_model("llama").to(torch.bfloat16)
     dense_dir = save(model, tmp_path / "dense")
-    out = upcycle(dense_dir, tmp_path / "moe", layout="qwen3_moe", n_experts=3, top_k=2,
-                  router_std=0.05, seed=1)
+    out = upcycle(
+        dense_dir, tmp_path / "moe", layout="qwen3_moe", n_experts=3, top_k=2, router_std=0.05, seed=1
+    )
     dense, moe = weights(dense_dir), weights(out)
     layer = "model.layers.1.mlp"
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -171,8 +175,11 @@ def test_cli_upcycles_the_shipped_smollm2_by_default(tmp_path):
     import sys
 
     out = tmp_path / "smol-moe"
-    proc = subprocess.run([sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(out),
-                           "--experts", "2", "--top-k", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxmoe", "upcycle", "--out", str(out), "--experts", "2", "--top-k", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2

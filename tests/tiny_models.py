@@ -19,19 +19,36 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "granitemoe": (
         "GraniteMoeConfig",
         "GraniteMoeForCausalLM",
-        dict(intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
-             embedding_multiplier=12.0, attention_multiplier=0.0625, residual_multiplier=0.22,
-             logits_scaling=6.0),
+        dict(
+            intermediate_size=32,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            embedding_multiplier=12.0,
+            attention_multiplier=0.0625,
+            residual_multiplier=0.22,
+            logits_scaling=6.0,
+        ),
     ),
     # latent attention with a query bottleneck, a dense first layer, 2 shared experts' worth
     # of shared expert, routing weights scaled (every head its own KV: MLA has no GQA)
     "deepseek_v2": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
-        dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
-             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
-             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-             v_head_dim=16, routed_scaling_factor=1.5),
+        dict(
+            num_key_value_heads=4,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            routed_scaling_factor=1.5,
+        ),
     ),
     "mixtral": (
         "MixtralConfig",
@@ -41,8 +58,7 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "olmoe": (
         "OlmoeConfig",
         "OlmoeForCausalLM",
-        dict(intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
-             clip_qkv=0.5),
+        dict(intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=0.5),
     ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
@@ -82,9 +98,11 @@ COMMON = dict(
 )
 
 # What transformers 5 writes -> what hub checkpoints (transformers 4) carry.
-T4_RENAMES = {"olmoe": {"num_local_experts": "num_experts"},
-              "qwen2_moe": {"num_local_experts": "num_experts"},
-              "qwen3_moe": {"num_local_experts": "num_experts"}}
+T4_RENAMES = {
+    "olmoe": {"num_local_experts": "num_experts"},
+    "qwen2_moe": {"num_local_experts": "num_experts"},
+    "qwen3_moe": {"num_local_experts": "num_experts"},
+}
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -130,8 +148,9 @@ def hf_forward(model: torch.nn.Module, tokens: np.ndarray) -> tuple[np.ndarray, 
     with torch.no_grad():
         out = model(ids, output_router_logits=True) if is_moe else model(ids)
     batch, length = tokens.shape
-    routers = [r.reshape(batch, length, -1).float().numpy() for r in (out.router_logits or [])] \
-        if is_moe else []
+    routers = (
+        [r.reshape(batch, length, -1).float().numpy() for r in (out.router_logits or [])] if is_moe else []
+    )
     return out.logits.float().numpy(), routers
 
 
@@ -159,13 +178,17 @@ def make_tokenizer(folder: Path, vocab_size: int = 320):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, chat_template=CHATML,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=CHATML,
     )
     fast.save_pretrained(folder)
     return fast
@@ -202,9 +225,20 @@ def train_tiny_adapter(model: Path, root: Path) -> Path:
     from mlxmoe.recipe import load_recipe
     from mlxmoe.train import train
 
-    r = load_recipe(None, train=dict(iters=3, batch_size=4, learning_rate=5e-3, warmup=0,
-                                     quantize=0, report_every=3, val_every=0, max_seq_len=48),
-                    lora=dict(strategy="all", router_mode="lora", rank=4))
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=3,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=0,
+            report_every=3,
+            val_every=0,
+            max_seq_len=48,
+        ),
+        lora=dict(strategy="all", router_mode="lora", rank=4),
+    )
     r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
     train(r, root / "adapter", show_progress=False)
     return root / "adapter"

@@ -91,8 +91,17 @@ class LoRARouter(Router):
 
     def __init__(self, base: Router, rank: int, alpha: float, dropout: float = 0.0):
         num_experts, hidden = base.weight.shape
-        super().__init__(hidden, num_experts, base.top_k, base.normalize_top_k,
-                         "bias" in base, base.softmax, base.scaling, base.groups, base.groups_used)
+        super().__init__(
+            hidden,
+            num_experts,
+            base.top_k,
+            base.normalize_top_k,
+            "bias" in base,
+            base.softmax,
+            base.scaling,
+            base.groups,
+            base.groups_used,
+        )
         self.weight = base.weight
         if "bias" in base:
             self.bias = base.bias

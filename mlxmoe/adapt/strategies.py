@@ -46,13 +46,22 @@ log = logging.getLogger(__name__)
 # Layer-relative module paths, grouped the way users think of them.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": (
-        "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.o_proj",
         # multi-head latent attention (DeepSeek-V2): the query and key-value low-rank projections
-        "attn.q_a_proj", "attn.q_b_proj", "attn.kv_a_proj_with_mqa", "attn.kv_b_proj",
+        "attn.q_a_proj",
+        "attn.q_b_proj",
+        "attn.kv_a_proj_with_mqa",
+        "attn.kv_b_proj",
         # Gated DeltaNet (linear attention): Qwen3-Next's fused projections, Qwen3.5's apart
-        "linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba",
-        "linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
-        "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+        "linear_attn.in_proj_qkvz",
+        "linear_attn.in_proj_ba",
+        "linear_attn.in_proj_qkv",
+        "linear_attn.in_proj_z",
+        "linear_attn.in_proj_b",
+        "linear_attn.in_proj_a",
         "linear_attn.out_proj",
     ),
     "experts": ("moe.experts.gate_proj", "moe.experts.up_proj", "moe.experts.down_proj"),
@@ -65,9 +74,13 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "router": ("moe.router",),
 }
 
-GROUP_NOUNS = {"attention": "attention", "experts": "routed experts",
-               "shared_expert": "a shared expert (as Qwen2-MoE, Qwen3-Next, Qwen3.5 and DeepSeek-V2 have)",
-               "dense_mlp": "dense MLPs", "router": "a router"}
+GROUP_NOUNS = {
+    "attention": "attention",
+    "experts": "routed experts",
+    "shared_expert": "a shared expert (as Qwen2-MoE, Qwen3-Next, Qwen3.5 and DeepSeek-V2 have)",
+    "dense_mlp": "dense MLPs",
+    "router": "a router",
+}
 
 STRATEGIES: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
@@ -98,9 +111,7 @@ def target_paths(spec: AdapterSpec) -> list[str]:
     elif spec.strategy in STRATEGIES:
         names = list(STRATEGIES[spec.strategy])
     else:
-        raise MlxMoeError(
-            f"strategy {spec.strategy!r} is unknown (choose from: {', '.join(STRATEGIES)})"
-        )
+        raise MlxMoeError(f"strategy {spec.strategy!r} is unknown (choose from: {', '.join(STRATEGIES)})")
     known = {path for group in TARGET_GROUPS.values() for path in group}
     paths: list[str] = []
     for name in names:
@@ -170,7 +181,8 @@ def apply_adapters(model: CausalLM, spec: AdapterSpec) -> list[str]:
             log.warning(
                 "router LoRA rank %d >= %d experts: the adapter is larger than the router "
                 "itself; train the router fully (router_mode: full) or lower the rank",
-                spec.rank, experts,
+                spec.rank,
+                experts,
             )
     return adapted
 
@@ -187,7 +199,8 @@ def _refuse_a_group_the_strategy_cannot_adapt(spec: AdapterSpec, adapted: list[s
             where = "" if spec.layers is None else f" in layers {spec.layers}"
             raise MlxMoeError(
                 f"strategy {spec.strategy!r} adapts {GROUP_NOUNS[group]}, and this {family} model "
-                f"has none{where} (choose another strategy: {', '.join(STRATEGIES)})")
+                f"has none{where} (choose another strategy: {', '.join(STRATEGIES)})"
+            )
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -22,8 +22,9 @@ def info(model: str, group_size: int) -> None:
     if i.experts:
         shared = " + 1 shared" if i.shared_expert else ""
         table.add_row("experts", f"{i.experts} routed{shared}, {i.experts_per_token} active per token")
-    table.add_row("parameters",
-                  f"{human_params(i.total_params)} total, {human_params(i.active_params)} active")
+    table.add_row(
+        "parameters", f"{human_params(i.total_params)} total, {human_params(i.active_params)} active"
+    )
     for bits, size in i.weight_bytes.items():
         label = "16-bit (bf16)" if bits == 16 else f"{bits}-bit (group {group_size})"
         table.add_row(f"weights at {label}", human_bytes(size))

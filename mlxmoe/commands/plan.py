@@ -20,14 +20,36 @@ from ._ui import console, human_bytes
 @click.option("--rank", type=int, help="LoRA rank.")
 @click.option("--quantize", type=BITS, help="Bits of the frozen base.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
-@click.option("--gguf-type", default="q8_0", show_default=True, type=click.Choice(list(FILE_TYPES)),
-              help="Export type to plan for.")
-@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="gpu: Metal; cpu: MLX's CPU backend (its MoE dispatch; float32 norms and "
-                   "gather_mm in a 16-bit model).")
+@click.option(
+    "--gguf-type",
+    default="q8_0",
+    show_default=True,
+    type=click.Choice(list(FILE_TYPES)),
+    help="Export type to plan for.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["gpu", "cpu"]),
+    default="gpu",
+    show_default=True,
+    help="gpu: Metal; cpu: MLX's CPU backend (its MoE dispatch; float32 norms and "
+    "gather_mm in a 16-bit model).",
+)
 @DTYPE_OPTION
-def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, quantize,
-         grad_checkpoint, gguf_type, device, dtype) -> None:
+def plan(
+    model,
+    recipe_file,
+    memory,
+    strategy,
+    batch_size,
+    max_seq_len,
+    rank,
+    quantize,
+    grad_checkpoint,
+    gguf_type,
+    device,
+    dtype,
+) -> None:
     """Peak memory of training MODEL (folder, config.json or hub id: only the config is read)
     with the recipe, whether it fits, and what would make it fit."""
     from ..dtypes import dtype_name
@@ -41,9 +63,13 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     recipe = load_recipe(
         recipe_file,
         lora={"strategy": strategy, "rank": rank},
-        train={"batch_size": batch_size, "max_seq_len": max_seq_len,
-               "grad_checkpoint": grad_checkpoint, "dtype": dtype,
-               "quantize": quantize},
+        train={
+            "batch_size": batch_size,
+            "max_seq_len": max_seq_len,
+            "grad_checkpoint": grad_checkpoint,
+            "dtype": dtype,
+            "quantize": quantize,
+        },
     )
     model = model or recipe.model
     if not model:
@@ -62,19 +88,27 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
     table.add_row("[bold]peak", f"[bold]{human_bytes(training.peak)}", f"during the {training.phase}")
     console.print(table)
     ckpt = "on" if t.grad_checkpoint else "off"
-    console.print(f"batch {t.batch_size} x {t.max_seq_len} tokens, gradient checkpointing {ckpt}, "
-                  f"LoRA {recipe.lora.strategy} rank {recipe.lora.rank} on "
-                  f"{len(training.memory.adapted)} modules, {device}, {dtype_name(training.dtype)}"
-                  + (" (train.dtype auto)" if t.dtype == "auto" else "")
-                  + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
-                  highlight=False)
+    console.print(
+        f"batch {t.batch_size} x {t.max_seq_len} tokens, gradient checkpointing {ckpt}, "
+        f"LoRA {recipe.lora.strategy} rank {recipe.lora.rank} on "
+        f"{len(training.memory.adapted)} modules, {device}, {dtype_name(training.dtype)}"
+        + (" (train.dtype auto)" if t.dtype == "auto" else "")
+        + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
+        highlight=False,
+    )
     load = plan_load(cfg, t.quantize, t.group_size, training.dtype)
-    console.print(f"load: peak {human_bytes(load.peak)} ("
-                  + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in load.items) + ")",
-                  highlight=False)
-    console.print(f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
-                  + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in export.items) + ")",
-                  highlight=False)
+    console.print(
+        f"load: peak {human_bytes(load.peak)} ("
+        + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in load.items)
+        + ")",
+        highlight=False,
+    )
+    console.print(
+        f"export to GGUF {gguf_type}: peak {human_bytes(export.peak)} ("
+        + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in export.items)
+        + ")",
+        highlight=False,
+    )
     phases = {"load": load.peak, "training": training.peak, "export": export.peak}
     phase = max(phases, key=phases.get)
     peak = phases[phase]
@@ -84,9 +118,11 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         return max(change.peak, export.peak, plan_load(cfg, tc.quantize, tc.group_size, training.dtype).peak)
 
     v = verdict(peak, b)
-    console.print(f"\nbudget: {human_bytes(b.ram)} of RAM, {human_bytes(b.wired_default)} for the GPU "
-                  f"by default ({b.source}); the largest phase is the {phase}, {human_bytes(peak)}",
-                  highlight=False)
+    console.print(
+        f"\nbudget: {human_bytes(b.ram)} of RAM, {human_bytes(b.wired_default)} for the GPU "
+        f"by default ({b.source}); the largest phase is the {phase}, {human_bytes(peak)}",
+        highlight=False,
+    )
     if v.fits_default:
         console.print("[green]fits[/] under the default GPU limit")
         return
@@ -94,8 +130,11 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
         console.print("[yellow]fits after raising the GPU wired limit[/] (until the next reboot):")
         console.print(f"  {v.sysctl}", highlight=False, soft_wrap=True)
     else:
-        console.print(f"[red]does not fit[/]: {human_bytes(peak)} is more than "
-                      f"{human_bytes(b.wired_max)} (RAM less 4 GiB for macOS)", highlight=False)
+        console.print(
+            f"[red]does not fit[/]: {human_bytes(peak)} is more than "
+            f"{human_bytes(b.wired_max)} (RAM less 4 GiB for macOS)",
+            highlight=False,
+        )
     limit = target(training, b)
     changes = suggestions(cfg, recipe, training, limit, device)
     if changes:
@@ -106,5 +145,8 @@ def plan(model, recipe_file, memory, strategy, batch_size, max_seq_len, rank, qu
             mark = "fits" if total <= limit else "still over"
             console.print(f"  - {change.what}: peak {human_bytes(total)} ({mark})", highlight=False)
     if phase == "load" and load.peak > limit:
-        console.print(f"the load peaks with {load.part} in flight: an mlx-lm {t.quantize or 4}-bit "
-                      "release of the model is read as stored, without its float copies", highlight=False)
+        console.print(
+            f"the load peaks with {load.part} in flight: an mlx-lm {t.quantize or 4}-bit "
+            "release of the model is read as stored, without its float copies",
+            highlight=False,
+        )

@@ -20,15 +20,39 @@ from ._ui import console
 @training_options
 @click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
 @click.option("--no-plots", is_flag=True, help="Write no loss.png / expert_load.png.")
-def train(model, data, out, recipe_file, strategy, iters, batch_size, grad_accum, max_seq_len,
-          learning_rate, rank, quantize, dtype, resume, no_plots) -> None:
+def train(
+    model,
+    data,
+    out,
+    recipe_file,
+    strategy,
+    iters,
+    batch_size,
+    grad_accum,
+    max_seq_len,
+    learning_rate,
+    rank,
+    quantize,
+    dtype,
+    resume,
+    no_plots,
+) -> None:
     """Fine-tune MODEL's adapters on DATA with a router-aware loss."""
     from ..train import train as run_training
 
     recipe = recipe_from_options(
-        recipe_file, model, data, iters=iters, batch_size=batch_size, grad_accum=grad_accum,
-        max_seq_len=max_seq_len, learning_rate=learning_rate, rank=rank, quantize=quantize,
-        dtype=dtype, strategy=strategy,
+        recipe_file,
+        model,
+        data,
+        iters=iters,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_seq_len=max_seq_len,
+        learning_rate=learning_rate,
+        rank=rank,
+        quantize=quantize,
+        dtype=dtype,
+        strategy=strategy,
     )
     result = run_training(recipe, out, resume=resume)
     summary = Table(title="training summary", show_header=False)

@@ -23,7 +23,19 @@ from .samples import (
 )
 
 __all__ = [
-    "BUCKET_BATCHES", "FORMATS", "MERGE_SLACK", "SAMPLE_KINDS", "Batch", "BatchSchedule",
-    "DataError", "Dataset", "EncodedSample", "Example", "SampleEncoder", "encode_sample",
-    "load_dataset", "padding_waste", "read_samples",
+    "BUCKET_BATCHES",
+    "FORMATS",
+    "MERGE_SLACK",
+    "SAMPLE_KINDS",
+    "Batch",
+    "BatchSchedule",
+    "DataError",
+    "Dataset",
+    "EncodedSample",
+    "Example",
+    "SampleEncoder",
+    "encode_sample",
+    "load_dataset",
+    "padding_waste",
+    "read_samples",
 ]

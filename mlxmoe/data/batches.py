@@ -51,8 +51,7 @@ class BatchSchedule:
             raise DataError(f"seed must be a non-negative integer, got {seed}")
         if len(dataset.examples) < batch_size:
             raise DataError(
-                f"{dataset.source}: {len(dataset.examples)} samples, fewer than "
-                f"batch_size={batch_size}"
+                f"{dataset.source}: {len(dataset.examples)} samples, fewer than batch_size={batch_size}"
             )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.pad_multiple, self.bucket_batches = pad_multiple, bucket_batches

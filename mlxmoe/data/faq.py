@@ -46,8 +46,22 @@ SPLITS = (("train", 80), ("valid", 90), ("test", 100))  # cumulative percent
 SOURCES = ("auto", "debian", "pydoc")
 BUILTIN_TYPES = (str, bytes, list, dict, set, int, float, tuple)
 DOCSTRING_MODULES = (
-    "bisect", "collections", "copy", "functools", "heapq", "itertools", "json", "math",
-    "os", "os.path", "random", "re", "shutil", "statistics", "string", "textwrap",
+    "bisect",
+    "collections",
+    "copy",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "math",
+    "os",
+    "os.path",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "textwrap",
 )
 CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "doctest", "testcode"}
 _UNDERLINE = re.compile(r"([=\-~^\"'`#*+:.])\1{2,}\s*")
@@ -130,6 +144,7 @@ def rendered_inline(text: str) -> str:
 
 # --- blocks and answers -----------------------------------------------------------------------
 
+
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
@@ -201,8 +216,9 @@ def _cut_at_sentence(text: str, max_chars: int) -> str:
     return text[: ends[-1]] if ends else ""
 
 
-def make_answer(lines: list[str], inline=rst_inline, max_chars: int = MAX_ANSWER_CHARS,
-                keep_code: bool = True) -> str:
+def make_answer(
+    lines: list[str], inline=rst_inline, max_chars: int = MAX_ANSWER_CHARS, keep_code: bool = True
+) -> str:
     """The plain-text answer a section body gives (see the module docstring). Without
     ``keep_code`` the answer stops at the first code block; grammar rules (``::=``) are
     always left out."""
@@ -213,8 +229,7 @@ def make_answer(lines: list[str], inline=rst_inline, max_chars: int = MAX_ANSWER
             if parts and parts[-1][1].endswith(":"):  # "...is used for conditional execution:"
                 parts[-1] = ("prose", parts[-1][1][:-1] + ".")
             continue
-        if kind != "prose" and parts and parts[-1][0] == "prose" \
-                and not _ENDS_SENTENCE.search(parts[-1][1]):
+        if kind != "prose" and parts and parts[-1][0] == "prose" and not _ENDS_SENTENCE.search(parts[-1][1]):
             parts[-1] = ("intro", parts[-1][1])  # "In C++ you'd write" + code
         if kind == "skip" or (kind == "code" and not keep_code):
             if parts:
@@ -242,6 +257,7 @@ def make_answer(lines: list[str], inline=rst_inline, max_chars: int = MAX_ANSWER
 
 # --- sections -------------------------------------------------------------------------------
 
+
 def sections(text: str) -> Iterator[tuple[int, str, int, list[str]]]:
     """(line number, title, level, body lines) of each section of a reST (or pydoc-rendered)
     text; the level is the order in which its underline style first appeared."""
@@ -250,8 +266,13 @@ def sections(text: str) -> Iterator[tuple[int, str, int, list[str]]]:
     heads = []
     for i in range(len(lines) - 1):
         title, under = lines[i], lines[i + 1]
-        if (title.strip() and _indent(title) == 0 and not _UNDERLINE.fullmatch(title)
-                and _UNDERLINE.fullmatch(under) and len(under.rstrip()) >= len(title.rstrip())):
+        if (
+            title.strip()
+            and _indent(title) == 0
+            and not _UNDERLINE.fullmatch(title)
+            and _UNDERLINE.fullmatch(under)
+            and len(under.rstrip()) >= len(title.rstrip())
+        ):
             overlined = i > 0 and lines[i - 1].rstrip() == under.rstrip()
             style = ("over" if overlined else "") + under[0]
             if style not in styles:
@@ -297,6 +318,7 @@ def faq_pairs(faq_dir: str | Path, max_chars: int = MAX_ANSWER_CHARS) -> list[QA
 
 # --- the pydoc fallback ---------------------------------------------------------------------
 
+
 def _lower_first(title: str) -> str:
     return title[0].lower() + title[1:] if len(title) > 1 and title[1].islower() else title
 
@@ -323,8 +345,9 @@ def topic_pairs(max_chars: int = MAX_ANSWER_CHARS) -> list[QAPair]:
             parent = parents.get(level - 1) if level > 0 else None
             answer = make_answer(body, rendered_inline, max_chars, keep_code=False)
             if len(answer) >= MIN_ANSWER_CHARS:
-                pairs.append(QAPair(topic_question(title, parent), answer,
-                                    f"pydoc_data.topics[{name!r}]:{line}"))
+                pairs.append(
+                    QAPair(topic_question(title, parent), answer, f"pydoc_data.topics[{name!r}]:{line}")
+                )
     return pairs
 
 
@@ -338,15 +361,21 @@ def _documented_objects() -> Iterator[tuple[str, str, object]]:
         for name in sorted(vars(cls)):
             obj = vars(cls)[name]
             if not name.startswith("_") and callable(obj):
-                yield (f"What does the {cls.__name__}.{name}() method do in Python?",
-                       f"{cls.__name__}.{name}", obj)
+                yield (
+                    f"What does the {cls.__name__}.{name}() method do in Python?",
+                    f"{cls.__name__}.{name}",
+                    obj,
+                )
     for module_name in DOCSTRING_MODULES:
         module = importlib.import_module(module_name)
         public = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
         for name in sorted(public):
             obj = getattr(module, name, None)
             if inspect.isroutine(obj) and getattr(obj, "__module__", None) in (
-                module.__name__, module_name, "_" + module_name.split(".")[-1]):
+                module.__name__,
+                module_name,
+                "_" + module_name.split(".")[-1],
+            ):
                 yield f"What does {module_name}.{name}() do in Python?", f"{module_name}.{name}", obj
 
 
@@ -368,6 +397,7 @@ def pydoc_pairs(max_chars: int = MAX_ANSWER_CHARS) -> list[QAPair]:
 
 
 # --- the dataset ------------------------------------------------------------------------------
+
 
 def split_of(question: str) -> str:
     """train, valid or test: fixed by the question's SHA-256 (80/10/10)."""
@@ -391,8 +421,9 @@ class FaqDataset:
     counts: dict[str, int]  # samples per split
 
 
-def collect_pairs(source: str = "auto", faq_dir: str | Path | None = None,
-                  max_chars: int = MAX_ANSWER_CHARS) -> tuple[str, str, list[QAPair]]:
+def collect_pairs(
+    source: str = "auto", faq_dir: str | Path | None = None, max_chars: int = MAX_ANSWER_CHARS
+) -> tuple[str, str, list[QAPair]]:
     """(source used, where it was read, deduplicated pairs). ``auto`` reads the Debian FAQ
     when it is installed (or ``faq_dir`` is given) and pydoc otherwise."""
     if source not in SOURCES:
@@ -410,8 +441,12 @@ def collect_pairs(source: str = "auto", faq_dir: str | Path | None = None,
     return "pydoc", "pydoc_data.topics and docstrings", deduplicate(pydoc_pairs(max_chars))
 
 
-def build_dataset(out_dir: str | Path, source: str = "auto", faq_dir: str | Path | None = None,
-                  max_chars: int = MAX_ANSWER_CHARS) -> FaqDataset:
+def build_dataset(
+    out_dir: str | Path,
+    source: str = "auto",
+    faq_dir: str | Path | None = None,
+    max_chars: int = MAX_ANSWER_CHARS,
+) -> FaqDataset:
     """Write train/valid/test.jsonl (``{"prompt", "completion"}`` per line) and info.json."""
     used, origin, pairs = collect_pairs(source, faq_dir, max_chars)
     out = Path(out_dir)
@@ -421,10 +456,16 @@ def build_dataset(out_dir: str | Path, source: str = "auto", faq_dir: str | Path
         splits[split_of(pair.question)].append(pair)
     for name, split in splits.items():
         records = ({"prompt": p.question, "completion": p.answer} for p in split)
-        write_text_atomic(out / f"{name}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(
+            out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        )
     counts = {name: len(split) for name, split in splits.items()}
-    info = {"source": used, "origin": origin, "max_answer_chars": max_chars, "counts": counts,
-            "lines_from": {name: [p.source for p in split] for name, split in splits.items()}}
+    info = {
+        "source": used,
+        "origin": origin,
+        "max_answer_chars": max_chars,
+        "counts": counts,
+        "lines_from": {name: [p.source for p in split] for name, split in splits.items()},
+    }
     write_text_atomic(out / "info.json", json.dumps(info, indent=1) + "\n")
     return FaqDataset(out, used, origin, counts)

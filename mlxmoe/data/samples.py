@@ -104,8 +104,9 @@ class EncodedSample:
         return int(self.example.loss_mask[1:].sum())
 
 
-def encode_sample(encoder: SampleEncoder, sample: dict, where: str, max_seq_len: int,
-                  mask_prompt: bool = True) -> EncodedSample:
+def encode_sample(
+    encoder: SampleEncoder, sample: dict, where: str, max_seq_len: int, mask_prompt: bool = True
+) -> EncodedSample:
     """One validated sample (``read_samples``) as training and evaluation see it;
     ``mask_prompt`` False trains every token."""
     tokens, mask = encoder.encode(sample, where)
@@ -116,7 +117,10 @@ def encode_sample(encoder: SampleEncoder, sample: dict, where: str, max_seq_len:
 
 
 def load_dataset(
-    path: str | Path, tokenizer: Any, max_seq_len: int, mask_prompt: bool = True,
+    path: str | Path,
+    tokenizer: Any,
+    max_seq_len: int,
+    mask_prompt: bool = True,
     thinking: str = DEFAULT_THINKING,
 ) -> Dataset:
     """Tokenize a JSONL file. ``tokenizer`` is mlx-lm's TokenizerWrapper or a Hugging Face
@@ -157,8 +161,10 @@ def read_samples(path: Path) -> Iterator[tuple[str, dict]]:
             text = line.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             at = exc.start + len(line) - len(exc.object)  # utf-8-sig decodes past a BOM
-            raise DataError(f"{where}: not UTF-8 text (byte 0x{line[at]:02x}, byte {at + 1} of "
-                            "the line); save the file as UTF-8") from exc
+            raise DataError(
+                f"{where}: not UTF-8 text (byte 0x{line[at]:02x}, byte {at + 1} of "
+                "the line); save the file as UTF-8"
+            ) from exc
         if not text.strip():
             continue
         try:
@@ -192,9 +198,7 @@ def _validate(sample: Any, where: str) -> dict:
             raise DataError(f'{where}: "messages" is empty')
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
-                raise DataError(
-                    f"{where}: messages[{i}] must be an object, got {_json_type(message)}"
-                )
+                raise DataError(f"{where}: messages[{i}] must be an object, got {_json_type(message)}")
             for key in ("role", "content"):
                 if key not in message:
                     raise DataError(f'{where}: messages[{i}] has no "{key}"')
@@ -312,20 +316,18 @@ class SampleEncoder:
             return int(closers[0]) + 1 if len(closers) and closers[0] < through else through
         if len(closers):  # e.g. Qwen3 renders a final assistant turn with a <think> block
             return int(closers[0]) + 1
-        raise DataError(
-            f"{where}: cannot find where messages[{i}] ends in the chat template's output"
-        )
+        raise DataError(f"{where}: cannot find where messages[{i}] ends in the chat template's output")
 
-    def _render(self, messages, tools, generation_prompt: bool, where: str,
-                allow_thinking: bool | None = None) -> np.ndarray:
+    def _render(
+        self, messages, tools, generation_prompt: bool, where: str, allow_thinking: bool | None = None
+    ) -> np.ndarray:
         """The conversation's ids; ``allow_thinking`` False renders the non-thinking generation
         prompt, None the ``thinking`` mode's rendering (non-thinking under ``off``)."""
         if allow_thinking is None:
             allow_thinking = self.thinking == "keep"
         extra = {"tools": tools} if tools is not None else {}
         try:
-            text = render_chat(self.tok, messages, generation_prompt, allow_thinking,
-                               self.harmony, **extra)
+            text = render_chat(self.tok, messages, generation_prompt, allow_thinking, self.harmony, **extra)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise DataError(f"{where}: the chat template refused this conversation: {exc}") from exc
         ids = self._ids(text, special=False)
@@ -360,9 +362,7 @@ class SampleEncoder:
         try:
             asked = self._render(user, None, False, "")
             prompted = self._render(user, None, True, "")
-            whole = self._render(
-                [*user, {"role": "assistant", "content": "Hello"}], None, False, ""
-            )
+            whole = self._render([*user, {"role": "assistant", "content": "Hello"}], None, False, "")
         except DataError:
             return
         self.generation_prompt = prompted[_common_prefix(prompted, asked) :]

@@ -29,17 +29,31 @@ class TokenizeJob:
     computed in a child process that starts at once: the caller loads its model meanwhile.
     Use as a context manager (a job left unfinished is killed) and call ``result()``."""
 
-    def __init__(self, model_folder: str | Path, files: list[Path | None], max_seq_len: int,
-                 mask_prompt: bool, thinking: str = DEFAULT_THINKING):
+    def __init__(
+        self,
+        model_folder: str | Path,
+        files: list[Path | None],
+        max_seq_len: int,
+        mask_prompt: bool,
+        thinking: str = DEFAULT_THINKING,
+    ):
         self.files = files
         self._tmp = tempfile.TemporaryDirectory(prefix="mlxmoe-tokenize-")
         self.folder = Path(self._tmp.name)
-        job = {"model": str(model_folder), "files": [str(f) if f else None for f in files],
-               "max_seq_len": max_seq_len, "mask_prompt": mask_prompt, "thinking": thinking,
-               "out": str(self.folder)}
+        job = {
+            "model": str(model_folder),
+            "files": [str(f) if f else None for f in files],
+            "max_seq_len": max_seq_len,
+            "mask_prompt": mask_prompt,
+            "thinking": thinking,
+            "out": str(self.folder),
+        }
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "mlxmoe.data.tokenize_worker", json.dumps(job)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def result(self) -> list[Dataset | None]:
         _, stderr = self._proc.communicate()
@@ -62,7 +76,10 @@ class TokenizeJob:
 
 
 def tokenize_files(
-    model_folder: str | Path, files: list[Path | None], max_seq_len: int, mask_prompt: bool,
+    model_folder: str | Path,
+    files: list[Path | None],
+    max_seq_len: int,
+    mask_prompt: bool,
     thinking: str = DEFAULT_THINKING,
 ) -> list[Dataset | None]:
     """``TokenizeJob(...).result()``: the datasets, tokenized in a child process."""
@@ -72,11 +89,17 @@ def tokenize_files(
 
 def write_dataset(folder: Path, index: int, dataset: Dataset) -> None:
     lengths = np.array([len(e.tokens) for e in dataset.examples], np.int64)
-    np.savez(folder / f"{index}.npz", lengths=lengths,
-             tokens=np.concatenate([e.tokens for e in dataset.examples]).astype(np.int32),
-             loss_mask=np.concatenate([e.loss_mask for e in dataset.examples]).astype(bool))
-    (folder / f"{index}.json").write_text(json.dumps(
-        {"source": str(dataset.source), "truncated": dataset.truncated, "dropped": dataset.dropped}))
+    np.savez(
+        folder / f"{index}.npz",
+        lengths=lengths,
+        tokens=np.concatenate([e.tokens for e in dataset.examples]).astype(np.int32),
+        loss_mask=np.concatenate([e.loss_mask for e in dataset.examples]).astype(bool),
+    )
+    (folder / f"{index}.json").write_text(
+        json.dumps(
+            {"source": str(dataset.source), "truncated": dataset.truncated, "dropped": dataset.dropped}
+        )
+    )
 
 
 def read_dataset(folder: Path, index: int) -> Dataset:
@@ -97,8 +120,11 @@ def main(job: dict) -> int:
         tokenizer = require_tokenizer(job["model"])
         for i, path in enumerate(job["files"]):
             if path is not None:
-                write_dataset(out, i, load_dataset(path, tokenizer, job["max_seq_len"],
-                                                   job["mask_prompt"], job["thinking"]))
+                write_dataset(
+                    out,
+                    i,
+                    load_dataset(path, tokenizer, job["max_seq_len"], job["mask_prompt"], job["thinking"]),
+                )
     except MlxMoeError as exc:
         (out / "error.json").write_text(json.dumps({"message": str(exc)}))
         return DATA_ERROR if isinstance(exc, DataError) else OTHER_ERROR

@@ -17,8 +17,18 @@ from .qwen3_next import FAMILY as QWEN3_NEXT
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (DEEPSEEK_V2, GPT_OSS, GRANITEMOE, LLAMA, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_5_MOE,
-                   QWEN3_MOE, QWEN3_NEXT)
+    for family in (
+        DEEPSEEK_V2,
+        GPT_OSS,
+        GRANITEMOE,
+        LLAMA,
+        MIXTRAL,
+        OLMOE,
+        QWEN2_MOE,
+        QWEN3_5_MOE,
+        QWEN3_MOE,
+        QWEN3_NEXT,
+    )
     for model_type in family.model_types
 }
 

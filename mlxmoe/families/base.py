@@ -26,6 +26,7 @@ class GGUFPart:
     (deepseek2's attn_k_b). Picking rows and columns keeps a LoRA delta B @ A factored: its
     rows are B's, its columns A's; ``value``, ``heads`` and ``transposed`` do not, and are for
     tensors whose LoRA llama.cpp cannot take."""
+
     role: str
     rows: np.ndarray | None = None
     cols: np.ndarray | None = None
@@ -63,8 +64,10 @@ class GGUFPart:
     def lora(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A [.., r, in] and B [.., out, r] of a delta B @ A -> those of this part's delta."""
         if self.value is not None or self.squeeze or self.heads is not None or self.transposed:
-            raise MlxMoeError(f"cannot write a LoRA of {self.role}: its GGUF tensor is not a "
-                              "selection of rows and columns of ours")
+            raise MlxMoeError(
+                f"cannot write a LoRA of {self.role}: its GGUF tensor is not a "
+                "selection of rows and columns of ours"
+            )
         if self.rows is not None:
             b = b[..., self.rows, :]
         if self.cols is not None:
@@ -153,8 +156,10 @@ def add_yarn_keys(rope: dict[str, Any], writer: Any, arch: str) -> None:
     ``rope_type: yarn`` config; other scalings are refused."""
     kind = rope.get("rope_type", rope.get("type"))
     if kind != "yarn" or not rope.get("factor") or "original_max_position_embeddings" not in rope:
-        raise MlxMoeError(f"cannot export to GGUF: llama.cpp's {arch} reads rope scaling as YaRN "
-                          f"with factor and original_max_position_embeddings; this config has {rope!r}")
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's {arch} reads rope scaling as YaRN "
+            f"with factor and original_max_position_embeddings; this config has {rope!r}"
+        )
     writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_rope_scaling_factor(rope["factor"])
     writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])

@@ -54,16 +54,20 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     if method not in TOPK_METHODS:
         refuse.append(f"topk_method {method!r} (DeepSeek-V2 routes with {' or '.join(TOPK_METHODS)})")
     if int(cfg.get("moe_layer_freq", default=1)) != 1:
-        refuse.append(f"moe_layer_freq {cfg.get('moe_layer_freq')} (transformers places experts "
-                      "in every layer after first_k_dense_replace)")
+        refuse.append(
+            f"moe_layer_freq {cfg.get('moe_layer_freq')} (transformers places experts "
+            "in every layer after first_k_dense_replace)"
+        )
     if cfg.get("scoring_func", default="softmax") != "softmax":
         refuse.append(f"scoring_func {cfg.get('scoring_func')!r}")
     if cfg.get("hidden_act", default="silu") != "silu":
         refuse.append(f"hidden_act {cfg.get('hidden_act')!r}")
     heads = int(cfg.get("num_attention_heads"))
     if int(cfg.get("num_key_value_heads", default=heads)) != heads:
-        refuse.append("num_key_value_heads other than num_attention_heads (latent attention "
-                      "expands keys and values for every head)")
+        refuse.append(
+            "num_key_value_heads other than num_attention_heads (latent attention "
+            "expands keys and values for every head)"
+        )
     if refuse:
         raise CheckpointError(f"{cfg.source}: not supported for deepseek_v2: {'; '.join(refuse)}")
     mla = MLAArgs.from_config(cfg)
@@ -74,8 +78,10 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     if method == "group_limited_greedy":
         groups, used = int(cfg.get("n_group")), int(cfg.get("topk_group"))
         if experts % groups or not 0 < used <= groups or top_k > used * (experts // groups):
-            raise CheckpointError(f"{cfg.source}: {experts} experts in n_group={groups} groups, "
-                                  f"top {top_k} of the best topk_group={used}: not a valid routing")
+            raise CheckpointError(
+                f"{cfg.source}: {experts} experts in n_group={groups} groups, "
+                f"top {top_k} of the best topk_group={used}: not a valid routing"
+            )
     shared = int(cfg.get("n_shared_experts", default=0))
     args = MoEArgs(
         **{**base, "head_dim": mla.qk_head_dim, "qkv_bias": False},
@@ -86,8 +92,14 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
         shared_expert_intermediate_size=shared * int(cfg.get("moe_intermediate_size")),
         mlp_only_layers=list(range(int(cfg.get("first_k_dense_replace", default=0)))),
     )
-    return replace(args, mla=mla, shared_expert_gate=False, expert_groups=groups, expert_groups_used=used,
-                   routed_scaling_factor=float(cfg.get("routed_scaling_factor", default=1.0)))
+    return replace(
+        args,
+        mla=mla,
+        shared_expert_gate=False,
+        expert_groups=groups,
+        expert_groups_used=used,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", default=1.0)),
+    )
 
 
 # --- GGUF: what llama.cpp's converter (conversion/deepseek.py, DeepseekV2Model) writes ---
@@ -107,9 +119,12 @@ def kv_b_parts(args: MoEArgs) -> list[GGUFPart]:
     (each head's key rows, transposed) and attn_v_b [heads, v, latent]."""
     m = args.mla
     rows = np.arange(args.num_heads * (m.qk_nope_head_dim + m.v_head_dim)).reshape(args.num_heads, -1)
-    return [GGUFPart("attn_k_b", rows=rows[:, :m.qk_nope_head_dim].ravel(), heads=args.num_heads,
-                     transposed=True),
-            GGUFPart("attn_v_b", rows=rows[:, m.qk_nope_head_dim:].ravel(), heads=args.num_heads)]
+    return [
+        GGUFPart(
+            "attn_k_b", rows=rows[:, : m.qk_nope_head_dim].ravel(), heads=args.num_heads, transposed=True
+        ),
+        GGUFPart("attn_v_b", rows=rows[:, m.qk_nope_head_dim :].ravel(), heads=args.num_heads),
+    ]
 
 
 def gguf_parts(role: str, args: MoEArgs) -> list[GGUFPart] | None:
@@ -129,18 +144,26 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
             f"cannot export to GGUF: llama.cpp's deepseek2 takes queries without q_lora_rank (as "
             f"DeepSeek-V2-Lite's) exactly when a model has {' or '.join(map(str, LITE_LAYER_COUNTS))} "
             f"layers (or 48 and a {LITE_VOCAB_48}-token vocabulary); this one has {args.num_layers} "
-            f"layers and q_lora_rank={m.q_lora_rank}")
+            f"layers and q_lora_rank={m.q_lora_rank}"
+        )
     rope = args.rope_scaling
-    if rope is not None and (rope.get("truncate", True) is False or rope.get("attention_factor") is not None
-                             or not rope.get("mscale_all_dim")
-                             or rope.get("mscale") != rope["mscale_all_dim"]):
+    if rope is not None and (
+        rope.get("truncate", True) is False
+        or rope.get("attention_factor") is not None
+        or not rope.get("mscale_all_dim")
+        or rope.get("mscale") != rope["mscale_all_dim"]
+    ):
         raise MlxMoeError(
             "cannot export to GGUF: llama.cpp's deepseek2 computes YaRN as DeepSeek ships it (mscale "
             "equal to mscale_all_dim, no attention_factor, the correction range truncated); this "
-            f"config has {rope!r}")
+            f"config has {rope!r}"
+        )
     # the converter's: latent attention runs as one KV head of the latent's width in llama.cpp
-    for key in (gguf.Keys.Attention.HEAD_COUNT_KV, gguf.Keys.Attention.KEY_LENGTH,
-                gguf.Keys.Attention.VALUE_LENGTH):
+    for key in (
+        gguf.Keys.Attention.HEAD_COUNT_KV,
+        gguf.Keys.Attention.KEY_LENGTH,
+        gguf.Keys.Attention.VALUE_LENGTH,
+    ):
         for kv in writer.kv_data:  # written by the common keys; replaced, as the converter does
             kv.pop(key.format(arch=writer.arch), None)
     writer.add_head_count_kv(1)
@@ -163,17 +186,22 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
 def gguf_config_hparams(cfg: ConfigView, writer) -> None:
     """The keys the converter writes from config.json's keys as they are spelled."""
     if cfg.get("norm_topk_prob", default=False):
-        raise MlxMoeError("cannot export to GGUF: llama.cpp's deepseek2 renormalizes the top-k "
-                          "weights where norm_topk_prob is true; transformers (and mlxmoe) does not")
+        raise MlxMoeError(
+            "cannot export to GGUF: llama.cpp's deepseek2 renormalizes the top-k "
+            "weights where norm_topk_prob is true; transformers (and mlxmoe) does not"
+        )
     if int(cfg.get("n_group", default=1)) > 1:
         raise MlxMoeError(
             f"cannot export to GGUF: llama.cpp's deepseek2 keeps the expert groups whose two best "
             f"experts sum highest (DeepSeek-V3's rule); DeepSeek-V2's group_limited_greedy ranks a "
             f"group by its best expert, and greedy ignores groups; this config has n_group="
-            f"{cfg.get('n_group')}, topk_method {cfg.get('topk_method', default='greedy')!r}")
-    for key, add in (("n_group", writer.add_expert_group_count),
-                     ("topk_group", writer.add_expert_group_used_count),
-                     ("routed_scaling_factor", writer.add_expert_weights_scale)):
+            f"{cfg.get('n_group')}, topk_method {cfg.get('topk_method', default='greedy')!r}"
+        )
+    for key, add in (
+        ("n_group", writer.add_expert_group_count),
+        ("topk_group", writer.add_expert_group_used_count),
+        ("routed_scaling_factor", writer.add_expert_weights_scale),
+    ):
         if cfg.get(key, default=None) is not None:
             add(cfg.get(key))
     if cfg.get("scoring_func", default=None) is not None:  # "softmax": args_from_config refuses others
@@ -184,6 +212,15 @@ def gguf_config_hparams(cfg: ConfigView, writer) -> None:
         writer.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
 
 
-FAMILY = Family("deepseek_v2", ("deepseek_v2",), "deepseek2", HF_TENSORS, args_from_config,
-                gguf_hparams, gguf_parts=gguf_parts, gguf_config_hparams=gguf_config_hparams,
-                gguf_rope_scaling=True, gguf_no_lora=NO_LORA_ROLES)
+FAMILY = Family(
+    "deepseek_v2",
+    ("deepseek_v2",),
+    "deepseek2",
+    HF_TENSORS,
+    args_from_config,
+    gguf_hparams,
+    gguf_parts=gguf_parts,
+    gguf_config_hparams=gguf_config_hparams,
+    gguf_rope_scaling=True,
+    gguf_no_lora=NO_LORA_ROLES,
+)

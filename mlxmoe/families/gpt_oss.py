@@ -41,15 +41,24 @@ HF_TENSORS = {
 
 # Where the hub's layout keeps each of those (fused; MXFP4 adds _blocks / _scales)
 STORED_IN = {
-    "ffn_gate_exps": f"{_X}.gate_up_proj", "ffn_up_exps": f"{_X}.gate_up_proj",
-    "ffn_down_exps": f"{_X}.down_proj", "ffn_gate_exps.bias": f"{_X}.gate_up_proj_bias",
-    "ffn_up_exps.bias": f"{_X}.gate_up_proj_bias", "ffn_down_exps.bias": f"{_X}.down_proj_bias",
+    "ffn_gate_exps": f"{_X}.gate_up_proj",
+    "ffn_up_exps": f"{_X}.gate_up_proj",
+    "ffn_down_exps": f"{_X}.down_proj",
+    "ffn_gate_exps.bias": f"{_X}.gate_up_proj_bias",
+    "ffn_up_exps.bias": f"{_X}.gate_up_proj_bias",
+    "ffn_down_exps.bias": f"{_X}.down_proj_bias",
 }
 
 # What transformers' GptOssConfig assumes when config.json leaves these out.
 DEFAULT_ROPE_THETA = 150000.0
-DEFAULT_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                "truncate": False, "original_max_position_embeddings": 4096}
+DEFAULT_YARN = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 DEFAULT_SWIGLU_ALPHA = 1.702  # hub configs (transformers 4) carry only swiglu_limit
 LAYER_TYPES = ("sliding_attention", "full_attention")
 LLAMA_CPP_SWIGLU = (1.702, 7.0)  # llama-graph.cpp, LLM_FFN_SWIGLU_OAI_MOE: (alpha, limit)
@@ -68,8 +77,10 @@ def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
     gate, up, down = f"{stem}.gate_proj", f"{stem}.up_proj", f"{stem}.down_proj"
     if last in ("gate_up_proj", "down_proj"):
         if array.ndim != 3:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}; gpt-oss "
-                                  "stores it [experts, in, out]")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(array.shape)}; gpt-oss "
+                "stores it [experts, in, out]"
+            )
         weight = array.swapaxes(-1, -2)
         if last == "down_proj":
             return [(f"{down}.weight", weight)]
@@ -94,13 +105,17 @@ def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
 def args_from_config(cfg: ConfigView) -> MoEArgs:
     base = MoEArgs.base_fields(cfg, qkv_bias_default=True)  # attention_bias: q, k, v and o
     if "rope_parameters" not in cfg.raw and "rope_scaling" not in cfg.raw:
-        base.update(rope_theta=float(cfg.get("rope_theta", default=DEFAULT_ROPE_THETA)),
-                    rope_scaling=dict(DEFAULT_YARN))
+        base.update(
+            rope_theta=float(cfg.get("rope_theta", default=DEFAULT_ROPE_THETA)),
+            rope_scaling=dict(DEFAULT_YARN),
+        )
     layers = base["num_layers"]
     layer_types = list(cfg.get("layer_types", default=[LAYER_TYPES[i % 2] for i in range(layers)]))
     if len(layer_types) != layers or not set(layer_types) <= set(LAYER_TYPES):
-        raise CheckpointError(f"{cfg.source}: layer_types must name {layers} layers, each one of "
-                              f"{LAYER_TYPES}; got {layer_types}")
+        raise CheckpointError(
+            f"{cfg.source}: layer_types must name {layers} layers, each one of "
+            f"{LAYER_TYPES}; got {layer_types}"
+        )
     window = cfg.get("sliding_window", default=None)
     args = MoEArgs(
         **base,
@@ -110,9 +125,14 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
         norm_topk_prob=True,
     )
     return replace(
-        args, o_bias=args.qkv_bias, attn_sinks=True, layer_types=layer_types,
+        args,
+        o_bias=args.qkv_bias,
+        attn_sinks=True,
+        layer_types=layer_types,
         sliding_window=None if window is None else int(window),
-        router_bias=True, router_softmax="top_k", expert_bias=True,
+        router_bias=True,
+        router_softmax="top_k",
+        expert_bias=True,
         swiglu_alpha=float(cfg.get("swiglu_alpha", default=DEFAULT_SWIGLU_ALPHA)),
         swiglu_limit=float(cfg.get("swiglu_limit", default=7.0)),
     )
@@ -143,18 +163,24 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     require_llama_cpp_routing(args, "gpt-oss", normalized=True)
     refuse = []
     if (args.swiglu_alpha, args.swiglu_limit) != LLAMA_CPP_SWIGLU:
-        refuse.append(f"SwiGLU alpha {args.swiglu_alpha} and limit {args.swiglu_limit} (llama.cpp "
-                      f"computes {LLAMA_CPP_SWIGLU[0]} and {LLAMA_CPP_SWIGLU[1]})")
+        refuse.append(
+            f"SwiGLU alpha {args.swiglu_alpha} and limit {args.swiglu_limit} (llama.cpp "
+            f"computes {LLAMA_CPP_SWIGLU[0]} and {LLAMA_CPP_SWIGLU[1]})"
+        )
     alternating = [LAYER_TYPES[i % 2] for i in range(args.num_layers)]
     if args.sliding_window is None or list(args.layer_types) != alternating:
-        refuse.append(f"layer_types {list(args.layer_types)} with sliding_window {args.sliding_window} "
-                      "(llama.cpp slides a window over the even layers, full attention on the odd ones)")
+        refuse.append(
+            f"layer_types {list(args.layer_types)} with sliding_window {args.sliding_window} "
+            "(llama.cpp slides a window over the even layers, full attention on the odd ones)"
+        )
     rope = args.rope_scaling
     if rope is not None:
         refuse += _yarn_refusals(args)
     if refuse:
-        raise MlxMoeError("cannot export gpt_oss to GGUF: llama.cpp's gpt-oss computes other "
-                          "values for " + "; ".join(refuse))
+        raise MlxMoeError(
+            "cannot export gpt_oss to GGUF: llama.cpp's gpt-oss computes other "
+            "values for " + "; ".join(refuse)
+        )
     if rope is not None:
         add_yarn_keys(rope, writer, "gpt-oss")
     writer.add_sliding_window(args.sliding_window)
@@ -165,17 +191,41 @@ def _yarn_refusals(args: MoEArgs) -> list[str]:
     rope = args.rope_scaling
     kind = rope.get("rope_type", rope.get("type"))
     if kind != "yarn" or not rope.get("factor") or "original_max_position_embeddings" not in rope:
-        return [f"rope scaling {rope!r} (it reads rope_type yarn with factor and "
-                "original_max_position_embeddings)"]
+        return [
+            f"rope scaling {rope!r} (it reads rope_type yarn with factor and "
+            "original_max_position_embeddings)"
+        ]
     _, attention = yarn_frequencies(args.head_dim, args.rope_theta, rope, args.max_position_embeddings)
-    ours = {"beta_fast": rope.get("beta_fast") or 32.0, "beta_slow": rope.get("beta_slow") or 1.0,
-            "extrapolation_factor": rope.get("extrapolation_factor", 1.0), "attention factor": attention}
-    theirs = {"beta_fast": 32.0, "beta_slow": 1.0, "extrapolation_factor": 1.0,
-              "attention factor": yarn_mscale(rope["factor"])}
-    return [f"YaRN {k} {ours[k]} (llama.cpp: {theirs[k]})" for k in ours
-            if abs(ours[k] - theirs[k]) > 1e-6 * abs(theirs[k])]
+    ours = {
+        "beta_fast": rope.get("beta_fast") or 32.0,
+        "beta_slow": rope.get("beta_slow") or 1.0,
+        "extrapolation_factor": rope.get("extrapolation_factor", 1.0),
+        "attention factor": attention,
+    }
+    theirs = {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "extrapolation_factor": 1.0,
+        "attention factor": yarn_mscale(rope["factor"]),
+    }
+    return [
+        f"YaRN {k} {ours[k]} (llama.cpp: {theirs[k]})"
+        for k in ours
+        if abs(ours[k] - theirs[k]) > 1e-6 * abs(theirs[k])
+    ]
 
 
-FAMILY = Family("gpt_oss", ("gpt_oss",), "gpt-oss", HF_TENSORS, args_from_config, gguf_hparams,
-                split_tensor=split_tensor, stored_in=STORED_IN, mxfp4_experts=True,
-                join_tensor=join_tensor, gguf_names=GGUF_NAMES, gguf_rope_scaling=True)
+FAMILY = Family(
+    "gpt_oss",
+    ("gpt_oss",),
+    "gpt-oss",
+    HF_TENSORS,
+    args_from_config,
+    gguf_hparams,
+    split_tensor=split_tensor,
+    stored_in=STORED_IN,
+    mxfp4_experts=True,
+    join_tensor=join_tensor,
+    gguf_names=GGUF_NAMES,
+    gguf_rope_scaling=True,
+)

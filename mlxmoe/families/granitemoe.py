@@ -27,19 +27,26 @@ HF_TENSORS = {
     "ffn_up_exps": f"{_M}.switch_mlp.up_proj.weight",
     "ffn_down_exps": f"{_M}.switch_mlp.down_proj.weight",
 }
-STORED_IN = {"ffn_gate_exps": f"{_M}.input_linear.weight", "ffn_up_exps": f"{_M}.input_linear.weight",
-             "ffn_down_exps": f"{_M}.output_linear.weight"}
+STORED_IN = {
+    "ffn_gate_exps": f"{_M}.input_linear.weight",
+    "ffn_up_exps": f"{_M}.input_linear.weight",
+    "ffn_down_exps": f"{_M}.output_linear.weight",
+}
 
 
 def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
     stem = name.removesuffix(".weight")
     if stem.endswith("block_sparse_moe.input_linear"):
         if array.ndim != 3 or array.shape[1] % 2:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}; Granite "
-                                  "stores it [experts, 2 * ffn, hidden]")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(array.shape)}; Granite "
+                "stores it [experts, 2 * ffn, hidden]"
+            )
         ffn, moe = array.shape[1] // 2, stem.removesuffix(".input_linear")
-        return [(f"{moe}.switch_mlp.gate_proj.weight", array[:, :ffn]),
-                (f"{moe}.switch_mlp.up_proj.weight", array[:, ffn:])]
+        return [
+            (f"{moe}.switch_mlp.gate_proj.weight", array[:, :ffn]),
+            (f"{moe}.switch_mlp.up_proj.weight", array[:, ffn:]),
+        ]
     if stem.endswith("block_sparse_moe.output_linear"):
         return [(f"{stem.removesuffix('.output_linear')}.switch_mlp.down_proj.weight", array)]
     return [(name, array)]
@@ -65,7 +72,8 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
     # transformers' GraniteMoeConfig defaults: 1.0 each
     return replace(
-        args, router_softmax="top_k",
+        args,
+        router_softmax="top_k",
         embedding_multiplier=float(cfg.get("embedding_multiplier", default=1.0)),
         attention_multiplier=float(cfg.get("attention_multiplier", default=1.0)),
         residual_multiplier=float(cfg.get("residual_multiplier", default=1.0)),
@@ -81,9 +89,11 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     top-k softmax, which is what the top-k logits softmaxed among themselves are."""
     require_llama_cpp_routing(args, "granitemoe", normalized=True)
     if args.head_dim * args.num_heads != args.hidden_size:
-        raise MlxMoeError(f"cannot export to GGUF: llama.cpp's granitemoe takes heads of hidden_size "
-                          f"/ num_heads = {args.hidden_size // args.num_heads}, this config has "
-                          f"head_dim={args.head_dim}")
+        raise MlxMoeError(
+            f"cannot export to GGUF: llama.cpp's granitemoe takes heads of hidden_size "
+            f"/ num_heads = {args.hidden_size // args.num_heads}, this config has "
+            f"head_dim={args.head_dim}"
+        )
     llama_hparams(args, writer)
     writer.add_attention_scale(args.attention_multiplier)
     writer.add_embedding_scale(args.embedding_multiplier)
@@ -91,6 +101,15 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     writer.add_logit_scale(args.logits_scaling)
 
 
-FAMILY = Family("granitemoe", ("granitemoe",), "granitemoe", HF_TENSORS, args_from_config,
-                gguf_hparams, permute_qk=True, split_tensor=split_tensor, stored_in=STORED_IN,
-                join_tensor=join_tensor)
+FAMILY = Family(
+    "granitemoe",
+    ("granitemoe",),
+    "granitemoe",
+    HF_TENSORS,
+    args_from_config,
+    gguf_hparams,
+    permute_qk=True,
+    split_tensor=split_tensor,
+    stored_in=STORED_IN,
+    join_tensor=join_tensor,
+)

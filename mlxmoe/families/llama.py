@@ -27,5 +27,4 @@ def gguf_hparams(args: DecoderArgs, writer) -> None:
     writer.add_rope_dimension_count(args.head_dim)
 
 
-FAMILY = Family("llama", ("llama",), "llama", HF_TENSORS, args_from_config, gguf_hparams,
-                permute_qk=True)
+FAMILY = Family("llama", ("llama",), "llama", HF_TENSORS, args_from_config, gguf_hparams, permute_qk=True)

@@ -35,5 +35,4 @@ def args_from_config(cfg: ConfigView) -> MoEArgs:
     )
 
 
-FAMILY = Family("mixtral", ("mixtral",), "llama", HF_TENSORS, args_from_config, gguf_hparams,
-                permute_qk=True)
+FAMILY = Family("mixtral", ("mixtral",), "llama", HF_TENSORS, args_from_config, gguf_hparams, permute_qk=True)

@@ -54,6 +54,4 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
 
 
-FAMILY = Family(
-    "qwen2_moe", ("qwen2_moe",), "qwen2moe", HF_TENSORS, args_from_config, gguf_hparams
-)
+FAMILY = Family("qwen2_moe", ("qwen2_moe",), "qwen2moe", HF_TENSORS, args_from_config, gguf_hparams)

@@ -40,8 +40,9 @@ def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
 
 
 def args_from_config(cfg: ConfigView) -> MoEArgs:
-    return qwen3_next.hybrid_args(text_config(cfg), fused_projections=False, family="qwen3_5_moe",
-                                  norm_topk_prob=True)
+    return qwen3_next.hybrid_args(
+        text_config(cfg), fused_projections=False, family="qwen3_5_moe", norm_topk_prob=True
+    )
 
 
 def gguf_parts(role: str, args: MoEArgs) -> list[GGUFPart] | None:
@@ -56,18 +57,28 @@ def gguf_config_hparams(cfg: ConfigView, writer) -> None:
     rope = text.raw.get("rope_parameters", text.raw.get("rope_scaling")) or {}
     sections = list(rope.get("mrope_section", DEFAULT_MROPE_SECTION))[:4]
     head_dim = int(text.get("head_dim", default=0)) or int(text.get("hidden_size")) // int(
-        text.get("num_attention_heads"))
+        text.get("num_attention_heads")
+    )
     rotary_pairs = int(head_dim * qwen3_next.partial_rotary_factor(text)) // 2
     if sum(sections) > rotary_pairs:  # ggml's rope asserts it, and the process aborts
         raise MlxMoeError(
             f"cannot export to GGUF: llama.cpp's qwen35moe needs the multimodal RoPE sections "
             f"{sections} to cover at most the {rotary_pairs} rotary pairs of a head "
-            "(rope_parameters.mrope_section)")
+            "(rope_parameters.mrope_section)"
+        )
     writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
 
 
-FAMILY = Family("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"), "qwen35moe",
-                qwen3_next.hf_tensors(("model.language_model", "model"), False),
-                args_from_config, qwen3_next.gguf_hparams, split_tensor=split_tensor,
-                gguf_parts=gguf_parts, gguf_config_hparams=gguf_config_hparams,
-                hub_layout=qwen3_next.hub_layout, gguf_names=qwen3_next.GGUF_NAMES)
+FAMILY = Family(
+    "qwen3_5_moe",
+    ("qwen3_5_moe", "qwen3_5_moe_text"),
+    "qwen35moe",
+    qwen3_next.hf_tensors(("model.language_model", "model"), False),
+    args_from_config,
+    qwen3_next.gguf_hparams,
+    split_tensor=split_tensor,
+    gguf_parts=gguf_parts,
+    gguf_config_hparams=gguf_config_hparams,
+    hub_layout=qwen3_next.hub_layout,
+    gguf_names=qwen3_next.GGUF_NAMES,
+)

@@ -41,6 +41,4 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
     writer.add_expert_feed_forward_length(args.moe_intermediate_size)
 
 
-FAMILY = Family(
-    "qwen3_moe", ("qwen3_moe",), "qwen3moe", HF_TENSORS, args_from_config, gguf_hparams
-)
+FAMILY = Family("qwen3_moe", ("qwen3_moe",), "qwen3moe", HF_TENSORS, args_from_config, gguf_hparams)

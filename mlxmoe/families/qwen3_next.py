@@ -26,10 +26,19 @@ DEFAULT_PARTIAL_ROTARY = 0.25  # transformers' partial_rotary_factor when config
 
 # The linear attention's tensors, by role; Qwen3-Next's fused projections or Qwen3.5's apart
 FUSED_PROJECTIONS = {"ssm_in": "in_proj_qkvz", "ssm_ba": "in_proj_ba"}
-SEPARATE_PROJECTIONS = {"attn_qkv": "in_proj_qkv", "attn_gate": "in_proj_z",
-                        "ssm_beta": "in_proj_b", "ssm_alpha": "in_proj_a"}
-DELTANET_TENSORS = {"ssm_conv1d": "conv1d.weight", "ssm_dt.bias": "dt_bias", "ssm_a": "A_log",
-                    "ssm_norm": "norm.weight", "ssm_out": "out_proj.weight"}
+SEPARATE_PROJECTIONS = {
+    "attn_qkv": "in_proj_qkv",
+    "attn_gate": "in_proj_z",
+    "ssm_beta": "in_proj_b",
+    "ssm_alpha": "in_proj_a",
+}
+DELTANET_TENSORS = {
+    "ssm_conv1d": "conv1d.weight",
+    "ssm_dt.bias": "dt_bias",
+    "ssm_a": "A_log",
+    "ssm_norm": "norm.weight",
+    "ssm_out": "out_proj.weight",
+}
 
 
 def hf_tensors(prefixes: tuple[str, ...], fused_projections: bool) -> dict[str, tuple[str, ...]]:
@@ -61,9 +70,11 @@ def hf_tensors(prefixes: tuple[str, ...], fused_projections: bool) -> dict[str, 
         "ffn_down_shexp": "mlp.shared_expert.down_proj.weight",
         "ffn_gate_inp_shexp": "mlp.shared_expert_gate.weight",
     }
-    out = {"token_embd": tuple(f"{p}.embed_tokens.weight" for p in prefixes),
-           "output_norm": tuple(f"{p}.norm.weight" for p in prefixes),
-           "output": ("lm_head.weight",)}
+    out = {
+        "token_embd": tuple(f"{p}.embed_tokens.weight" for p in prefixes),
+        "output_norm": tuple(f"{p}.norm.weight" for p in prefixes),
+        "output": ("lm_head.weight",),
+    }
     for role, names in per_layer.items():
         names = (names,) if isinstance(names, str) else names
         out[role] = tuple(f"{p}.layers.{{bid}}.{n}" for n in names for p in prefixes)
@@ -79,19 +90,24 @@ def split_tensor(name: str, array, file) -> list[tuple[str, object]]:
     if stem.endswith("mlp.experts") and last in ("gate_up_proj", "down_proj"):
         stacked = f"{stem.removesuffix('.experts')}.switch_mlp"
         if array.ndim != 3:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}; fused "
-                                  "experts are stored [experts, out, in]")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(array.shape)}; fused "
+                "experts are stored [experts, out, in]"
+            )
         if last == "down_proj":
             return [(f"{stacked}.down_proj.weight", array)]
         ffn = array.shape[1] // 2
-        return [(f"{stacked}.gate_proj.weight", array[:, :ffn]),
-                (f"{stacked}.up_proj.weight", array[:, ffn:])]
+        return [
+            (f"{stacked}.gate_proj.weight", array[:, :ffn]),
+            (f"{stacked}.up_proj.weight", array[:, ffn:]),
+        ]
     if name.endswith("linear_attn.conv1d.weight") and array.ndim == 3:
         if array.shape[1] != 1:  # [C, K, 1]: mlx-lm's sanitized layout, its norms 1 + w too
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {tuple(array.shape)}, the layout mlx-lm "
                 "saves, which also stores this family's RMSNorm weights as 1 + w: mlxmoe reads "
-                "the Hugging Face release ([C, 1, K], norms zero-centred)")
+                "the Hugging Face release ([C, 1, K], norms zero-centred)"
+            )
         return [(name, array.swapaxes(1, 2))]
     return [(name, array)]
 
@@ -103,8 +119,9 @@ def layer_types(cfg: ConfigView, layers: int) -> list[str]:
         return [LAYER_TYPES[(i + 1) % interval == 0] for i in range(layers)]
     types = list(cfg.get("layer_types"))
     if len(types) != layers or not set(types) <= set(LAYER_TYPES):
-        raise CheckpointError(f"{cfg.source}: layer_types must name {layers} layers, each one of "
-                              f"{LAYER_TYPES}; got {types}")
+        raise CheckpointError(
+            f"{cfg.source}: layer_types must name {layers} layers, each one of {LAYER_TYPES}; got {types}"
+        )
     return types
 
 
@@ -130,15 +147,21 @@ def hybrid_args(cfg: ConfigView, *, fused_projections: bool, family: str, **moe)
         **moe,
     )
     return replace(
-        args, qk_norm="head", attn_output_gate=True, partial_rotary_factor=partial_rotary_factor(cfg),
-        norm_weight_offset=1.0, layer_types=layer_types(cfg, base["num_layers"]),
+        args,
+        qk_norm="head",
+        attn_output_gate=True,
+        partial_rotary_factor=partial_rotary_factor(cfg),
+        norm_weight_offset=1.0,
+        layer_types=layer_types(cfg, base["num_layers"]),
         linear_attention=DeltaNetArgs.from_config(cfg, fused_projections=fused_projections),
     )
 
 
 def args_from_config(cfg: ConfigView) -> MoEArgs:
     return hybrid_args(
-        cfg, fused_projections=True, family="qwen3_next",
+        cfg,
+        fused_projections=True,
+        family="qwen3_next",
         norm_topk_prob=bool(cfg.get("norm_topk_prob", default=True)),
         decoder_sparse_step=int(cfg.get("decoder_sparse_step", default=1)),
         mlp_only_layers=list(cfg.get("mlp_only_layers", default=[])),
@@ -153,8 +176,16 @@ OFFSET_NORMS = ("attn_norm", "ffn_norm", "output_norm", "attn_q_norm", "attn_k_n
 # llama.cpp's qwen3next and qwen35moe name the norm before the feed-forward so
 GGUF_NAMES = {"ffn_norm": "blk.{bid}.post_attention_norm.weight"}
 # The linear attention's tensors whose rows (ssm_out: columns) are value heads
-VALUE_HEAD_ROLES = ("attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_a", "ssm_dt.bias",
-                    "ssm_conv1d", "ssm_out")
+VALUE_HEAD_ROLES = (
+    "attn_qkv",
+    "attn_gate",
+    "ssm_beta",
+    "ssm_alpha",
+    "ssm_a",
+    "ssm_dt.bias",
+    "ssm_conv1d",
+    "ssm_out",
+)
 
 
 def plus_one(weight: np.ndarray) -> np.ndarray:
@@ -213,7 +244,8 @@ def gguf_hparams(args: MoEArgs, writer) -> None:
         raise MlxMoeError(
             f"cannot export to GGUF: llama.cpp's qwen3next / qwen35moe take the linear attention's "
             f"value heads as wide as its key heads; this config has linear_key_head_dim="
-            f"{d.key_head_dim}, linear_value_head_dim={d.value_head_dim}")
+            f"{d.key_head_dim}, linear_value_head_dim={d.value_head_dim}"
+        )
     writer.add_expert_feed_forward_length(args.moe_intermediate_size)
     writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
     writer.add_ssm_conv_kernel(d.conv_kernel_size)
@@ -229,8 +261,10 @@ def gguf_config_hparams(cfg: ConfigView, writer) -> None:
     interval it says (4 where it says none, even beside a list)."""
     if cfg.get("layer_types", default=None) is not None:
         # the key gguf-py's add_recurrent_layers writes (newer than the gguf-py we install)
-        writer.add_array(f"{writer.arch}.attention.recurrent_layers",
-                         [t == "linear_attention" for t in cfg.get("layer_types")])
+        writer.add_array(
+            f"{writer.arch}.attention.recurrent_layers",
+            [t == "linear_attention" for t in cfg.get("layer_types")],
+        )
     writer.add_full_attention_interval(int(cfg.get("full_attention_interval", default=DEFAULT_INTERVAL)))
 
 
@@ -239,7 +273,16 @@ def hub_layout(role: str, array):
     return array.swapaxes(1, 2) if role == "ssm_conv1d" else None
 
 
-FAMILY = Family("qwen3_next", ("qwen3_next",), "qwen3next", hf_tensors(("model",), True),
-                args_from_config, gguf_hparams, split_tensor=split_tensor, gguf_parts=gguf_parts,
-                gguf_config_hparams=gguf_config_hparams, hub_layout=hub_layout,
-                gguf_names=GGUF_NAMES)
+FAMILY = Family(
+    "qwen3_next",
+    ("qwen3_next",),
+    "qwen3next",
+    hf_tensors(("model",), True),
+    args_from_config,
+    gguf_hparams,
+    split_tensor=split_tensor,
+    gguf_parts=gguf_parts,
+    gguf_config_hparams=gguf_config_hparams,
+    hub_layout=hub_layout,
+    gguf_names=GGUF_NAMES,
+)

@@ -33,7 +33,8 @@ def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:
             raise ExportError(
                 f"cannot write the adapter of {module} as GGUF: llama.cpp's {weights.family.gguf_arch} "
                 f"multiplies {role} without LoRA (it would load and never apply); export the merged "
-                "model, or train with explicit LoRA targets that leave it out")
+                "model, or train with explicit LoRA targets that leave it out"
+            )
         if weights.family.permute_qk and role in ("attn_q", "attn_k"):
             # delta = B A: permuting the delta's rows is permuting B's rows
             b = permute_qk(b, args.num_heads if role == "attn_q" else args.num_kv_heads)
@@ -56,8 +57,9 @@ def adapter_tensors(weights: MergedWeights) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def export_adapter_gguf(model: str | Path, adapter: str | Path, out: str | Path,
-                        force: bool = False) -> ExportReport:
+def export_adapter_gguf(
+    model: str | Path, adapter: str | Path, out: str | Path, force: bool = False
+) -> ExportReport:
     started = time.perf_counter()
     weights = MergedWeights(model, adapter, force)
     tensors = adapter_tensors(weights)
@@ -71,8 +73,9 @@ def export_adapter_gguf(model: str | Path, adapter: str | Path, out: str | Path,
     plans = []
     for name, data in tensors:
         data = np.ascontiguousarray(data, dtype=np.float32)
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
-                               raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor_info(
+            name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32
+        )
         plans.append(TensorPlan(name, name, data.shape, gguf.GGMLQuantizationType.F32))
     out = Path(out)
     with atomic_file(out) as tmp:
@@ -83,5 +86,11 @@ def export_adapter_gguf(model: str | Path, adapter: str | Path, out: str | Path,
             writer.write_tensor_data(np.ascontiguousarray(data, dtype=np.float32))
         writer.close()
         validate(tmp, plans)
-    return ExportReport(out, "lora-f32", out.stat().st_size, time.perf_counter() - started,
-                        len(plans), Counter({"F32": len(plans)}))
+    return ExportReport(
+        out,
+        "lora-f32",
+        out.stat().st_size,
+        time.perf_counter() - started,
+        len(plans),
+        Counter({"F32": len(plans)}),
+    )

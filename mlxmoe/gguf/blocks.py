@@ -19,8 +19,13 @@ Q = gguf.GGMLQuantizationType
 CHUNK_VALUES = 1 << 18  # 1 MiB of float32 per chunk
 
 # The float16 scales inside each block (d, and dmin where the type has one)
-HALF_BYTES = {Q.Q8_0: slice(0, 2), Q.Q4_0: slice(0, 2), Q.Q4_K: slice(0, 4),
-              Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
+HALF_BYTES = {
+    Q.Q8_0: slice(0, 2),
+    Q.Q4_0: slice(0, 2),
+    Q.Q4_K: slice(0, 4),
+    Q.Q5_K: slice(0, 4),
+    Q.Q6_K: slice(208, 210),
+}
 
 
 @lru_cache(maxsize=None)
@@ -40,37 +45,46 @@ def _each(run: Callable[[int], None], starts: range, threads: int | None) -> Non
             run(start)
 
 
-def encode_blocks(x: np.ndarray, qtype: Q, encode: Callable[[np.ndarray], np.ndarray],
-                  threads: int | None = None, chunk_values: int = CHUNK_VALUES) -> np.ndarray:
+def encode_blocks(
+    x: np.ndarray,
+    qtype: Q,
+    encode: Callable[[np.ndarray], np.ndarray],
+    threads: int | None = None,
+    chunk_values: int = CHUNK_VALUES,
+) -> np.ndarray:
     """x float [..., n] -> uint8 [..., n // block * type_size]: ``encode`` maps float32
     blocks [m, block] to their bytes [m, type_size]. ValueError for rows that do not split
     into blocks, for NaN/inf, and for values whose scales overflow float16."""
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[-1] % block:
-        raise ValueError(f"{qtype.name} needs rows whose length is a multiple of {block}, "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"{qtype.name} needs rows whose length is a multiple of {block}, got shape {x.shape}"
+        )
     blocks = x.reshape(-1, block)
     chunk_blocks = max(1, chunk_values // block)
     out = np.empty((blocks.shape[0], type_size), np.uint8)
 
     def run(start: int) -> None:
-        chunk = blocks[start:start + chunk_blocks].astype(np.float32)
+        chunk = blocks[start : start + chunk_blocks].astype(np.float32)
         if not np.isfinite(chunk).all():
             raise ValueError(f"{qtype.name}: the tensor holds NaN or infinity")
         with np.errstate(all="ignore"):
-            out[start:start + chunk_blocks] = encode(chunk)
+            out[start : start + chunk_blocks] = encode(chunk)
 
     _each(run, range(0, blocks.shape[0], chunk_blocks), threads)
     if qtype in HALF_BYTES and not np.isfinite(out[:, HALF_BYTES[qtype]].copy().view("<f2")).all():
         # an infinite block scale: llama.cpp's ggml_validate_row_data rejects the row too
-        raise ValueError(f"{qtype.name}: values too large for the float16 block scales "
-                         f"(max |x| = {max(-float(x.min()), float(x.max())):.3g})")
+        raise ValueError(
+            f"{qtype.name}: values too large for the float16 block scales "
+            f"(max |x| = {max(-float(x.min()), float(x.max())):.3g})"
+        )
     return out.reshape(*x.shape[:-1], x.shape[-1] // block * type_size)
 
 
-def cast(x: np.ndarray, dtype: np.dtype, threads: int | None = None,
-         chunk_values: int = CHUNK_VALUES) -> np.ndarray:
+def cast(
+    x: np.ndarray, dtype: np.dtype, threads: int | None = None, chunk_values: int = CHUNK_VALUES
+) -> np.ndarray:
     """x.astype(dtype), chunked over the cores (numpy's float16 cast runs on one core, at
     ~250 M values/s here)."""
     x = np.ascontiguousarray(x)
@@ -79,7 +93,7 @@ def cast(x: np.ndarray, dtype: np.dtype, threads: int | None = None,
 
     def run(start: int) -> None:
         with np.errstate(over="ignore"):  # the exporter refuses what overflows (export.produce)
-            flat_out[start:start + chunk_values] = flat_in[start:start + chunk_values]
+            flat_out[start : start + chunk_values] = flat_in[start : start + chunk_values]
 
     _each(run, range(0, flat_in.size, chunk_values), threads)
     return out
@@ -88,6 +102,7 @@ def cast(x: np.ndarray, dtype: np.dtype, threads: int | None = None,
 def quantize_legacy(x: np.ndarray, qtype: Q, threads: int | None = None) -> np.ndarray:
     """Q8_0, Q4_0, ...: gguf-py's own block encoder (the converter's), chunked and threaded;
     bytes equal to llama-quantize's."""
+
     def encode(blocks: np.ndarray) -> np.ndarray:
         if qtype == Q.Q4_0:
             # An all-zero block whose largest-magnitude entry is -0.0 gets scale +0.0 from

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 GRID_WARNING = (
     "{folder} arrived quantized, so the adapters are merged into its dequantized grid and the "
     "GGUF carries that rounding; pass its full-precision release as base weights "
-    "(--base-weights) to merge into the original weights")
+    "(--base-weights) to merge into the original weights"
+)
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q | None]] = {
     "f32": (gguf.LlamaFileType.ALL_F32, Q.F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
@@ -77,18 +78,31 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's "llama" arch wants each head's rotary halves interleaved (the converter's
     LlamaModel.permute): rows [h, 2, d/2] -> [h, d/2, 2]."""
     rows = weight.shape[0]
-    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
-def tensor_type(gguf_name: str, role: str, shape: tuple[int, ...], file_type: str,
-                n_layers: int, n_experts: int, tied_embeddings: bool = False) -> Q:
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or role in ALWAYS_F32_ROLES \
-            or not gguf_name.endswith(".weight"):
+def tensor_type(
+    gguf_name: str,
+    role: str,
+    shape: tuple[int, ...],
+    file_type: str,
+    n_layers: int,
+    n_experts: int,
+    tied_embeddings: bool = False,
+) -> Q:
+    if (
+        len(shape) <= 1
+        or gguf_name.endswith("_norm.weight")
+        or role in ALWAYS_F32_ROLES
+        or not gguf_name.endswith(".weight")
+    ):
         return Q.F32
     if file_type == "q4_k_m":  # llama-quantize's own per-tensor choices and fallbacks
-        return q4_k_m_type(gguf_name, n_layers, n_experts or None, row_length=shape[-1],
-                           tied_embeddings=tied_embeddings)
+        return q4_k_m_type(
+            gguf_name, n_layers, n_experts or None, row_length=shape[-1], tied_embeddings=tied_embeddings
+        )
     qtype = Q.MXFP4 if file_type == "mxfp4" and role in MXFP4_ROLES else FILE_TYPES[file_type][1]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
@@ -153,9 +167,23 @@ def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
         for part in weights.family.gguf_tensor_parts(role, args):
             name = weights.family.gguf_name(part.role, bid)
             shape = part.shape(weights.shapes[ours])
-            plans.append(TensorPlan(ours, name, shape, tensor_type(
-                name, part.role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings),
-                part))
+            plans.append(
+                TensorPlan(
+                    ours,
+                    name,
+                    shape,
+                    tensor_type(
+                        name,
+                        part.role,
+                        shape,
+                        file_type,
+                        args.num_layers,
+                        n_experts,
+                        args.tie_word_embeddings,
+                    ),
+                    part,
+                )
+            )
     return plans
 
 
@@ -178,13 +206,18 @@ def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
     if plan.qtype == Q.F16 and not all_finite(encoded):
         raise ExportError(
             f"tensor {plan.gguf_name}: values up to {float(np.abs(data).max()):.4g} overflow float16 "
-            "(largest 65504) and would be written as infinity: export bf16 or f32")
+            "(largest 65504) and would be written as infinity: export bf16 or f32"
+        )
     return encoded
 
 
 def export_gguf(
-    model: str | Path, out: str | Path, file_type: str = "f16", adapter: str | Path | None = None,
-    force: bool = False, on_tensor: Callable[[int, int, str], None] | None = None,
+    model: str | Path,
+    out: str | Path,
+    file_type: str = "f16",
+    adapter: str | Path | None = None,
+    force: bool = False,
+    on_tensor: Callable[[int, int, str], None] | None = None,
     base_weights: str | Path | None = None,
 ) -> ExportReport:
     """Merge ``adapter`` (if any) into ``model`` and write a GGUF of ``file_type`` to ``out``.
@@ -199,8 +232,10 @@ def export_gguf(
     weights = MergedWeights(model, adapter, force, base_weights)
     if file_type == "mxfp4" and not weights.family.mxfp4_experts:
         # proven in llama.cpp for gpt-oss's graph only (tests/test_gpt_oss_export.py)
-        raise ExportError(f"GGUF type mxfp4 is for gpt-oss's experts; {weights.family.name} is "
-                          "exported as f16, q8_0 or q4_k_m")
+        raise ExportError(
+            f"GGUF type mxfp4 is for gpt-oss's experts; {weights.family.name} is "
+            "exported as f16, q8_0 or q4_k_m"
+        )
     if weights.from_grid:
         log.warning(GRID_WARNING.format(folder=weights.ckpt.folder))
     plans = plan_tensors(weights, file_type)
@@ -209,8 +244,9 @@ def export_gguf(
     add_tokenizer(writer, weights.ckpt.folder)
     for plan in plans:
         shape, dtype = encoded_info(plan)
-        writer.add_tensor_info(plan.gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize,
-                               raw_dtype=plan.qtype)
+        writer.add_tensor_info(
+            plan.gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=plan.qtype
+        )
     out = Path(out)
     with atomic_file(out) as tmp:
         writer.write_header_to_file(tmp)
@@ -230,8 +266,14 @@ def export_gguf(
             pending.result()
         writer.close()
         validate(tmp, plans)
-    return ExportReport(out, file_type, out.stat().st_size, time.perf_counter() - started,
-                        len(plans), Counter(p.qtype.name for p in plans))
+    return ExportReport(
+        out,
+        file_type,
+        out.stat().st_size,
+        time.perf_counter() - started,
+        len(plans),
+        Counter(p.qtype.name for p in plans),
+    )
 
 
 def tensor_table(path: Path) -> tuple[dict[str, tuple[Q, tuple[int, ...], int]], int, int]:
@@ -242,9 +284,10 @@ def tensor_table(path: Path) -> tuple[dict[str, tuple[Q, tuple[int, ...], int]],
     V = gguf.GGUFValueType
     sizes = {t: np.dtype(d).itemsize for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+
         def string(off: int) -> tuple[int, bytes]:
             (n,) = struct.unpack_from("<Q", buf, off)
-            return off + 8 + n, bytes(buf[off + 8:off + 8 + n])
+            return off + 8 + n, bytes(buf[off + 8 : off + 8 + n])
 
         magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
         if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:

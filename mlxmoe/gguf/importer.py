@@ -30,8 +30,7 @@ GGML_CONTROL, GGML_USER_DEFINED = 3, 4  # llama.cpp's token types
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp) as Hugging Face pre-tokenizers.
 # Only families whose llama.cpp regexes are GPT-2's, optionally after splitting off every
 # digit, are listed: for those the `tokenizers` ByteLevel regex is the same split.
-GPT2_WITH_DIGITS = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone",
-                    "minerva")
+GPT2_WITH_DIGITS = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
 GPT2_PLAIN = ("gpt-2", "gpt2", "mpt", "olmo", "jais")
 
 
@@ -55,7 +54,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = Fal
         kind = f"general.architecture is {arch!r}" if arch != "llama" else "a mixture-of-experts GGUF"
         raise CheckpointError(
             f"{gguf_path}: {kind}; only dense 'llama' GGUFs can be imported (the base `mlxmoe "
-            "upcycle` turns into an MoE); load an MoE from its Hugging Face checkpoint")
+            "upcycle` turns into an MoE); load an MoE from its Hugging Face checkpoint"
+        )
     config = hf_config(meta, {t.name for t in reader.tensors})
     tensors = [hf_tensor(t, config, gguf_path) for t in reader.tensors]
     tokenizer, tokenizer_config = hf_tokenizer(meta, config)
@@ -85,8 +85,7 @@ class Metadata:
 
 def hf_config(meta: Metadata, tensor_names: set[str]) -> dict:
     """config.json for ``LlamaForCausalLM`` in transformers-4 key style."""
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "") or \
-            "rope_freqs.weight" in tensor_names:
+    if meta.get("llama.rope.scaling.type", "none") not in ("none", "") or "rope_freqs.weight" in tensor_names:
         raise CheckpointError(f"{meta.source}: RoPE scaling is not supported by the GGUF import")
     heads = int(meta.get("llama.attention.head_count"))
     hidden = int(meta.get("llama.embedding_length"))
@@ -190,19 +189,34 @@ def hf_tokenizer(meta: Metadata, config: dict) -> tuple[Any, dict]:
     tokens = meta.get("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-        byte_fallback=False, ignore_merges=False,
-    ))
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
     tokenizer.decoder = decoders.ByteLevel()
     # Control tokens are matched whole (llama.cpp's parse_special); user-defined ones always.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == GGML_CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, kind in zip(tokens, types) if kind == GGML_USER_DEFINED])
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == GGML_CONTROL
+        ]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == GGML_USER_DEFINED
+        ]
+    )
 
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}", None)
@@ -216,14 +230,16 @@ def hf_tokenizer(meta: Metadata, config: dict) -> tuple[Any, dict]:
         parts = [bos] * add_bos + [text] + [eos] * add_eos
         return " ".join(f"{part}:{type_id}" for part in parts)
 
-    tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=sequence("$A", 0),
-            pair=f"{sequence('$A', 0)} {sequence('$B', 1)}",
-            special_tokens=[(t, tokenizer.token_to_id(t)) for t in {bos, eos} if t is not None],
-        ),
-    ])
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=sequence("$A", 0),
+                pair=f"{sequence('$A', 0)} {sequence('$B', 1)}",
+                special_tokens=[(t, tokenizer.token_to_id(t)) for t in {bos, eos} if t is not None],
+            ),
+        ]
+    )
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,

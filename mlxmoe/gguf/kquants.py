@@ -53,6 +53,7 @@ def _fp16(v: np.ndarray) -> np.ndarray:
 
 # --- Q4_K / Q5_K: 8 sub-blocks of 32 with a 6-bit scale and a 6-bit min each -----------------
 
+
 def _fit_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants over columns of x [32, M]; weights as quantize_row_q4_K_ref sets them.
 
@@ -170,6 +171,7 @@ def _q5_k_blocks(blocks: np.ndarray) -> np.ndarray:
 
 # --- Q6_K: 16 sub-blocks of 16 with a signed 8-bit scale each ---------------------------------
 
+
 def _fit_symmetric(x: np.ndarray, nmax: int = 32):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) over columns of x [16, M].
 
@@ -233,14 +235,12 @@ def _q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     ql[:, :, 1] = (levels[:, :, 1] & 0xF) | ((levels[:, :, 3] & 0xF) << 4)
     high = levels >> 4
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-    out = np.concatenate(
-        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), _bytes(d)], axis=1)
+    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), _bytes(d)], axis=1)
     out[empty] = 0
     return out
 
 
 # --- driver ----------------------------------------------------------------------------------
-
 
 
 def _bytes(half: np.ndarray) -> np.ndarray:
@@ -277,22 +277,36 @@ QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_
 
 # tensor_allows_quantization: names llama.cpp copies unchanged (1-D tensors are the caller's)
 # (ffn_gate_inp_shexp is [1, n_embd]: ggml_n_dims 1, which llama.cpp does not quantize either)
-_KEPT = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight",
-         "ffn_gate_tid2eid.weight", "ssm_conv1d", "shortconv.conv.weight", "attn_rel_b.weight",
-         "position_embd", "token_types.weight")
+_KEPT = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_inp_shexp.weight",
+    "ffn_gate_tid2eid.weight",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "attn_rel_b.weight",
+    "position_embd",
+    "token_types.weight",
+)
 # tensor_type_fallback: the type used when a row does not split into the target's blocks
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 # tensor_get_category, in its order of tests (first match wins)
-_CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
-               ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
-               ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
-               ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"))
+_CATEGORIES = (
+    ("attn_qkv.weight", "attn_v"),
+    ("attn_kv_b.weight", "attn_v"),
+    ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"),
+    ("attn_q.weight", "attn_q"),
+    ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"),
+    ("ffn_gate", "ffn_gate"),
+    ("ffn_down", "ffn_down"),
+)
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
     """llama_tensor_get_type_impl's lambda: the first and last eighth, and every third between."""
-    return (i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8
-            or (i_layer - n_layers // 8) % 3 == 2)
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
 def _category(name: str) -> str:
@@ -303,8 +317,14 @@ def _category(name: str) -> str:
     return next((cat for key, cat in _CATEGORIES if key in name), "other")
 
 
-def q4_k_m_type(gguf_name: str, n_layers: int, n_experts: int | None, *,
-                row_length: int | None = None, tied_embeddings: bool = False) -> Q:
+def q4_k_m_type(
+    gguf_name: str,
+    n_layers: int,
+    n_experts: int | None,
+    *,
+    row_length: int | None = None,
+    tied_embeddings: bool = False,
+) -> Q:
     """The type ``llama_model_quantize`` with LLAMA_FTYPE_MOSTLY_Q4_K_M gives a tensor.
 
     ``row_length`` (the GGUF ne[0], i.e. the last numpy axis) turns on llama.cpp's fallback

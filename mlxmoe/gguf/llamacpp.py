@@ -27,8 +27,13 @@ def _import():
 
 @contextmanager
 def open_gguf(
-    path: str | Path, *, lora: str | Path | None = None, n_ctx: int = 512,
-    logits_all: bool = True, vocab_only: bool = False, n_threads: int = 2,
+    path: str | Path,
+    *,
+    lora: str | Path | None = None,
+    n_ctx: int = 512,
+    logits_all: bool = True,
+    vocab_only: bool = False,
+    n_threads: int = 2,
 ) -> Iterator:
     """A ``llama_cpp.Llama`` over ``path`` (optionally with a LoRA adapter GGUF), closed on exit.
 
@@ -47,8 +52,13 @@ def open_gguf(
     llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
     try:
         model = llama_cpp.Llama(
-            model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
-            logits_all=logits_all, vocab_only=vocab_only, n_threads=n_threads, verbose=False,
+            model_path=str(path),
+            lora_path=str(lora) if lora else None,
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            vocab_only=vocab_only,
+            n_threads=n_threads,
+            verbose=False,
         )
     except ValueError as exc:
         raise MlxMoeError(f"{path}: llama.cpp cannot load it ({exc})") from exc

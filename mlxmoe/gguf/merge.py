@@ -54,8 +54,10 @@ class Adapter:
         tensors = {k: np.array(v.astype(mx.float32)) for k, v in arrays.items()}
         for name, value in tensors.items():
             if not all_finite(value):
-                raise AdapterError(f"{Path(folder) / ADAPTER_FILE}: tensor {name!r} holds NaN or "
-                                   f"infinity (at {first_non_finite(value)}); refusing to merge it")
+                raise AdapterError(
+                    f"{Path(folder) / ADAPTER_FILE}: tensor {name!r} holds NaN or "
+                    f"infinity (at {first_non_finite(value)}); refusing to merge it"
+                )
         return cls(config["alpha"] / config["rank"], tensors, config)
 
     @cached_property
@@ -63,7 +65,8 @@ class Adapter:
         """module path -> (A, B) for every LoRA in the adapter."""
         return {
             name[: -len(".lora_a")]: (a, self.tensors[name[: -len(".lora_a")] + ".lora_b"])
-            for name, a in self.tensors.items() if name.endswith(".lora_a")
+            for name, a in self.tensors.items()
+            if name.endswith(".lora_a")
         }
 
     @cached_property
@@ -81,8 +84,13 @@ class MergedWeights:
     to quantize to the stored grid; without it the grid is dequantized and merged
     (``from_grid``: the GGUF then carries the 4-bit rounding)."""
 
-    def __init__(self, model: str | Path, adapter: str | Path | None = None, force: bool = False,
-                 base_weights: str | Path | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        adapter: str | Path | None = None,
+        force: bool = False,
+        base_weights: str | Path | None = None,
+    ):
         self.ckpt: Checkpoint = open_checkpoint(resolve(model))
         self.args = self.ckpt.args
         self.family = self.ckpt.family
@@ -110,8 +118,9 @@ class MergedWeights:
                 "pass the base it was trained on, or force it (--force)"
             )
 
-    def _index(self, ckpt: Checkpoint) -> tuple[dict[tuple[str, int | None], TensorIn],
-                                                 dict[str, dict[str, TensorIn]]]:
+    def _index(
+        self, ckpt: Checkpoint
+    ) -> tuple[dict[tuple[str, int | None], TensorIn], dict[str, dict[str, TensorIn]]]:
         """Where each tensor lies; for a quantized checkpoint also each packed weight's
         scales and biases."""
         sources, parts = {}, {}
@@ -124,8 +133,10 @@ class MergedWeights:
                 role, bid, xid = match
                 ours = ROLES[role].ours.format(bid=bid)
                 if xid is not None and ours in self.shapes and xid >= self.shapes[ours][0]:
-                    raise CheckpointError(f"{source.file}: tensor {source.name!r}: expert {xid} out "
-                                          f"of range (config.json has {self.shapes[ours][0]})")
+                    raise CheckpointError(
+                        f"{source.file}: tensor {source.name!r}: expert {xid} out "
+                        f"of range (config.json has {self.shapes[ours][0]})"
+                    )
                 if part == "weight":
                     sources[(ours, xid)] = source
                 else:
@@ -157,8 +168,9 @@ class MergedWeights:
         of ``ours``, when it arrived in MXFP4 and the adapter leaves it as it is; else None."""
         if ours not in self._stored or self.from_grid:
             return None
-        if self.adapter is not None and (ours in self.adapter.replacements
-                                         or ours.rsplit(".", 1)[0] in self.adapter.pairs):
+        if self.adapter is not None and (
+            ours in self.adapter.replacements or ours.rsplit(".", 1)[0] in self.adapter.pairs
+        ):
             return None
         p = self._split_parts(ours)
         if "scales" not in p:
@@ -174,8 +186,11 @@ class MergedWeights:
         if self._split_cache[0] != key:
             parts: dict[str, dict[str, mx.array]] = {}
             for source in sources:
-                stored = (mx.array(np.frombuffer(source.read(), np.uint8).reshape(source.shape))
-                          if source.dtype == "U8" else mx.array(source.float32()))
+                stored = (
+                    mx.array(np.frombuffer(source.read(), np.uint8).reshape(source.shape))
+                    if source.dtype == "U8"
+                    else mx.array(source.float32())
+                )
                 for name, array in self.family.split(source.name, stored, source.file):
                     hf_name, part = component(name)
                     match = self.family.match_hf(hf_name)
@@ -186,8 +201,10 @@ class MergedWeights:
 
     def _use_base_weights(self, full: Checkpoint) -> None:
         if full.quantization is not None:
-            raise CheckpointError(f"{full.folder}: the base weights are quantized too; pass the "
-                                  "full-precision checkpoint the quantized one was made from")
+            raise CheckpointError(
+                f"{full.folder}: the base weights are quantized too; pass the "
+                "full-precision checkpoint the quantized one was made from"
+            )
         if self.ckpt.quantization is None:
             raise CheckpointError(f"{self.ckpt.folder} is not quantized: export it without base weights")
         if full.family.name != self.family.name or full.args != self.args:
@@ -209,7 +226,8 @@ class MergedWeights:
                 raise CheckpointError(
                     f"{full.folder}: {full.hf_name(ours, 0)!r} does not quantize to the grid stored "
                     f"in {self.ckpt.folder} ({off_grid:.0%} of its values lie off it): these are not "
-                    "the weights the quantized checkpoint was made from")
+                    "the weights the quantized checkpoint was made from"
+                )
         self._sources, self._parts, self.weights_folder = sources, {}, full.folder
 
     def _scales_per_value(self, ours: str) -> np.ndarray:
@@ -229,15 +247,16 @@ class MergedWeights:
         parts = self._parts[ours]
         missing = [p for p in COMPONENTS if p not in parts]
         if missing:
-            raise CheckpointError(f"{self.ckpt.folder}: quantized tensor {self.ckpt.hf_name(ours)!r} "
-                                  f"has no {missing[0]!r}")
+            raise CheckpointError(
+                f"{self.ckpt.folder}: quantized tensor {self.ckpt.hf_name(ours)!r} has no {missing[0]!r}"
+            )
         packed = self._sources[(ours, None)]
         weight = np.frombuffer(packed.read(), np.uint32).reshape(packed.shape)
         scales, biases = parts["scales"].float32(), parts["biases"].float32()
-        bits, group = quantized_shape(ours, packed.shape, scales.shape, self.shapes[ours],
-                                      str(self.ckpt.folder))
-        return np.array(mx.dequantize(mx.array(weight), mx.array(scales), mx.array(biases),
-                                      group, bits))
+        bits, group = quantized_shape(
+            ours, packed.shape, scales.shape, self.shapes[ours], str(self.ckpt.folder)
+        )
+        return np.array(mx.dequantize(mx.array(weight), mx.array(scales), mx.array(biases), group, bits))
 
     def base(self, ours: str) -> np.ndarray:
         shape = self.shapes[ours]
@@ -252,7 +271,8 @@ class MergedWeights:
             for x in range(shape[0]):
                 if (ours, x) not in self._sources:
                     raise CheckpointError(
-                        f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}")
+                        f"{self.ckpt.folder}: missing tensor {self.ckpt.hf_name(ours, x)!r}"
+                    )
                 stacked[x] = self._read(self._sources[(ours, x)])
             return stacked
         if ours == "lm_head.weight" and self.args.tie_word_embeddings:
@@ -264,8 +284,10 @@ class MergedWeights:
         compute NaN from it, and llama.cpp loads a float GGUF without looking."""
         weight = self.base(ours)
         if not all_finite(weight):
-            raise CheckpointError(f"{self.weights_folder}: tensor {self._non_finite(ours, weight)} "
-                                  "holds NaN or infinity; refusing to export it")
+            raise CheckpointError(
+                f"{self.weights_folder}: tensor {self._non_finite(ours, weight)} "
+                "holds NaN or infinity; refusing to export it"
+            )
         if self.adapter is None:
             return weight
         if ours in self.adapter.replacements:
@@ -279,8 +301,10 @@ class MergedWeights:
                 delta *= self.adapter.scale
                 weight += delta  # in place: one extra copy of the tensor, not two
             if not all_finite(weight):
-                raise AdapterError(f"merging the adapter into {self._non_finite(ours, weight)} "
-                                   "overflows to infinity; refusing to export it")
+                raise AdapterError(
+                    f"merging the adapter into {self._non_finite(ours, weight)} "
+                    "overflows to infinity; refusing to export it"
+                )
         return weight
 
     def _non_finite(self, ours: str, weight: np.ndarray) -> str:
@@ -312,9 +336,14 @@ def first_non_finite(x: np.ndarray) -> list[int]:
     return [int(i) for i in np.argwhere(~np.isfinite(x))[0]]
 
 
-def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None,
-              force: bool = False, dtype: str | None = None,
-              base_weights: str | Path | None = None) -> Path:
+def export_hf(
+    model: str | Path,
+    out_dir: str | Path,
+    adapter: str | Path | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+    base_weights: str | Path | None = None,
+) -> Path:
     """The merged model as a Hugging Face checkpoint (transformers, vLLM, llama.cpp's own
     converter can read it): the family's HF names, per-expert tensors, the source's dtype
     unless ``dtype`` ("F32", "F16", "BF16") says otherwise."""
@@ -342,16 +371,31 @@ def export_hf(model: str | Path, out_dir: str | Path, adapter: str | Path | None
             joined[stored][role] = ours
         elif ROLES[role].per_expert:
             for x in range(shape[0]):
-                tensors.append(TensorOut(weights.ckpt.hf_name(ours, x), dtype, shape[1:],
-                                         lambda o=ours, x=x: from_float32(merged(o)[x], dtype)))
-        elif (layout := weights.family.hub_layout) is not None and \
-                (hub := layout(role, mx.zeros(shape))) is not None:  # lazy: the shape only
-            tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, tuple(hub.shape),
-                                     lambda o=ours, r=role: from_float32(
-                                         np.array(layout(r, mx.array(merged(o)))), dtype)))
+                tensors.append(
+                    TensorOut(
+                        weights.ckpt.hf_name(ours, x),
+                        dtype,
+                        shape[1:],
+                        lambda o=ours, x=x: from_float32(merged(o)[x], dtype),
+                    )
+                )
+        elif (layout := weights.family.hub_layout) is not None and (
+            hub := layout(role, mx.zeros(shape))
+        ) is not None:  # lazy: the shape only
+            tensors.append(
+                TensorOut(
+                    weights.ckpt.hf_name(ours),
+                    dtype,
+                    tuple(hub.shape),
+                    lambda o=ours, r=role: from_float32(np.array(layout(r, mx.array(merged(o)))), dtype),
+                )
+            )
         else:
-            tensors.append(TensorOut(weights.ckpt.hf_name(ours), dtype, shape,
-                                     lambda o=ours: from_float32(merged(o), dtype)))
+            tensors.append(
+                TensorOut(
+                    weights.ckpt.hf_name(ours), dtype, shape, lambda o=ours: from_float32(merged(o), dtype)
+                )
+            )
     tensors = [_joined_tensor(weights, t, joined[t], dtype) if isinstance(t, str) else t for t in tensors]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

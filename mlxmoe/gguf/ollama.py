@@ -138,7 +138,7 @@ def filled_in(pattern: str | None, text: str) -> str | None:
     fits = len(text) >= len(before) + len(after)
     if not (fits and text.startswith(before) and text.endswith(after)):
         return None
-    return text[len(before): len(text) - len(after)]
+    return text[len(before) : len(text) - len(after)]
 
 
 def read_chat_template(model_dir: Path) -> tuple[str, dict[str, str], Path] | None:
@@ -162,8 +162,10 @@ def read_chat_template(model_dir: Path) -> tuple[str, dict[str, str], Path] | No
                 raise CheckpointError(f"{path}: cannot read it ({exc})") from exc
         template = (config if path == config_path else read_model_json(path)).get("chat_template")
         if isinstance(template, list):  # named templates: transformers uses "default"
-            template = next((t.get("template") for t in template
-                             if isinstance(t, dict) and t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                None,
+            )
         if isinstance(template, str):
             return template, tokens, path
     return None
@@ -176,8 +178,9 @@ def read_model_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read it ({exc})") from exc
 
 
-def render_hf_template(template: str, messages: list[dict], tokens: dict[str, str],
-                       thinking: bool = False) -> str:
+def render_hf_template(
+    template: str, messages: list[dict], tokens: dict[str, str], thinking: bool = False
+) -> str:
     """The template rendered with the jinja2 settings transformers' apply_chat_template uses,
     on PROBE_DATE, with the generation prompt for an answer without reasoning (or, with
     ``thinking``, with reasoning allowed)."""
@@ -187,15 +190,13 @@ def render_hf_template(template: str, messages: list[dict], tokens: dict[str, st
     def raise_exception(message: str):
         raise ValueError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False,
-                                                                   indent=indent)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=PROBE_DATE.strftime)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=PROBE_DATE.strftime)
     variables = {} if thinking else NON_THINKING
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            **variables, **tokens)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, **variables, **tokens
+    )
 
 
 # --- the Modelfile --------------------------------------------------------------------------
@@ -220,8 +221,10 @@ def write_modelfile(
     if chat_format not in formats:
         raise MlxMoeError(f"unknown chat format {chat_format!r}; known: {', '.join(formats)}")
     spec, folder = formats[chat_format], Path(folder)
-    lines = ["# Written by mlxmoe export. Add it to Ollama: ollama create NAME -f Modelfile",
-             f"FROM {path_argument(gguf, folder)}"]
+    lines = [
+        "# Written by mlxmoe export. Add it to Ollama: ollama create NAME -f Modelfile",
+        f"FROM {path_argument(gguf, folder)}",
+    ]
     if adapter is not None:
         lines.append(f"ADAPTER {path_argument(adapter, folder)}")
     lines.append(f"TEMPLATE {quote(spec['template'], triple=True)}")
@@ -247,8 +250,7 @@ def path_argument(path: str | Path, folder: Path) -> str:
     if not path.is_file():
         raise MlxMoeError(f"{path}: no such GGUF file")
     absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
-    text = f"./{absolute.relative_to(base).as_posix()}" if absolute.is_relative_to(base) \
-        else str(absolute)
+    text = f"./{absolute.relative_to(base).as_posix()}" if absolute.is_relative_to(base) else str(absolute)
     return text if text == text.strip() and not text.startswith('"') else quote(text)
 
 
@@ -283,8 +285,9 @@ def create_model(modelfile: str | Path, name: str) -> str:
     command = ["ollama", "create", name, "-f", str(modelfile)]
     if executable is None:
         return f"ollama is not on PATH; to add the model to Ollama, run: {shlex.join(command)}"
-    proc = subprocess.run([executable, *command[1:]], check=False, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [executable, *command[1:]], check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     if proc.returncode != 0:
         why = proc.stderr.strip() or proc.stdout.strip() or "no output"
         raise MlxMoeError(f"{shlex.join(command)} failed (exit {proc.returncode}): {why}")

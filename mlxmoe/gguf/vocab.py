@@ -32,8 +32,15 @@ logger = logging.getLogger(__name__)
 T = gguf.TokenType
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
-JSON_FILES = ("config.json", "tokenizer_config.json", TOKENIZER_FILE, "special_tokens_map.json",
-              "generation_config.json", "added_tokens.json", "chat_template.json")
+JSON_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    TOKENIZER_FILE,
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "chat_template.json",
+)
 
 # The converter's pre-tokenizer check text (conversion/base.py, get_vocab_base_pre), verbatim.
 CHECK_TEXT = (
@@ -156,8 +163,7 @@ def sentencepiece_vocab(folder: Path, files: dict[str, dict], vocab_size: int | 
     n_pieces = spm.get_piece_size()
     n = vocab_size or n_pieces
     if n_pieces > n:
-        logger.warning("%s: %d pieces but vocab_size %d; pieces from id %d are dropped",
-                       path, n_pieces, n, n)
+        logger.warning("%s: %d pieces but vocab_size %d; pieces from id %d are dropped", path, n_pieces, n, n)
     # unfilled ids (an embedding larger than the tokenizer) stay as the converter pads them
     tokens = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
@@ -165,13 +171,27 @@ def sentencepiece_vocab(folder: Path, files: dict[str, dict], vocab_size: int | 
     for i in range(min(n_pieces, n)):
         tokens[i] = spm.id_to_piece(i).encode()
         scores[i] = spm.get_score(i)
-        types[i] = (T.UNKNOWN if spm.is_unknown(i) else T.CONTROL if spm.is_control(i)
-                    else T.UNUSED if spm.is_unused(i) else T.BYTE if spm.is_byte(i) else T.NORMAL)
+        types[i] = (
+            T.UNKNOWN
+            if spm.is_unknown(i)
+            else T.CONTROL
+            if spm.is_control(i)
+            else T.UNUSED
+            if spm.is_unused(i)
+            else T.BYTE
+            if spm.is_byte(i)
+            else T.NORMAL
+        )
 
     def add(token_id: int, text: str, token_type: int, source: str) -> None:
         if token_id >= n:
-            logger.warning("%s: added token %r has id %d, past vocab_size %d; ignored",
-                           folder / source, text, token_id, n)
+            logger.warning(
+                "%s: added token %r has id %d, past vocab_size %d; ignored",
+                folder / source,
+                text,
+                token_id,
+                n,
+            )
             return
         if token_type == T.USER_DEFINED:
             text = text.replace("\u2581", " ")  # llama.cpp expects user-defined spaces pre-normalized
@@ -200,7 +220,11 @@ def sentencepiece_vocab(folder: Path, files: dict[str, dict], vocab_size: int | 
         add_prefix_space = False  # llama.cpp prepends "▁" to SentencePiece text unless told
     builtin = {"bos": spm.bos_id(), "eos": spm.eos_id(), "unk": spm.unk_id(), "pad": spm.pad_id()}
     return Vocab(
-        model="llama", pre="default", tokens=tokens, types=types, scores=scores,
+        model="llama",
+        pre="default",
+        tokens=tokens,
+        types=types,
+        scores=scores,
         add_space_prefix=add_prefix_space,
         builtin_ids={kind: i for kind, i in builtin.items() if 0 <= i < n},
     )
@@ -290,9 +314,7 @@ def special_vocab(folder: Path, files: dict[str, dict], vocab: Vocab) -> gguf.Sp
     the whole vocabulary, ids from generation_config.json and from the SentencePiece model,
     add_bos/add_eos always explicit, a chat template without a tokenizer_config.json."""
     try:
-        special = gguf.SpecialVocab(
-            folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens)
-        )
+        special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     except ValueError as exc:  # a negative special id in config.json, an unknown merges format
         raise TokenizerError(f"{folder}: gguf-py cannot read its special tokens ({exc})") from exc
     ids = {t.decode() if isinstance(t, bytes) else t: i for i, t in enumerate(vocab.tokens)}

@@ -14,15 +14,29 @@ import gguf
 import numpy as np
 
 V = gguf.GGUFValueType
-NUMPY_TYPES = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4",
-               V.INT32: "<i4", V.FLOAT32: "<f4", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8"}
+NUMPY_TYPES = {
+    V.UINT8: "<u1",
+    V.INT8: "<i1",
+    V.UINT16: "<u2",
+    V.INT16: "<i2",
+    V.UINT32: "<u4",
+    V.INT32: "<i4",
+    V.FLOAT32: "<f4",
+    V.UINT64: "<u8",
+    V.INT64: "<i8",
+    V.FLOAT64: "<f8",
+}
 
 
 class GGUFWriter(gguf.GGUFWriter):
     def _pack_val(self, val: Any, vtype: V, add_vtype: bool, sub_type: V | None = None) -> bytes:
         body = None
-        if vtype == V.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE \
-                and isinstance(val, (list, tuple)) and len(val) > 0:
+        if (
+            vtype == V.ARRAY
+            and self.endianess == gguf.GGUFEndian.LITTLE
+            and isinstance(val, (list, tuple))
+            and len(val) > 0
+        ):
             body = _pack_array(val, sub_type)
         if body is None:
             return super()._pack_val(val, vtype, add_vtype, sub_type)

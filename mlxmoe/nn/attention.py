@@ -29,8 +29,9 @@ def make_rope(args: DecoderArgs, dims: int | None = None, traditional: bool = Fa
         return YarnRoPE(dims, args.rope_theta, scaling, args.max_position_embeddings, traditional)
     from mlx_lm.models.rope_utils import initialize_rope
 
-    return initialize_rope(dims, args.rope_theta, traditional, args.rope_scaling,
-                           args.max_position_embeddings)
+    return initialize_rope(
+        dims, args.rope_theta, traditional, args.rope_scaling, args.max_position_embeddings
+    )
 
 
 def sliding_window_mask(queries: int, keys: int, window: int) -> mx.array:
@@ -59,12 +60,10 @@ class Attention(nn.Module):
         self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
         # Granite scales the scores by a multiplier of its own, not 1 / sqrt(head_dim)
-        self.scale = args.head_dim**-0.5 if args.attention_multiplier is None \
-            else args.attention_multiplier
+        self.scale = args.head_dim**-0.5 if args.attention_multiplier is None else args.attention_multiplier
         d, hd = args.hidden_size, args.head_dim
         self.output_gate = args.attn_output_gate
-        self.q_proj = nn.Linear(d, args.num_heads * hd * (2 if self.output_gate else 1),
-                                bias=args.qkv_bias)
+        self.q_proj = nn.Linear(d, args.num_heads * hd * (2 if self.output_gate else 1), bias=args.qkv_bias)
         self.k_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * hd, d, bias=args.o_bias)

@@ -48,8 +48,10 @@ class DeltaNetArgs:
 
     def __post_init__(self):
         if self.num_value_heads % self.num_key_heads:
-            raise ValueError(f"linear_num_value_heads ({self.num_value_heads}) must be a multiple "
-                             f"of linear_num_key_heads ({self.num_key_heads})")
+            raise ValueError(
+                f"linear_num_value_heads ({self.num_value_heads}) must be a multiple "
+                f"of linear_num_key_heads ({self.num_key_heads})"
+            )
         if self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"chunk_size must be a power of two, got {self.chunk_size}")
 
@@ -75,8 +77,9 @@ class DeltaNetArgs:
         """From a Qwen3-Next config or a Qwen3.5 ``text_config`` (both use these keys)."""
         act = cfg.get("hidden_act", default="silu")
         if act != "silu":
-            raise CheckpointError(f"{cfg.source}: the linear attention's convolution supports "
-                                  f"hidden_act 'silu', got {act!r}")
+            raise CheckpointError(
+                f"{cfg.source}: the linear attention's convolution supports hidden_act 'silu', got {act!r}"
+            )
         return cls(
             hidden_size=int(cfg.get("hidden_size")),
             num_key_heads=int(cfg.get("linear_num_key_heads")),
@@ -121,8 +124,7 @@ class DeltaNetCache:
         return sum(s.nbytes for s in self.state if s is not None)
 
 
-def causal_conv(x: mx.array, weight: mx.array,
-                history: mx.array | None) -> tuple[mx.array, mx.array]:
+def causal_conv(x: mx.array, weight: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array]:
     """Depthwise causal convolution of x [B, T, C] with ``weight`` [C, K, 1] (``nn.Conv1d``'s
     layout), ``history`` [B, K-1, C] (the inputs before x; None: zeros), then silu.
 
@@ -181,8 +183,9 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk_size):
     chunk = min(chunk_size, 1 << max(length - 1, 0).bit_length())
     pad = -length % chunk
     if pad:  # padded tokens have k = 0, beta = 0 and g = 0: they leave the state untouched
-        q, k, v, g, beta = (mx.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-                            for t in (q, k, v, g, beta))
+        q, k, v, g, beta = (
+            mx.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (q, k, v, g, beta)
+        )
     n = (length + pad) // chunk
 
     def by_chunk(t):  # [B, T, H, ...] -> [B, H, n, C, ...]
@@ -261,8 +264,7 @@ class GatedDeltaNet(nn.Module):
             self.in_proj_z = nn.Linear(d, a.value_dim, bias=False)
             self.in_proj_b = nn.Linear(d, a.num_value_heads, bias=False)
             self.in_proj_a = nn.Linear(d, a.num_value_heads, bias=False)
-        self.conv1d = nn.Conv1d(a.conv_dim, a.conv_dim, a.conv_kernel_size, groups=a.conv_dim,
-                                bias=False)
+        self.conv1d = nn.Conv1d(a.conv_dim, a.conv_dim, a.conv_kernel_size, groups=a.conv_dim, bias=False)
         self.dt_bias = mx.ones((a.num_value_heads,))
         self.A_log = mx.log(mx.random.uniform(0.01, 16.0, (a.num_value_heads,)))
         self.norm = GatedRMSNorm(a.value_head_dim, a.rms_norm_eps)
@@ -278,16 +280,18 @@ class GatedDeltaNet(nn.Module):
             return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
         r = a.values_per_key
         grouped = self.in_proj_qkvz(x).reshape(batch, length, a.num_key_heads, -1)
-        q, k, v, z = mx.split(grouped, [a.key_head_dim, 2 * a.key_head_dim,
-                                        2 * a.key_head_dim + r * a.value_head_dim], axis=-1)
+        q, k, v, z = mx.split(
+            grouped, [a.key_head_dim, 2 * a.key_head_dim, 2 * a.key_head_dim + r * a.value_head_dim], axis=-1
+        )
         qkv = mx.concatenate([t.reshape(batch, length, -1) for t in (q, k, v)], axis=-1)
         z = z.reshape(batch, length, a.num_value_heads, a.value_head_dim)
         ba = self.in_proj_ba(x).reshape(batch, length, a.num_key_heads, 2 * r)
         b, alpha = ba[..., :r], ba[..., r:]
         return qkv, z, b.reshape(batch, length, -1), alpha.reshape(batch, length, -1)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = "causal",
-                 cache: DeltaNetCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: mx.array | str | None = "causal", cache: DeltaNetCache | None = None
+    ) -> mx.array:
         """x [B, T, D] -> [B, T, D] in x's dtype. Causal by construction: ``mask`` is taken for
         the attention layers' signature, and a padding mask is refused (pad on the right)."""
         if isinstance(mask, mx.array):
@@ -306,8 +310,7 @@ class GatedDeltaNet(nn.Module):
         if a.values_per_key > 1:
             q, k = mx.repeat(q, a.values_per_key, axis=2), mx.repeat(k, a.values_per_key, axis=2)
         v = v.reshape(batch, length, a.num_value_heads, a.value_head_dim)
-        g = -mx.exp(self.A_log.astype(f32)) * nn.softplus(alpha.astype(f32)
-                                                          + self.dt_bias.astype(f32))
+        g = -mx.exp(self.A_log.astype(f32)) * nn.softplus(alpha.astype(f32) + self.dt_bias.astype(f32))
         beta = mx.sigmoid(b.astype(f32))
 
         state = cache.recurrent_state if cache is not None else None

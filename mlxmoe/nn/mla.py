@@ -41,14 +41,18 @@ class MLAArgs:
     @classmethod
     def from_config(cls, cfg: ConfigView) -> MLAArgs:
         q_lora_rank = cfg.get("q_lora_rank", default=None)
-        return cls(None if q_lora_rank is None else int(q_lora_rank), int(cfg.get("kv_lora_rank")),
-                   int(cfg.get("qk_nope_head_dim")), int(cfg.get("qk_rope_head_dim")),
-                   int(cfg.get("v_head_dim")))
+        return cls(
+            None if q_lora_rank is None else int(q_lora_rank),
+            int(cfg.get("kv_lora_rank")),
+            int(cfg.get("qk_nope_head_dim")),
+            int(cfg.get("qk_rope_head_dim")),
+            int(cfg.get("v_head_dim")),
+        )
 
 
 def softmax_scale(args: DecoderArgs) -> float:
     """1 / sqrt(query head width), times YaRN's mscale(factor, mscale_all_dim) squared."""
-    scale = args.mla.qk_head_dim ** -0.5
+    scale = args.mla.qk_head_dim**-0.5
     scaling = args.rope_scaling or {}
     if scaling.get("mscale_all_dim"):
         scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
@@ -92,8 +96,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = mx.split(kv, [m.qk_nope_head_dim], axis=-1)
         offset = cache.offset if cache is not None else 0
         q_rot = self.rope(q_rot, offset=offset)
-        k_rot = self.rope(k_rot.reshape(batch, length, 1, m.qk_rope_head_dim).transpose(0, 2, 1, 3),
-                          offset=offset)
+        k_rot = self.rope(
+            k_rot.reshape(batch, length, 1, m.qk_rope_head_dim).transpose(0, 2, 1, 3), offset=offset
+        )
         k_rot = mx.broadcast_to(k_rot, (batch, heads, length, m.qk_rope_head_dim))
         q = mx.concatenate([q_nope, q_rot], axis=-1)
         k = mx.concatenate([k_nope, k_rot], axis=-1)

@@ -51,9 +51,18 @@ class Router(nn.Module):
     (topk_method "group_limited_greedy").
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool,
-                 bias: bool = False, softmax: str = "all", scaling: float = 1.0,
-                 groups: int = 1, groups_used: int = 1):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        normalize_top_k: bool,
+        bias: bool = False,
+        softmax: str = "all",
+        scaling: float = 1.0,
+        groups: int = 1,
+        groups_used: int = 1,
+    ):
         super().__init__()
         if softmax not in ("all", "top_k"):
             raise ValueError(f"router softmax must be 'all' or 'top_k', got {softmax!r}")
@@ -99,7 +108,7 @@ class Router(nn.Module):
         their best expert's probability) set to 0, as transformers' DeepSeek-V2 masks them."""
         grouped = probs.reshape(*probs.shape[:-1], self.groups, -1)
         best = grouped.max(axis=-1)
-        kept = mx.argpartition(-best, kth=self.groups_used - 1, axis=-1)[..., :self.groups_used]
+        kept = mx.argpartition(-best, kth=self.groups_used - 1, axis=-1)[..., : self.groups_used]
         keep = (mx.arange(self.groups)[:, None] == kept[..., None, :]).any(axis=-1)
         return mx.stop_gradient(mx.where(keep[..., None], grouped, 0.0).reshape(probs.shape))
 
@@ -140,8 +149,7 @@ def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: b
     returned in ``x``'s dtype: float experts (and expert LoRA) run in a bfloat16 model on
     the CPU too, and stay bfloat16 on a GPU."""
     compute = gather_dtype(x.dtype)
-    y = mx.gather_mm(x.astype(compute), w.astype(compute), rhs_indices=indices,
-                     sorted_indices=sorted_indices)
+    y = mx.gather_mm(x.astype(compute), w.astype(compute), rhs_indices=indices, sorted_indices=sorted_indices)
     return y.astype(x.dtype)
 
 
@@ -150,8 +158,9 @@ class QuantizedExpertLinear(nn.Module):
     or ``mxfp4`` (gpt-oss's experts as published: 4-bit floats, a power-of-two scale per 32,
     no ``biases``). ``bias`` is the experts' own additive bias, kept in float."""
 
-    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine",
-                 bias: mx.array | None = None):
+    def __init__(
+        self, weight: mx.array, group_size: int, bits: int, mode: str = "affine", bias: mx.array | None = None
+    ):
         super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
         packed = mx.quantize(weight, group_size, bits, mode=mode)
@@ -169,8 +178,15 @@ class QuantizedExpertLinear(nn.Module):
     def dequantized_weight(self) -> mx.array:
         # mxfp4's scales are uint8 exponents: ask for float32, which holds its values exactly
         dtype = None if self.mode == "affine" else mx.float32
-        return mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size,
-                             self.bits, mode=self.mode, dtype=dtype)
+        return mx.dequantize(
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            self.group_size,
+            self.bits,
+            mode=self.mode,
+            dtype=dtype,
+        )
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         if indices is None:
@@ -213,8 +229,14 @@ class SwitchExperts(nn.Module):
     with ``swiglu`` = (alpha, limit), gpt-oss's ``clamped_swiglu`` instead of silu(g) * u.
     ``bias``: each projection has a bias per expert (gpt-oss)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 bias: bool = False, swiglu: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        bias: bool = False,
+        swiglu: tuple[float, float] | None = None,
+    ):
         super().__init__()
         self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts, bias)
         self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts, bias)
@@ -261,12 +283,21 @@ class SparseMoE(nn.Module):
     def __init__(self, args: MoEArgs):
         super().__init__()
         d = args.hidden_size
-        self.router = Router(d, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob,
-                             args.router_bias, args.router_softmax, args.routed_scaling_factor,
-                             args.expert_groups, args.expert_groups_used)
+        self.router = Router(
+            d,
+            args.num_experts,
+            args.num_experts_per_tok,
+            args.norm_topk_prob,
+            args.router_bias,
+            args.router_softmax,
+            args.routed_scaling_factor,
+            args.expert_groups,
+            args.expert_groups_used,
+        )
         swiglu = None if args.swiglu_limit is None else (args.swiglu_alpha, args.swiglu_limit)
-        self.experts = SwitchExperts(d, args.moe_intermediate_size, args.num_experts,
-                                     args.expert_bias, swiglu)
+        self.experts = SwitchExperts(
+            d, args.moe_intermediate_size, args.num_experts, args.expert_bias, swiglu
+        )
         if args.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
             if args.shared_expert_gate:
@@ -301,12 +332,14 @@ DENSE_MIN_EXPERT_VALUES = ((3, 128 * 1024), (4, 1024 * 1024))
 
 def dense_pays(num_experts: int, top_k: int, expert_values: int) -> bool:
     """Whether the dense dispatch beats gather on MLX's CPU backend with a fast BLAS."""
-    return any(num_experts <= ratio * top_k and expert_values >= values
-               for ratio, values in DENSE_MIN_EXPERT_VALUES)
+    return any(
+        num_experts <= ratio * top_k and expert_values >= values for ratio, values in DENSE_MIN_EXPERT_VALUES
+    )
 
 
-def choose_dispatch(setting: str, num_experts: int, top_k: int, float_experts: bool,
-                    fast_cpu: bool, expert_values: int = 0) -> str:
+def choose_dispatch(
+    setting: str, num_experts: int, top_k: int, float_experts: bool, fast_cpu: bool, expert_values: int = 0
+) -> str:
     """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers
     (``expert_values``: hidden size x expert FFN size).
 
@@ -334,15 +367,22 @@ def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
     if not layers:
         choose_dispatch(setting, 1, 1, True, False)  # still refuses a bad setting
         return "gather"
-    float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear)
-                        for m in layers)
+    float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear) for m in layers)
     # A BLAS multiplies float32 only; MLX's own CPU kernels for 16-bit floats are far slower,
     # so dense never pays there (bench/README.md).
-    fast_cpu = (on_cpu() and loaded_blas() != "bundled"
-                and all(_base(m.experts.up_proj).weight.dtype == mx.float32 for m in layers))
-    setting = choose_dispatch(setting, max(m.router.weight.shape[0] for m in layers),
-                              min(m.router.top_k for m in layers), float_experts, fast_cpu,
-                              min(_base(m.experts.up_proj).weight[0].size for m in layers))
+    fast_cpu = (
+        on_cpu()
+        and loaded_blas() != "bundled"
+        and all(_base(m.experts.up_proj).weight.dtype == mx.float32 for m in layers)
+    )
+    setting = choose_dispatch(
+        setting,
+        max(m.router.weight.shape[0] for m in layers),
+        min(m.router.top_k for m in layers),
+        float_experts,
+        fast_cpu,
+        min(_base(m.experts.up_proj).weight[0].size for m in layers),
+    )
     for m in layers:
         m.dispatch = setting
     return setting

@@ -21,8 +21,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def yarn_frequencies(dims: int, base: float, scaling: dict[str, Any],
-                     max_position_embeddings: int) -> tuple[np.ndarray, float]:
+def yarn_frequencies(
+    dims: int, base: float, scaling: dict[str, Any], max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
     """(inverse frequencies [dims / 2], attention factor) for a ``rope_type: yarn`` config:
     each dimension pair interpolates (divides its frequency by ``factor``) or extrapolates
     (keeps it) by how many turns it makes over the original context, ramping linearly
@@ -32,8 +33,11 @@ def yarn_frequencies(dims: int, base: float, scaling: dict[str, Any],
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-                            if mscale and mscale_all_dim else yarn_mscale(factor))
+        attention_factor = (
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+            if mscale and mscale_all_dim
+            else yarn_mscale(factor)
+        )
 
     def dimension_of(turns: float) -> float:  # the dimension that turns this often over `original`
         return dims * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
@@ -56,8 +60,14 @@ class YarnRoPE(nn.Module):
     frequencies; q and k are scaled by the attention factor (transformers scales cos and sin
     by it: the same product)."""
 
-    def __init__(self, dims: int, base: float, scaling: dict[str, Any], max_position_embeddings: int,
-                 traditional: bool = False):
+    def __init__(
+        self,
+        dims: int,
+        base: float,
+        scaling: dict[str, Any],
+        max_position_embeddings: int,
+        traditional: bool = False,
+    ):
         super().__init__()
         inv_freq, self.attention_factor = yarn_frequencies(dims, base, scaling, max_position_embeddings)
         self.dims = dims
@@ -67,5 +77,6 @@ class YarnRoPE(nn.Module):
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if self.attention_factor != 1.0:
             x = x * self.attention_factor
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
-                            freqs=self._freqs)
+        return mx.fast.rope(
+            x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset, freqs=self._freqs
+        )

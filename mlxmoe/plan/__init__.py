@@ -7,5 +7,17 @@ from .advice import Budget, budget, suggestions, verdict
 from .load import LoadPlan, plan_load
 from .training import ExportPlan, ModelMemory, TrainingPlan, model_memory, plan_export, plan_training
 
-__all__ = ["Budget", "ExportPlan", "LoadPlan", "ModelMemory", "TrainingPlan", "budget", "model_memory",
-           "plan_export", "plan_load", "plan_training", "suggestions", "verdict"]
+__all__ = [
+    "Budget",
+    "ExportPlan",
+    "LoadPlan",
+    "ModelMemory",
+    "TrainingPlan",
+    "budget",
+    "model_memory",
+    "plan_export",
+    "plan_load",
+    "plan_training",
+    "suggestions",
+    "verdict",
+]

@@ -55,9 +55,17 @@ def _targets_by_layer(adapted: tuple[str, ...]) -> dict[int, set[str]]:
     return out
 
 
-def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: mx.Dtype,
-                rank: int, checkpoint: bool, compiled: bool = True,
-                dispatch: str = "gather", device: str = "gpu") -> Activations:
+def activations(
+    model: CausalLM,
+    adapted: tuple[str, ...],
+    shape: Shape,
+    dtype: mx.Dtype,
+    rank: int,
+    checkpoint: bool,
+    compiled: bool = True,
+    dispatch: str = "gather",
+    device: str = "gpu",
+) -> Activations:
     """Arrays the backward pass reads, for the layers at and above the lowest adapted one
     (below it nothing depends on a trainable parameter, so nothing is kept). ``dispatch``
     is how the MoE layers run their experts (nn.moe.set_dispatch); ``model`` is quantized
@@ -93,7 +101,8 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
             out.kept.update(saved)
             recompute = 0
         out.working[f"layer {i} backward"] = recompute + _layer_backward_working(
-            args, layer, targets, shape, (a, f), dispatch)
+            args, layer, targets, shape, (a, f), dispatch
+        )
         grad = True
     # Final norm's input. Logits only at answer positions (train.step), and in chunks
     # (losses.linear_cross_entropy): what stays is the hidden-state gradient of the answer
@@ -125,8 +134,17 @@ def activations(model: CausalLM, adapted: tuple[str, ...], shape: Shape, dtype: 
     return out
 
 
-def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths: tuple[int, int],
-                rank: int, compiled: bool, dispatch: str) -> Counter:
+def _layer_kept(
+    args,
+    layer,
+    targets: set[str],
+    grad: bool,
+    shape: Shape,
+    widths: tuple[int, int],
+    rank: int,
+    compiled: bool,
+    dispatch: str,
+) -> Counter:
     """Bytes one decoder layer keeps for the backward pass (see mlxmoe/plan/training.py's docstring);
     ``widths``: bytes a value of the model's dtype and of the arrays the CPU keeps in float32
     (``a`` and ``f`` in ``activations``)."""
@@ -161,8 +179,7 @@ def _layer_kept(args, layer, targets: set[str], grad: bool, shape: Shape, widths
         kept["residual stream"] += T * D * f  # post-attention residual, read by its norm
     ffn = {t for t in targets if not t.startswith("attn.")}
     if layer.is_moe:
-        kept.update(_moe_kept(args, layer.moe.experts, ffn, grad, shape, widths, rank, compiled,
-                              dispatch))
+        kept.update(_moe_kept(args, layer.moe.experts, ffn, grad, shape, widths, rank, compiled, dispatch))
     elif grad or ffn:
         inter = args.intermediate_size
         kept["LoRA"] += len(ffn) * T * rank * a
@@ -222,8 +239,17 @@ def _router_kept(args: MoEArgs, T: int, compiled: bool, checkpoint: bool = False
     return (1 + softmaxes) * T * args.num_experts * 4
 
 
-def _moe_kept(args: MoEArgs, experts_module, ffn: set[str], grad: bool, shape: Shape,
-              widths: tuple[int, int], rank: int, compiled: bool, dispatch: str) -> Counter:
+def _moe_kept(
+    args: MoEArgs,
+    experts_module,
+    ffn: set[str],
+    grad: bool,
+    shape: Shape,
+    widths: tuple[int, int],
+    rank: int,
+    compiled: bool,
+    dispatch: str,
+) -> Counter:
     a, f = widths
     T, D, k, inter = shape.tokens, args.hidden_size, args.num_experts_per_tok, args.moe_intermediate_size
     E = args.num_experts
@@ -261,10 +287,16 @@ def _moe_kept(args: MoEArgs, experts_module, ffn: set[str], grad: bool, shape: S
             kept["MoE dispatch"] += rows * D * a
         kept["MoE dispatch"] += 4 * rows * 4
         # gather_mm's input gradient reads the float experts' weights, cast per call
-        needs_dx = {"gate_proj": grad, "up_proj": grad,
-                    "down_proj": grad or bool(experts & {"gate_proj", "up_proj"})}
-        copies = sum(_float_values(getattr(experts_module, p)) for p, needed in needs_dx.items()
-                     if needed) if f != a else 0
+        needs_dx = {
+            "gate_proj": grad,
+            "up_proj": grad,
+            "down_proj": grad or bool(experts & {"gate_proj", "up_proj"}),
+        }
+        copies = (
+            sum(_float_values(getattr(experts_module, p)) for p, needed in needs_dx.items() if needed)
+            if f != a
+            else 0
+        )
         kept["float experts, float32 copies"] += copies * 4
     lora_in = a if dispatch == "dense" else f
     kept["experts"] += 4 * rows * inter * a  # gate, sigmoid(gate), silu(gate), up
@@ -287,8 +319,9 @@ def _float_values(experts) -> int:
     return 0 if "scales" in base else base.weight.size
 
 
-def _layer_backward_working(args, layer, targets: set[str], shape: Shape, widths: tuple[int, int],
-                            dispatch: str) -> int:
+def _layer_backward_working(
+    args, layer, targets: set[str], shape: Shape, widths: tuple[int, int], dispatch: str
+) -> int:
     """The largest transient of a layer's backward pass: the attention probabilities'
     gradient and one temporary beside it, or the feed-forward's gradients. For MoE experts
     (``rows`` = T*k gathered or E*T dense) measured on one MoE layer under MLX's
@@ -315,7 +348,9 @@ def _layer_backward_working(args, layer, targets: set[str], shape: Shape, widths
     lora = sum(f"moe.experts.{p}" in targets for p in ("gate_proj", "up_proj"))
     ffn = 4 * rows * F * a + (4 + lora) * rows * args.hidden_size * a
     if dispatch == "gather" and f != a:
-        cast = sum(f"moe.experts.{p}" in targets or _float_values(getattr(layer.moe.experts, p)) > 0
-                   for p in ("gate_proj", "up_proj", "down_proj"))
+        cast = sum(
+            f"moe.experts.{p}" in targets or _float_values(getattr(layer.moe.experts, p)) > 0
+            for p in ("gate_proj", "up_proj", "down_proj")
+        )
         ffn += cast * rows * F * (f + a)
     return max(attn, ffn)

@@ -21,8 +21,18 @@ from .training import TrainingPlan, model_memory, plan_training
 
 GiB = 2**30
 OS_HEADROOM = 4 * GiB  # what a raised wired limit should leave to macOS and other apps
-_UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": GiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,11 @@ def budget(memory: str | None) -> Budget:
 
     info = mx.device_info() if memory is None and mx.metal.is_available() else {}
     if "memory_size" in info and "max_recommended_working_set_size" in info:
-        return Budget(int(info["memory_size"]), int(info["max_recommended_working_set_size"]),
-                      "this Mac: Metal's recommended working set")
+        return Budget(
+            int(info["memory_size"]),
+            int(info["max_recommended_working_set_size"]),
+            "this Mac: Metal's recommended working set",
+        )
     ram = parse_size(memory or "32GB")
     where = f"{ram / GiB:g} GB" + ("" if memory else " (default; set --memory)")
     share = "2/3" if ram <= 36 * GiB else "3/4"
@@ -133,7 +146,7 @@ def _top_half(r: Recipe, num_layers: int) -> str | None:
     layers = r.lora.layers if r.lora.layers is not None else list(range(num_layers))
     if len(layers) < 2:
         return None
-    r.lora.layers = layers[len(layers) // 2:]
+    r.lora.layers = layers[len(layers) // 2 :]
     return f"lora.layers: the top {len(r.lora.layers)} ({r.lora.layers[0]}-{r.lora.layers[-1]})"
 
 
@@ -150,8 +163,7 @@ def target(plan: TrainingPlan, b: Budget) -> int:
     return b.wired_default if base < b.wired_default else b.wired_max
 
 
-def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int,
-                device: str = "gpu") -> list[Change]:
+def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int, device: str = "gpu") -> list[Change]:
     """Recipe changes applied one after another, cheapest in quality first, each kept only if
     it lowers the peak, until the plan fits under ``limit``."""
     models = {_model_key(recipe): plan.memory}  # only bits and adapters need another build
@@ -164,9 +176,16 @@ def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int,
 
     num_layers = plan.memory.model.args.num_layers
     steps: list[Callable[[Recipe], str | None]] = [
-        _checkpoint, lambda r: _gather(r, plan.dispatch), _halve_batch, _halve_batch,
-        _halve_batch, _four_bits, _halve_seq,
-        _halve_seq, lambda r: _top_half(r, num_layers), _attention_only,
+        _checkpoint,
+        lambda r: _gather(r, plan.dispatch),
+        _halve_batch,
+        _halve_batch,
+        _halve_batch,
+        _four_bits,
+        _halve_seq,
+        _halve_seq,
+        lambda r: _top_half(r, num_layers),
+        _attention_only,
     ]
     current, peak, out = recipe, plan.peak, []
     for step in steps:

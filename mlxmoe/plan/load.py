@@ -113,11 +113,15 @@ def plan_load(cfg: ConfigView, bits: int, group_size: int, dtype: mx.Dtype) -> L
         done += loaded.get(part, 0)
     part, before, flight = best
     how = "not quantized" if not bits else f"{bits}-bit, group {group_size}"
-    source = ("mlx-lm's quantized layers as stored" if prequantized else
-              f"{declared} checkpoint" if declared else "config.json names no dtype: float32 assumed")
+    source = (
+        "mlx-lm's quantized layers as stored"
+        if prequantized
+        else f"{declared} checkpoint"
+        if declared
+        else "config.json names no dtype: float32 assumed"
+    )
     items = [
         LineItem("modules loaded before it", before, f"{how}, {dtype_name(dtype)}"),
-        LineItem(f"{part} in flight", flight,
-                 f"{source}: read, experts stacked, cast and quantized at once"),
+        LineItem(f"{part} in flight", flight, f"{source}: read, experts stacked, cast and quantized at once"),
     ]
     return LoadPlan(tuple(items), part)

@@ -80,8 +80,13 @@ def model_memory(cfg, dtype: mx.Dtype, bits: int, group_size: int, spec: Adapter
     adapted = apply_adapters(model, spec)
     params = [v for _, v in tree_flatten(model.trainable_parameters())]
     return ModelMemory(
-        model, quantized, unquantized, tuple(dict.fromkeys(kinds)),
-        sum(_nbytes(v, dtype) for v in params), sum(v.size for v in params), tuple(adapted),
+        model,
+        quantized,
+        unquantized,
+        tuple(dict.fromkeys(kinds)),
+        sum(_nbytes(v, dtype) for v in params),
+        sum(v.size for v in params),
+        tuple(adapted),
     )
 
 
@@ -119,10 +124,13 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     moe = isinstance(args, MoEArgs) and bool(args.moe_layers)
     try:
         choice = choose_dispatch(
-            train.moe_dispatch, args.num_experts if moe else 1, args.num_experts_per_tok if moe else 1,
+            train.moe_dispatch,
+            args.num_experts if moe else 1,
+            args.num_experts_per_tok if moe else 1,
             float_experts=not train.quantize or not moe,
             fast_cpu=device == "cpu" and fast_cpu_blas() and resolve_dtype(train.dtype, device) == mx.float32,
-            expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0)
+            expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0,
+        )
     except ValueError as exc:
         raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
     return choice if moe else "gather"
@@ -153,8 +161,13 @@ class TrainingPlan:
         return sum(item.bytes for item in self.items)
 
 
-def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int | None = None,
-                  memory: ModelMemory | None = None) -> TrainingPlan:
+def plan_training(
+    cfg,
+    recipe: Recipe,
+    device: str = "gpu",
+    answer_tokens: int | None = None,
+    memory: ModelMemory | None = None,
+) -> TrainingPlan:
     """Peak memory of one training step of ``recipe`` on the model ``cfg`` describes.
     ``answer_tokens`` (per micro-batch) defaults to every position: the worst case."""
     t = recipe.train
@@ -163,43 +176,84 @@ def plan_training(cfg, recipe: Recipe, device: str = "gpu", answer_tokens: int |
         memory = model_memory(cfg, dtype, t.quantize, t.group_size, recipe.lora)
     dispatch = planned_dispatch(memory.model.args, t, device)
     shape = Shape(t.batch_size, t.max_seq_len, answer_tokens)
-    acts = activations(memory.model, memory.adapted, shape, dtype, recipe.lora.rank,
-                       t.grad_checkpoint, t.compile, dispatch, device)
+    acts = activations(
+        memory.model,
+        memory.adapted,
+        shape,
+        dtype,
+        recipe.lora.rank,
+        t.grad_checkpoint,
+        t.compile,
+        dispatch,
+        device,
+    )
     bits = f"{t.quantize}-bit, group {t.group_size}" if t.quantize else "not quantized"
     if t.quantize and getattr(memory.model, "mxfp4", False):
         bits += "; experts MXFP4 as published"
     static = [
         LineItem("base weights (quantized)", memory.quantized, bits) if memory.quantized else None,
         LineItem("base weights (unquantized)", memory.unquantized, ", ".join(memory.unquantized_kinds)),
-        LineItem("LoRA parameters", memory.adapters,
-                 f"{memory.trainable:,} float32 in {len(memory.adapted)} modules"),
+        LineItem(
+            "LoRA parameters",
+            memory.adapters,
+            f"{memory.trainable:,} float32 in {len(memory.adapted)} modules",
+        ),
         LineItem("AdamW state", 2 * memory.adapters, "first and second moments, float32"),
     ]
     static = [item for item in static if item is not None]
     # Gradients of the micro-batches accumulated so far are held through the next backward.
     held_grads = memory.adapters if t.grad_accum > 1 else 0
-    details = {"MoE dispatch": DISPATCH_DETAIL[dispatch],
-               "float experts, float32 copies": "unquantized experts, cast for the CPU's gather_mm"}
-    backward = [LineItem(f"activations: {kind}", size, details.get(kind, ""))
-                for kind, size in acts.kept.most_common() if size]
+    details = {
+        "MoE dispatch": DISPATCH_DETAIL[dispatch],
+        "float experts, float32 copies": "unquantized experts, cast for the CPU's gather_mm",
+    }
+    backward = [
+        LineItem(f"activations: {kind}", size, details.get(kind, ""))
+        for kind, size in acts.kept.most_common()
+        if size
+    ]
     name, working = max(acts.working.items(), key=lambda kv: kv[1])
     backward.append(LineItem("backward working set", working, name))
-    backward.append(LineItem("LoRA gradients", memory.adapters + held_grads,
-                             "float32, this micro-batch's and the accumulated sum" if held_grads
-                             else "float32"))
-    update = [LineItem("optimizer update", UPDATE_COPIES * memory.adapters,
-                       f"{UPDATE_COPIES} float32 copies of the adapters: gradients, clipped "
-                       "gradients, new moments")]
+    backward.append(
+        LineItem(
+            "LoRA gradients",
+            memory.adapters + held_grads,
+            "float32, this micro-batch's and the accumulated sum" if held_grads else "float32",
+        )
+    )
+    update = [
+        LineItem(
+            "optimizer update",
+            UPDATE_COPIES * memory.adapters,
+            f"{UPDATE_COPIES} float32 copies of the adapters: gradients, clipped gradients, new moments",
+        )
+    ]
     phases = {"backward pass": backward, "optimizer update": update}
     phase = max(phases, key=lambda p: sum(i.bytes for i in phases[p]))
-    return TrainingPlan(memory, shape, t.quantize, t.group_size, t.grad_checkpoint, dtype,
-                        tuple(static + phases[phase]), phase, dispatch)
+    return TrainingPlan(
+        memory,
+        shape,
+        t.quantize,
+        t.group_size,
+        t.grad_checkpoint,
+        dtype,
+        tuple(static + phases[phase]),
+        phase,
+        dispatch,
+    )
 
 
 # The encoded tensor over its float32 bytes (gguf/blocks.py encodes in chunks of a few MiB);
 # q4_k_m mixes Q4_K and Q6_K, mxfp4 MXFP4 experts and f16 for the rest: the larger is taken.
-ENCODE_WORKING = {"f32": 1.0, "f16": 0.5, "bf16": 0.5, "q8_0": 34 / 128, "q4_0": 18 / 128,
-                  "q4_k_m": 210 / 1024, "mxfp4": 0.5}
+ENCODE_WORKING = {
+    "f32": 1.0,
+    "f16": 0.5,
+    "bf16": 0.5,
+    "q8_0": 34 / 128,
+    "q4_0": 18 / 128,
+    "q4_k_m": 210 / 1024,
+    "mxfp4": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -223,8 +277,9 @@ def plan_export(cfg, file_type: str, memory: ModelMemory | None = None) -> Expor
     model = lazy_model(cfg)
     family = family_for(cfg.raw.get("model_type"), cfg.source)
     if file_type == "mxfp4" and not family.mxfp4_experts:  # as export_gguf refuses it
-        raise MlxMoeError(f"GGUF type mxfp4 is for gpt-oss's experts; {family.name} is "
-                          "exported as f16, q8_0 or q4_k_m")
+        raise MlxMoeError(
+            f"GGUF type mxfp4 is for gpt-oss's experts; {family.name} is exported as f16, q8_0 or q4_k_m"
+        )
     shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
     name = max(shapes, key=lambda k: prod(shapes[k]))
     largest = prod(shapes[name]) * 4
@@ -239,9 +294,19 @@ def plan_export(cfg, file_type: str, memory: ModelMemory | None = None) -> Expor
     if memory is not None:
         items.append(LineItem("adapter", memory.adapters, "read whole, float32"))
     if 3 * merged[1] > copies * largest:
-        items.append(LineItem(f"largest merged tensor ({merged[0]})", 3 * merged[1],
-                              f"3 x {merged[1] / 2**20:.0f} MiB in float32: base, B @ A, scaled"))
+        items.append(
+            LineItem(
+                f"largest merged tensor ({merged[0]})",
+                3 * merged[1],
+                f"3 x {merged[1] / 2**20:.0f} MiB in float32: base, B @ A, scaled",
+            )
+        )
     else:
-        items.append(LineItem(f"largest tensor ({name})", int(copies * largest),
-                              f"{copies:g} x {largest / 2**20:.0f} MiB in float32"))
+        items.append(
+            LineItem(
+                f"largest tensor ({name})",
+                int(copies * largest),
+                f"{copies:g} x {largest / 2**20:.0f} MiB in float32",
+            )
+        )
     return ExportPlan(file_type, tuple(items))

@@ -141,8 +141,7 @@ class World:
             if not str(exc).startswith(BACKEND_TAGS):
                 raise
             raise RankLostError(
-                f"rank {self.rank} of {self.size} lost contact with the other ranks ({exc}) "
-                f"{where()}"
+                f"rank {self.rank} of {self.size} lost contact with the other ranks ({exc}) {where()}"
             ) from exc
         finally:
             if handles_signal:

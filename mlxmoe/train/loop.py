@@ -77,8 +77,9 @@ def data_files(data: str | Path) -> tuple[Path, Path | None]:
 
 
 def learning_rate_schedule(cfg) -> optim.schedulers.Callable:
-    decay = optim.cosine_decay(cfg.learning_rate, max(cfg.iters - cfg.warmup, 1),
-                               cfg.learning_rate * cfg.min_lr_ratio)
+    decay = optim.cosine_decay(
+        cfg.learning_rate, max(cfg.iters - cfg.warmup, 1), cfg.learning_rate * cfg.min_lr_ratio
+    )
     if cfg.warmup <= 0:
         return decay
     warm = optim.linear_schedule(cfg.learning_rate / max(cfg.warmup, 1), cfg.learning_rate, cfg.warmup)
@@ -100,8 +101,9 @@ def _rewind_metrics(path: Path, step: int) -> None:
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
-          show_progress: bool = True) -> TrainResult:
+def train(
+    recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progress: bool = True
+) -> TrainResult:
     cfg = recipe.train
     if not recipe.model:
         raise MlxMoeError("no model: pass --model or set 'model' in the recipe")
@@ -112,15 +114,19 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         raise MlxMoeError(
             f"batch_size {cfg.batch_size} does not split over {world.size} ranks: it is the global "
             f"batch, of which each rank takes batch_size / {world.size} sequences (e.g. double "
-            "batch_size and halve grad_accum: the same sequences per step)")
+            "batch_size and halve grad_accum: the same sequences per step)"
+        )
     out = Path(out_dir)
     previous = latest_checkpoint(out) if world.is_main else None  # only rank 0 sees the run
     if world.is_main and previous is not None and not resume:
         raise MlxMoeError(
-            f"{out} already holds a run (at {previous.name}); pass --resume or use another --out")
+            f"{out} already holds a run (at {previous.name}); pass --resume or use another --out"
+        )
     if world.is_main and resume and previous is None:
-        raise MlxMoeError(f"{out}: nothing to resume (no checkpoint yet); a run stopped before its "
-                          "first checkpoint starts over: run the same command without --resume")
+        raise MlxMoeError(
+            f"{out}: nothing to resume (no checkpoint yet); a run stopped before its "
+            "first checkpoint starts over: run the same command without --resume"
+        )
     if world.is_main:
         remove_stale_checkpoints(out)
     train_file, valid_file = data_files(recipe.data.path)
@@ -130,14 +136,19 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     mx.random.seed(cfg.seed)
     folder = resolve(recipe.model)
     if saved is not None:  # settings, weights and dtype: refused before anything loads
-        check_resume(previous, saved, recipe_dict, base=weights_fingerprint(folder),
-                     dtype=dtype_name(resolve_dtype(cfg.dtype)))
+        check_resume(
+            previous,
+            saved,
+            recipe_dict,
+            base=weights_fingerprint(folder),
+            dtype=dtype_name(resolve_dtype(cfg.dtype)),
+        )
     # The tokenizer (transformers, torch: ~300 MB) lives in a child process only, which
     # tokenizes while the model loads.
-    with TokenizeJob(folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt,
-                     recipe.data.thinking) as job:
-        model = load_model(folder, quantize=cfg.quantize, group_size=cfg.group_size,
-                           dtype=cfg.dtype)
+    with TokenizeJob(
+        folder, [train_file, valid_file], cfg.max_seq_len, recipe.loss.mask_prompt, recipe.data.thinking
+    ) as job:
+        model = load_model(folder, quantize=cfg.quantize, group_size=cfg.group_size, dtype=cfg.dtype)
         train_set, valid_set = job.result()
     data_fingerprint = fingerprint([(e.tokens, e.loss_mask) for e in train_set.examples]).hex()[:32]
     if saved is not None:
@@ -161,8 +172,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
 
     monitor = None
     if model.moe_layers:
-        monitor = ExpertMonitor(model.moe_layers, model.args.num_experts,
-                                model.args.num_experts_per_tok, recipe.collapse)
+        monitor = ExpertMonitor(
+            model.moe_layers, model.args.num_experts, model.args.num_experts_per_tok, recipe.collapse
+        )
     state = RunState()
     if resume and world.is_main:
         state, _ = load_checkpoint(previous, model, optimizer)
@@ -170,8 +182,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         _rewind_metrics(out / METRICS_FILE, state.step)
     config = adapter_config(model, recipe.lora, adapted, str(recipe.model))
     # what a resume compares (state.check_resume)
-    fingerprints = {"base": config["base_fingerprint"], "data": data_fingerprint,
-                    "dtype": config["dtype"]}
+    fingerprints = {"base": config["base_fingerprint"], "data": data_fingerprint, "dtype": config["dtype"]}
 
     def checkpoint() -> None:
         world.check_same(f"adapters at step {state.step}", adapter_tensors(model))
@@ -192,26 +203,32 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
     with world.stop_together(lost_rank), progress, _metrics_log(out, world) as metrics:
         # Every rank takes the same steps on the same model and data (paths may differ between
         # machines, contents not), from rank 0's adapters, optimizer and run state.
-        world.check_same("the base model, data or recipe", config["base_fingerprint"],
-                         {k: v for k, v in recipe_dict.items() if k not in ("model", "data")},
-                         [(e.tokens, e.loss_mask) for e in train_set.examples],
-                         [(e.tokens, e.loss_mask) for e in valid_set.examples] if valid_set else None)
+        world.check_same(
+            "the base model, data or recipe",
+            config["base_fingerprint"],
+            {k: v for k, v in recipe_dict.items() if k not in ("model", "data")},
+            [(e.tokens, e.loss_mask) for e in train_set.examples],
+            [(e.tokens, e.loss_mask) for e in valid_set.examples] if valid_set else None,
+        )
         state = share_run(world, model, optimizer, state)
         if monitor is not None and state.lora_update_counts:
             monitor.lora_update_counts = np.array(state.lora_update_counts["counts"], np.int64)
         if model.moe_layers:
             progress.note(f"{describe_blas()}; MoE dispatch: {dispatch}")
-        progress.note(f"trainable {trainable['trainable']:,} of {trainable['total']:,} parameters "
-                      f"({trainable['percent']:.2f}%): {trainable['groups']}")
+        progress.note(
+            f"trainable {trainable['trainable']:,} of {trainable['total']:,} parameters "
+            f"({trainable['percent']:.2f}%): {trainable['groups']}"
+        )
         if world.size > 1:
-            progress.note(f"data-parallel on {world.size} ranks: each trains on "
-                          f"{cfg.batch_size // world.size} of the {cfg.batch_size} sequences "
-                          f"of every batch (balance scope: {recipe.loss.balance_scope})")
+            progress.note(
+                f"data-parallel on {world.size} ranks: each trains on "
+                f"{cfg.batch_size // world.size} of the {cfg.batch_size} sequences "
+                f"of every batch (balance scope: {recipe.loss.balance_scope})"
+            )
         while state.step < cfg.iters:
             mx.random.seed(step_seed(cfg.seed, state.step, world.rank))
             first = state.step * cfg.grad_accum
-            batches = [schedule.batch(first + j, world.rank, world.size)
-                       for j in range(cfg.grad_accum)]
+            batches = [schedule.batch(first + j, world.rank, world.size) for j in range(cfg.grad_accum)]
             result = stepper.step(batches)
             state.step += 1
             if result.finite:
@@ -231,8 +248,14 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
             at_end = state.step == cfg.iters
             if valid_set and cfg.val_every and (state.step % cfg.val_every == 0 or at_end):
                 vs = BatchSchedule(valid_set, cfg.batch_size, seed=cfg.seed)
-                val_loss = evaluate_loss(model, [vs.batch(i, world.rank, world.size) for i in range(
-                    min(cfg.val_batches, vs.batches_per_epoch()))], world)
+                val_loss = evaluate_loss(
+                    model,
+                    [
+                        vs.batch(i, world.rank, world.size)
+                        for i in range(min(cfg.val_batches, vs.batches_per_epoch()))
+                    ],
+                    world,
+                )
             if state.step % cfg.report_every == 0 or at_end:
                 row = window.close(state, optimizer, val_loss, world)
                 if monitor is not None:
@@ -244,8 +267,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
                 alarm = row.get("experts", {}).get("alarm")
                 # metrics.jsonl has every report's alarm; the screen, layers alarmed anew
                 if alarm and (set(monitor.alarmed_layers) - alarmed_seen or monitor.should_stop):
-                    progress.note(f"[yellow]router collapse alarm:[/] "
-                                  f"{_short_alarm(alarm, row['experts'], monitor)}")
+                    progress.note(
+                        f"[yellow]router collapse alarm:[/] {_short_alarm(alarm, row['experts'], monitor)}"
+                    )
                     alarmed_seen.update(monitor.alarmed_layers)
                 if alarm and monitor.should_stop:
                     checkpoint()
@@ -257,10 +281,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False,
         else:
             checkpoint()
     if world.is_main:
-        save_adapters(model, out, {**config, "steps": state.step,
-                                   "truncated": train_set.truncated})
-    return TrainResult(out, state.step, last_loss, val_loss, trainable, train_set.truncated,
-                       stopped, world.rank, world.size)
+        save_adapters(model, out, {**config, "steps": state.step, "truncated": train_set.truncated})
+    return TrainResult(
+        out, state.step, last_loss, val_loss, trainable, train_set.truncated, stopped, world.rank, world.size
+    )
 
 
 def _short_alarm(alarm: str, experts: dict, monitor: ExpertMonitor, shown: int = 2) -> str:
@@ -269,13 +293,21 @@ def _short_alarm(alarm: str, experts: dict, monitor: ExpertMonitor, shown: int =
     if len(alarmed) <= shown:
         return alarm
     shares = [e["max_share"] for e in experts["layers"] if e["layer"] in alarmed and e["max_share"]]
-    busiest = (f"the busiest expert sees {min(shares):.0%}-{max(shares):.0%} of a layer's tokens "
-               f"(max_expert_share {monitor.max_expert_share:g}) or the spread is over "
-               f"{monitor.rule.max_spread:g}") if shares else "over the thresholds"
+    busiest = (
+        (
+            f"the busiest expert sees {min(shares):.0%}-{max(shares):.0%} of a layer's tokens "
+            f"(max_expert_share {monitor.max_expert_share:g}) or the spread is over "
+            f"{monitor.rule.max_spread:g}"
+        )
+        if shares
+        else "over the thresholds"
+    )
     verdict = "stopping training" if monitor.should_stop else "continuing (action warn)"
-    return (f"{len(alarmed)} of {len(experts['layers'])} MoE layers ({', '.join(map(str, alarmed))}): "
-            f"{busiest}, for {monitor.rule.patience}+ reports; {verdict}; each report's details "
-            "are in metrics.jsonl")
+    return (
+        f"{len(alarmed)} of {len(experts['layers'])} MoE layers ({', '.join(map(str, alarmed))}): "
+        f"{busiest}, for {monitor.rule.patience}+ reports; {verdict}; each report's details "
+        "are in metrics.jsonl"
+    )
 
 
 def _metrics_log(out: Path, world: World):
@@ -291,10 +323,13 @@ def _lost_rank_hint(out: Path, step: int, world: World) -> str:
         return f"after {step} steps; rank 0 holds the checkpoints"
     last = latest_checkpoint(out)
     if last is None:
-        return (f"after {step} steps; no checkpoint was written yet. Run the same command "
-                "(without --resume) to start over.")
-    return (f"after {step} steps; the last checkpoint is {last}. Run the same command with "
-            "--resume to continue.")
+        return (
+            f"after {step} steps; no checkpoint was written yet. Run the same command "
+            "(without --resume) to start over."
+        )
+    return (
+        f"after {step} steps; the last checkpoint is {last}. Run the same command with --resume to continue."
+    )
 
 
 class _Window:
@@ -319,8 +354,7 @@ class _Window:
         self.rank_tokens += r.rank_tokens
         self.comm_s += r.comm_s
 
-    def close(self, state: RunState, optimizer, val_loss: float | None,
-              world: World) -> dict[str, Any]:
+    def close(self, state: RunState, optimizer, val_loss: float | None, world: World) -> dict[str, Any]:
         n = max(self.steps, 1)
         elapsed = time.perf_counter() - self.started
         row = {
@@ -342,10 +376,21 @@ class _Window:
             row["val_loss"] = val_loss
         if world.size > 1:  # tokens_per_s above counts every rank's tokens
             row["comm_s"] = self.comm_s / n
-            per_rank = world.gather([self.rank_tokens / elapsed if elapsed > 0 else 0.0,
-                                     peak_memory_gb(), mx.get_peak_memory() / 1e9])
-            row["ranks"] = [{"rank": r, "tokens_per_s": float(tps), "peak_memory_gb": float(mem),
-                             "mlx_peak_memory_gb": float(mlx_mem)}
-                            for r, (tps, mem, mlx_mem) in enumerate(per_rank)]
+            per_rank = world.gather(
+                [
+                    self.rank_tokens / elapsed if elapsed > 0 else 0.0,
+                    peak_memory_gb(),
+                    mx.get_peak_memory() / 1e9,
+                ]
+            )
+            row["ranks"] = [
+                {
+                    "rank": r,
+                    "tokens_per_s": float(tps),
+                    "peak_memory_gb": float(mem),
+                    "mlx_peak_memory_gb": float(mlx_mem),
+                }
+                for r, (tps, mem, mlx_mem) in enumerate(per_rank)
+            ]
         self.reset()
         return row

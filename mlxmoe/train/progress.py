@@ -40,8 +40,10 @@ class TrainProgress:
         self.progress.update(self.task, completed=step)
 
     def report(self, row: dict[str, Any]) -> None:
-        stats = (f"loss {row['loss']:.3f} aux {row['aux']:.3f} z {row['z']:.2f} "
-                 f"{row['tokens_per_s']:.0f} tok/s {row['peak_memory_gb']:.1f} GB")
+        stats = (
+            f"loss {row['loss']:.3f} aux {row['aux']:.3f} z {row['z']:.2f} "
+            f"{row['tokens_per_s']:.0f} tok/s {row['peak_memory_gb']:.1f} GB"
+        )
         experts = row.get("experts")
         if experts:
             stats += f" spread {experts.get('spread') or 0.0:.2f}"

@@ -38,16 +38,29 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # Recipe keys a resume may change: they decide what is reported, saved and checked, and how
 # fast (the same math: compiled or not, recomputed activations, gathered or dense experts).
-RESUME_FREE = frozenset({
-    "train.report_every", "train.val_every", "train.val_batches", "train.save_every",
-    "train.nan_patience", "train.compile", "train.grad_checkpoint", "train.moe_dispatch",
-    "collapse.max_expert_share", "collapse.max_spread", "collapse.patience", "collapse.action",
-})
+RESUME_FREE = frozenset(
+    {
+        "train.report_every",
+        "train.val_every",
+        "train.val_batches",
+        "train.save_every",
+        "train.nan_patience",
+        "train.compile",
+        "train.grad_checkpoint",
+        "train.moe_dispatch",
+        "collapse.max_expert_share",
+        "collapse.max_spread",
+        "collapse.patience",
+        "collapse.action",
+    }
+)
 # Compared by what they stand for, recorded in the checkpoint: the weights (fingerprint),
 # the tokenized training data (fingerprint), the dtype computed in ("auto" resolved).
-RESUME_BY_VALUE = {"model": ("base", "weights fingerprint"),
-                   "data.path": ("data", "tokenized training data fingerprint"),
-                   "train.dtype": ("dtype", "computed in")}
+RESUME_BY_VALUE = {
+    "model": ("base", "weights fingerprint"),
+    "data.path": ("data", "tokenized training data fingerprint"),
+    "train.dtype": ("dtype", "computed in"),
+}
 
 
 @dataclass
@@ -60,8 +73,12 @@ class RunState:
 
 
 def save_checkpoint(
-    out_dir: Path, model: CausalLM, optimizer: optim.Optimizer, state: RunState,
-    recipe: dict[str, Any], fingerprints: dict[str, str] | None = None,
+    out_dir: Path,
+    model: CausalLM,
+    optimizer: optim.Optimizer,
+    state: RunState,
+    recipe: dict[str, Any],
+    fingerprints: dict[str, str] | None = None,
 ) -> Path:
     """``fingerprints``: what ``check_resume`` compares (``RESUME_BY_VALUE``)."""
     folder = Path(out_dir) / CHECKPOINTS / f"step-{state.step:06d}"
@@ -103,8 +120,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     return saved
 
 
-def check_resume(folder: Path, saved: dict[str, Any], recipe: dict[str, Any],
-                 **values: str) -> None:
+def check_resume(folder: Path, saved: dict[str, Any], recipe: dict[str, Any], **values: str) -> None:
     """Raises naming every setting of ``recipe`` that differs from the checkpoint's but the
     free ones (``RESUME_FREE``) and ``train.iters`` grown. ``values`` ("base", "data",
     "dtype") stand for the keys of ``RESUME_BY_VALUE``; a key whose value the checkpoint
@@ -119,8 +135,9 @@ def check_resume(folder: Path, saved: dict[str, Any], recipe: dict[str, Any],
         if key in RESUME_BY_VALUE and RESUME_BY_VALUE[key][0] in recorded:
             name, what = RESUME_BY_VALUE[key]
             if name in values and values[name] != recorded[name]:
-                changes.append(f"{key} {old[key]!r} -> {new[key]!r} ({what} {recorded[name]} -> "
-                               f"{values[name]})")
+                changes.append(
+                    f"{key} {old[key]!r} -> {new[key]!r} ({what} {recorded[name]} -> {values[name]})"
+                )
         elif key == "train.iters":
             if new[key] < old[key]:
                 changes.append(f"train.iters {old[key]} -> {new[key]} (it may only grow)")
@@ -130,7 +147,8 @@ def check_resume(folder: Path, saved: dict[str, Any], recipe: dict[str, Any],
         raise MlxMoeError(
             f"{folder}: cannot resume, this run differs from the checkpoint's: {'; '.join(changes)}. "
             "Resume with the checkpoint's settings (only train.iters may grow, and "
-            f"{', '.join(sorted(RESUME_FREE))} may change), or train into another --out")
+            f"{', '.join(sorted(RESUME_FREE))} may change), or train into another --out"
+        )
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

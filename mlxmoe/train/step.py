@@ -65,17 +65,21 @@ def make_loss(model: CausalLM, cfg: LossConfig, world: World | None = None) -> C
     has_moe = bool(model.moe_layers)
     vocab_size = model.args.vocab_size
     # The chunked loss gives the LM head no gradient: only while no adapter trains it.
-    frozen_head = not any(name.startswith(("lm_head", "embed_tokens"))
-                          for name, _ in tree_flatten(model.trainable_parameters()))
+    frozen_head = not any(
+        name.startswith(("lm_head", "embed_tokens")) for name, _ in tree_flatten(model.trainable_parameters())
+    )
 
     def router_terms(routers, token_mask, total_tokens):
         """(aux, z, counts, entropy) as this rank's shares: summed over ranks, the values of
         the micro-step (alone, they are the values)."""
         counts = expert_counts(routers, top_k, token_mask)
         if world.size == 1:
-            return (load_balancing_loss(routers, top_k, token_mask),
-                    router_z_loss(routers, token_mask), counts,
-                    router_entropy(routers, token_mask))
+            return (
+                load_balancing_loss(routers, top_k, token_mask),
+                router_z_loss(routers, token_mask),
+                counts,
+                router_entropy(routers, token_mask),
+            )
         entropy = router_entropy(routers, token_mask) * (token_mask.sum() / total_tokens)
         if cfg.balance_scope == "micro":
             aux = load_balancing_loss(routers, top_k, token_mask) / world.size
@@ -84,15 +88,25 @@ def make_loss(model: CausalLM, cfg: LossConfig, world: World | None = None) -> C
         aux = load_balancing_share(routers, top_k, token_mask, total_assignments, total_tokens)
         return aux, router_z_share(routers, token_mask, total_tokens), counts, entropy
 
-    def loss_fn(model, inputs, target_index, target_tokens, target_weight, token_mask,
-                ce_weight, router_weight, total_tokens):
+    def loss_fn(
+        model,
+        inputs,
+        target_index,
+        target_tokens,
+        target_weight,
+        token_mask,
+        ce_weight,
+        router_weight,
+        total_tokens,
+    ):
         h, routers = model.hidden_states(inputs)
         # Logits only where the loss counts (answer tokens): prompt and padding positions
         # would cost a vocab-sized matmul each and contribute nothing.
         h = h.reshape(-1, h.shape[-1])[target_index]
         if frozen_head:
-            ce = linear_cross_entropy(h, model.project, target_tokens, target_weight, vocab_size) \
-                / mx.maximum(target_weight.sum(), 1.0)
+            ce = linear_cross_entropy(
+                h, model.project, target_tokens, target_weight, vocab_size
+            ) / mx.maximum(target_weight.sum(), 1.0)
         else:
             ce = cross_entropy(model.project(h)[None], target_tokens[None], target_weight[None])
         if has_moe:
@@ -110,8 +124,15 @@ class Stepper:
     """Owns the (optionally compiled) loss-and-gradient function and applies updates. With
     several ranks, ``step`` takes this rank's shards and every rank applies the same update."""
 
-    def __init__(self, model: CausalLM, optimizer: optim.Optimizer, cfg: LossConfig,
-                 grad_clip: float, compile: bool, world: World | None = None):
+    def __init__(
+        self,
+        model: CausalLM,
+        optimizer: optim.Optimizer,
+        cfg: LossConfig,
+        grad_clip: float,
+        compile: bool,
+        world: World | None = None,
+    ):
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
         self.world = world or World()
         value_and_grad = nn.value_and_grad(model, make_loss(model, cfg, self.world))
@@ -120,9 +141,9 @@ class Stepper:
             return value_and_grad(model, *arrays)
 
         self.micro = (
-            mx.compile(micro, inputs=[model.state, mx.random.state],
-                       outputs=[model.state, mx.random.state])
-            if compile else micro
+            mx.compile(micro, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
+            if compile
+            else micro
         )
 
     def step(self, batches: list[Batch]) -> StepOutput:
@@ -138,7 +159,13 @@ class Stepper:
             router_weight = mx.array(1.0 / len(batches), mx.float32)
             index, tokens, weight = answer_positions(batch)
             (loss, aux_out), g = self.micro(
-                batch.inputs, index, tokens, weight, batch.token_mask, ce_weight, router_weight,
+                batch.inputs,
+                index,
+                tokens,
+                weight,
+                batch.token_mask,
+                ce_weight,
+                router_weight,
                 mx.array(real_tokens, mx.float32),
             )
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -150,8 +177,11 @@ class Stepper:
             grads = world.sum_tree(grads)
             mx.eval(grads)
             comm_s = time.perf_counter() - started
-        grads, grad_norm = optim.clip_grad_norm(grads, self.grad_clip) if self.grad_clip > 0 \
+        grads, grad_norm = (
+            optim.clip_grad_norm(grads, self.grad_clip)
+            if self.grad_clip > 0
             else (grads, optim_grad_norm(grads))
+        )
         loss = sum(p[0] for p in parts)
         ce = sum(p[2] * p[1] for p in parts)
         aux = sum(p[3] for p in parts) / len(parts)
@@ -166,10 +196,18 @@ class Stepper:
             self.optimizer.update(self.model, grads)
             mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return StepOutput(
-            loss=loss.item(), ce=ce.item(), aux=aux.item(), z=z.item(),
-            grad_norm=grad_norm.item(), finite=finite, counts=counts, entropy=entropy,
-            target_tokens=total_targets, tokens=sum(n for _, n in sizes),
-            rank_tokens=sum(b.num_tokens for b in batches), comm_s=comm_s,
+            loss=loss.item(),
+            ce=ce.item(),
+            aux=aux.item(),
+            z=z.item(),
+            grad_norm=grad_norm.item(),
+            finite=finite,
+            counts=counts,
+            entropy=entropy,
+            target_tokens=total_targets,
+            tokens=sum(n for _, n in sizes),
+            rank_tokens=sum(b.num_tokens for b in batches),
+            comm_s=comm_s,
         )
 
 
@@ -191,8 +229,9 @@ def answer_cross_entropy(model: CausalLM, batch: Batch, hidden: mx.array) -> mx.
     states [B, L, D], without gradient: the LM head runs on answer positions only, a chunk
     of them at a time."""
     index, tokens, weight = answer_positions(batch)
-    return head_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[index], model.project,
-                              tokens, weight, model.args.vocab_size)
+    return head_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1])[index], model.project, tokens, weight, model.args.vocab_size
+    )
 
 
 def optim_grad_norm(grads) -> mx.array:
