@@ -36,6 +36,7 @@ from .errors import MlxMoeError
 from .evaluate import DEFAULT_MAX_NEW_TOKENS, eval_file, evaluate
 from .families import family_for
 from .info import read_config
+from .quantize import quantization
 from .recipe import Recipe
 from .train import train
 from .train.loop import METRICS_FILE, data_files
@@ -89,8 +90,14 @@ class AblationRow:
         if value is None:
             return "-"
         if spec == "trainable":
-            scaled = next((f"{value / size:.{digits}f} {unit}" for size, unit, digits in
-                           ((1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1)) if value >= size), str(value))
+            scaled = next(
+                (
+                    f"{value / size:.{digits}f} {unit}"
+                    for size, unit, digits in ((1e9, "G", 2), (1e6, "M", 2), (1e3, "k", 1))
+                    if value >= size
+                ),
+                str(value),
+            )
             return f"{scaled} ({self.trainable_percent:.2f}%)"
         return format(value, spec)
 
@@ -119,15 +126,16 @@ class AblationResult:
 
 
 def parse_strategies(text: str | Sequence[str]) -> list[str]:
-    """"attention,experts" (or a list) -> known strategy names, in order, without repeats."""
+    """ "attention,experts" (or a list) -> known strategy names, in order, without repeats."""
     names = text.split(",") if isinstance(text, str) else list(text)
     names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
     if not names:
         raise MlxMoeError("no strategies to compare (e.g. --strategies attention,experts)")
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
-        raise MlxMoeError(f"unknown strategies {', '.join(map(repr, unknown))} "
-                          f"(choose from: {', '.join(STRATEGIES)})")
+        raise MlxMoeError(
+            f"unknown strategies {', '.join(map(repr, unknown))} (choose from: {', '.join(STRATEGIES)})"
+        )
     return names
 
 
@@ -137,12 +145,16 @@ def applicable_strategies(model: str, strategies: Sequence[str]) -> tuple[list[s
     family = family_for(cfg.raw.get("model_type"), cfg.source)
     args = family.args_from_config(cfg)
     if not isinstance(args, MoEArgs) or not args.moe_layers:
-        raise MlxMoeError(f"{model}: a dense {family.name} model has no experts, so the strategies "
-                          "do not differ; ablate compares them on an MoE (upcycle a dense model first)")
+        raise MlxMoeError(
+            f"{model}: a dense {family.name} model has no experts, so the strategies "
+            "do not differ; ablate compares them on an MoE (upcycle a dense model first)"
+        )
     skipped = {}
     if "shared" in strategies and not args.shared_expert_intermediate_size:
-        skipped["shared"] = (f"this {family.name} model has no shared expert (Qwen2-MoE has one): "
-                             "'shared' would train attention alone, the same as 'attention'")
+        skipped["shared"] = (
+            f"this {family.name} model has no shared expert (Qwen2-MoE has one): "
+            "'shared' would train attention alone, the same as 'attention'"
+        )
     return [s for s in strategies if s not in skipped], skipped
 
 
@@ -153,8 +165,10 @@ def held_out_file(recipe: Recipe, eval_data: str | Path | None) -> Path:
     train_file, _ = data_files(data)
     if eval_data is None:
         if not Path(data).is_dir():
-            raise MlxMoeError(f"{data}: ablate needs held-out data to evaluate on: pass "
-                              "--eval-data, or a data folder with test.jsonl or valid.jsonl")
+            raise MlxMoeError(
+                f"{data}: ablate needs held-out data to evaluate on: pass "
+                "--eval-data, or a data folder with test.jsonl or valid.jsonl"
+            )
         eval_data = data
     path = eval_file(eval_data)
     if path.resolve() == train_file.resolve():
@@ -162,16 +176,25 @@ def held_out_file(recipe: Recipe, eval_data: str | Path | None) -> Path:
     return path
 
 
-def ablation_settings(recipe: Recipe, eval_path: Path, max_new_tokens: int,
-                      limit: int | None) -> dict[str, Any]:
+def ablation_settings(
+    recipe: Recipe, eval_path: Path, max_new_tokens: int, limit: int | None
+) -> dict[str, Any]:
     """What every configuration shares: the recipe but its strategy, and the evaluation."""
     shared = recipe.to_dict()
     shared["lora"].pop("strategy")
-    return json.loads(json.dumps({
-        "recipe": shared,
-        "eval": {"data": str(eval_path), "max_new_tokens": max_new_tokens, "limit": limit,
-                 "max_seq_len": recipe.train.max_seq_len},
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "recipe": shared,
+                "eval": {
+                    "data": str(eval_path),
+                    "max_new_tokens": max_new_tokens,
+                    "limit": limit,
+                    "max_seq_len": recipe.train.max_seq_len,
+                },
+            }
+        )
+    )
 
 
 def pin_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -185,12 +208,17 @@ def pin_settings(out: Path, settings: dict[str, Any]) -> None:
     except json.JSONDecodeError as exc:
         raise MlxMoeError(f"{path}: not JSON ({exc.msg})") from exc
     before, now = _flatten(saved), _flatten(settings)
-    changed = [f"{key}: {before.get(key)!r} before, {now.get(key)!r} now"
-               for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    changed = [
+        f"{key}: {before.get(key)!r} before, {now.get(key)!r} now"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
     if changed:
-        raise MlxMoeError(f"{out} holds an ablation with other settings ({'; '.join(changed[:4])}"
-                          f"{'; ...' if len(changed) > 4 else ''}); use the same ones to continue "
-                          "it, or another --out")
+        raise MlxMoeError(
+            f"{out} holds an ablation with other settings ({'; '.join(changed[:4])}"
+            f"{'; ...' if len(changed) > 4 else ''}); use the same ones to continue "
+            "it, or another --out"
+        )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -225,8 +253,10 @@ def ablate(
     if not recipe.data.path:
         raise MlxMoeError("no data: pass --data or set 'data' in the recipe")
     if recipe.lora.targets:
-        raise MlxMoeError(f"the recipe sets lora.targets {recipe.lora.targets}, which overrides "
-                          "every strategy; remove it to compare strategies")
+        raise MlxMoeError(
+            f"the recipe sets lora.targets {recipe.lora.targets}, which overrides "
+            "every strategy; remove it to compare strategies"
+        )
     strategies = parse_strategies(strategies)
     eval_path = held_out_file(recipe, eval_data)
     run, skipped = applicable_strategies(str(recipe.model), strategies)
@@ -238,10 +268,18 @@ def ablate(
 
     def evaluate_into(name: str, adapter: Path | None, trained: dict | None) -> None:
         say(f"{name}: evaluating on {eval_path}")
-        report = evaluate(recipe.model, eval_path, adapter=adapter, max_new_tokens=max_new_tokens,
-                          limit=limit, max_seq_len=recipe.train.max_seq_len,
-                          quantize=recipe.train.quantize, group_size=recipe.train.group_size,
-                          dtype=recipe.train.dtype, progress=eval_progress)
+        report = evaluate(
+            recipe.model,
+            eval_path,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            max_seq_len=recipe.train.max_seq_len,
+            quantize=recipe.train.quantize,
+            group_size=recipe.train.group_size,
+            dtype=recipe.train.dtype,
+            progress=eval_progress,
+        )
         record = {"configuration": name, "eval": report.to_dict(), "train": trained}
         write_text_atomic(out / name / EVAL_FILE, json.dumps(record, indent=2) + "\n")
         _release_memory()
@@ -272,8 +310,9 @@ def ablate(
     return result
 
 
-def _train_strategy(recipe: Recipe, strategy: str, run_dir: Path, show_progress: bool,
-                    say: Callable[[str], None]) -> dict[str, Any]:
+def _train_strategy(
+    recipe: Recipe, strategy: str, run_dir: Path, show_progress: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
     """Train (or resume) one strategy; returns the training summary that goes in eval.json."""
     r = copy.deepcopy(recipe)
     r.lora = dataclasses.replace(recipe.lora, strategy=strategy)
@@ -331,9 +370,11 @@ def _row(record: dict[str, Any]) -> AblationRow:
 
 
 def markdown_rows(columns, rows: Sequence[AblationRow]) -> list[str]:
-    return ["| " + " | ".join(header for _, header, _ in columns) + " |",
-            "| --- |" + " ---: |" * (len(columns) - 1),
-            *("| " + " | ".join(row.cell(key, spec) for key, _, spec in columns) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header for _, header, _ in columns) + " |",
+        "| --- |" + " ---: |" * (len(columns) - 1),
+        *("| " + " | ".join(row.cell(key, spec) for key, _, spec in columns) + " |" for row in rows),
+    ]
 
 
 def markdown_table(result: AblationResult) -> str:
@@ -347,15 +388,17 @@ def markdown_table(result: AblationResult) -> str:
         f"`{result.settings['recipe']['data']['path']}` for {train['iters']} steps "
         f"(batch {train['batch_size']} x {train['grad_accum']} accumulated, "
         f"learning rate {train['learning_rate']:g}, seed {train['seed']}, LoRA rank {lora['rank']}, "
-        f"base {'%d-bit' % train['quantize'] if train['quantize'] else 'float'}).",
+        f"base {_base_text(train)}).",
         "",
     ]
     lines += markdown_rows(EVAL_COLUMNS, result.rows)
     lines.append("")
     lines += markdown_rows(TRAIN_COLUMNS, [row for row in result.rows if row.name != BASE])
     lines.append("")
-    lines.append("Expert spread: std-dev of (load x experts) per MoE layer on the evaluation "
-                 "pass, mean of the layers; 0 = balanced.")
+    lines.append(
+        "Expert spread: std-dev of (load x experts) per MoE layer on the evaluation "
+        "pass, mean of the layers; 0 = balanced."
+    )
     for row in result.rows:
         if row.stopped:
             lines.append(f"- `{row.name}` stopped early: {row.stopped}")
@@ -377,8 +420,9 @@ def _training_plots(run_dir: Path, title: str, say: Callable[[str], None]) -> li
         return []
 
 
-def _ablation_plots(out: Path, strategies: list[str], rows: list[AblationRow],
-                    records: list[dict], say: Callable[[str], None]) -> list[Path]:
+def _ablation_plots(
+    out: Path, strategies: list[str], rows: list[AblationRow], records: list[dict], say: Callable[[str], None]
+) -> list[Path]:
     """Each strategy's training plots (drawn now if a run with plots off left none), the
     bars, and every configuration's expert load on the evaluation pass."""
     from .plots import LOAD_PLOT, LOSS_PLOT, ablation_figure, load_heatmap_figure, load_matrix, save
@@ -388,9 +432,14 @@ def _ablation_plots(out: Path, strategies: list[str], rows: list[AblationRow],
         run_dir = out / name
         existing = [run_dir / f for f in (LOSS_PLOT, LOAD_PLOT) if (run_dir / f).is_file()]
         written.extend(existing or _training_plots(run_dir, name, say))
-    written.append(save(ablation_figure([dataclasses.asdict(r) for r in rows],
-                                    f"ablation ({len(rows) - 1} strategies and the base)"),
-                    out / BARS_PLOT))
+    written.append(
+        save(
+            ablation_figure(
+                [dataclasses.asdict(r) for r in rows], f"ablation ({len(rows) - 1} strategies and the base)"
+            ),
+            out / BARS_PLOT,
+        )
+    )
     panels = []
     for record in records:
         experts = record["eval"].get("experts")
@@ -402,3 +451,9 @@ def _ablation_plots(out: Path, strategies: list[str], rows: list[AblationRow],
     if panels:
         written.append(save(load_heatmap_figure(panels), out / ABLATION_LOAD_PLOT))
     return written
+
+
+def _base_text(train: dict) -> str:
+    """The recorded recipe's base: "4-bit", "4-bit, experts 3-bit" or "float"."""
+    q = quantization(train["quantize"], train.get("group_size", 64))
+    return q.per_role() if q else "float"

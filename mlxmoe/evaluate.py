@@ -40,7 +40,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .adapt.files import check_adapter_base, load_adapters, read_adapter_config
+from .adapt.files import check_adapter_base, load_adapters, trained_quantization
 from .data.batches import BatchSchedule
 from .data.samples import Dataset, Example, SampleEncoder, encode_sample, read_samples
 from .dtypes import dtype_name
@@ -49,15 +49,14 @@ from .hub import resolve
 from .load import load_model, require_tokenizer
 from .losses import expert_counts, router_entropy
 from .monitor import CollapseRule, ExpertMonitor
-from .quantize import NO_QUANTIZATION, SUPPORTED_BITS
+from .quantize import NO_QUANTIZATION, Quantization, quantization
 from .rouge import RougeL, rouge_l
 from .thinking import answer_text, reply_answer
 from .train.step import answer_cross_entropy
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_MAX_SEQ_LEN = 2048
-LAYER_FIELDS = ("layer", "tokens", "spread", "max_share", "busiest_expert", "dead_experts",
-                "entropy", "load")
+LAYER_FIELDS = ("layer", "tokens", "spread", "max_share", "busiest_expert", "dead_experts", "entropy", "load")
 
 
 @dataclass
@@ -119,7 +118,7 @@ def evaluate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     limit: int | None = None,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-    quantize: int | None = None,
+    quantize: Any = None,
     group_size: int = 64,
     dtype: str | None = None,
     generate: bool = True,
@@ -129,8 +128,9 @@ def evaluate(
 ) -> EvalReport:
     """Perplexity, ROUGE-L, expert load, speed and memory of a model on ``data_path``.
 
-    ``quantize``: bits of the base (``quantize.SUPPORTED_BITS``) or ``NO_QUANTIZATION`` (float
-    weights); None, as the adapter was trained (float weights without an adapter). ``limit``
+    ``quantize``: the base's scheme as ``load_model`` takes it (bits, ``NO_QUANTIZATION`` for
+    float weights, ``"4,experts=3"``, ...); None, as the adapter was trained (float weights
+    without an adapter). ``limit``
     keeps the first samples of the file. ``generate`` False skips generation (perplexity and
     experts only). ``progress`` is called with (samples done, samples in all) after each
     sample. ``generate_limit`` generates answers for the first N samples only (perplexity
@@ -143,10 +143,10 @@ def evaluate(
         raise MlxMoeError(f"limit must be at least 1, got {limit}")
     path = eval_file(data_path)
     mx.reset_peak_memory()
-    bits, group_size = _quantization(adapter, quantize, group_size)
+    scheme = _quantization(adapter, quantize, group_size)
     if adapter is not None and not force:  # before the model loads: an error in seconds
         check_adapter_base(adapter, resolve(model_path))
-    model = load_model(model_path, quantize=bits, group_size=group_size, dtype=dtype)
+    model = load_model(model_path, quantize=scheme, dtype=dtype)
     tokenizer = require_tokenizer(model.source)
     if adapter is not None:
         load_adapters(model, adapter, check_base=False)
@@ -176,12 +176,12 @@ def evaluate(
 
     monitor = None
     if model.moe_layers:
-        monitor = ExpertMonitor(model.moe_layers, model.args.num_experts,
-                                model.args.num_experts_per_tok, CollapseRule())
+        monitor = ExpertMonitor(
+            model.moe_layers, model.args.num_experts, model.args.num_experts_per_tok, CollapseRule()
+        )
     total = len(examples) + (sum(p is not None for p in prompts) if generate else 0)
     tick = _Ticker(progress, total)
-    ce_sum = _score_answers(model, Dataset(examples, path, truncated, 0), owners, results,
-                            monitor, tick)
+    ce_sum = _score_answers(model, Dataset(examples, path, truncated, 0), owners, results, monitor, tick)
     answer_tokens = sum(r.answer_tokens for r in results if r.cross_entropy is not None)
     speed, scored = _Speed(), []
     if generate:
@@ -208,14 +208,19 @@ def evaluate(
         experts=_expert_summary(monitor),
         truncated=truncated,
         dtype=dtype_name(model.compute_dtype),
-        quantization=(f"{model.quantization.bits}-bit, group {model.quantization.group_size}"
-                      if model.quantization else "none"),
+        quantization=str(model.quantization) if model.quantization else "none",
         per_sample=results,
     )
 
 
-def _score_answers(model, dataset: Dataset, owners: list[int], results: list[SampleResult],
-                   monitor: ExpertMonitor | None, tick) -> float:
+def _score_answers(
+    model,
+    dataset: Dataset,
+    owners: list[int],
+    results: list[SampleResult],
+    monitor: ExpertMonitor | None,
+    tick,
+) -> float:
     """Teacher-forced pass: each sample's answer cross-entropy (into ``results``) and expert
     counts (into ``monitor``); returns the sum of cross-entropy over all answer tokens."""
     # Batch size 1: every sample once, unpadded, shifted into inputs/targets as in training.
@@ -237,9 +242,15 @@ def _score_answers(model, dataset: Dataset, owners: list[int], results: list[Sam
     return ce_sum
 
 
-def _generate_answers(model, tokenizer, prompts: list[np.ndarray | None],
-                      results: list[SampleResult], max_new_tokens: int, speed: _Speed,
-                      tick) -> list[RougeL]:
+def _generate_answers(
+    model,
+    tokenizer,
+    prompts: list[np.ndarray | None],
+    results: list[SampleResult],
+    max_new_tokens: int,
+    speed: _Speed,
+    tick,
+) -> list[RougeL]:
     """Greedy answers for the samples with a prompt, scored against their references."""
     from mlx_lm.generate import stream_generate
 
@@ -269,17 +280,12 @@ class _Ticker:
             self.progress(self.done, self.total)
 
 
-def _quantization(adapter, quantize: int | None, group_size: int) -> tuple[int, int]:
+def _quantization(adapter, quantize: Any, group_size: int) -> Quantization:
     if quantize is not None:
-        if quantize not in (NO_QUANTIZATION, *SUPPORTED_BITS):
-            raise MlxMoeError(f"quantize must be {NO_QUANTIZATION}, "
-                              f"{' or '.join(map(str, SUPPORTED_BITS))} bits, got {quantize}")
-        return quantize, group_size
+        return quantization(quantize, group_size)
     if adapter is not None:
-        trained = read_adapter_config(adapter).get("quantization")
-        if trained:
-            return int(trained["bits"]), int(trained["group_size"])
-    return NO_QUANTIZATION, group_size
+        return trained_quantization(adapter)
+    return Quantization(NO_QUANTIZATION, group_size)
 
 
 def _reference(sample: dict) -> str | None:

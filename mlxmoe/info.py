@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +23,7 @@ from .families import family_for
 from .hub import is_hub_id, resolve
 from .model import CausalLM
 from .prequantized import MXFP4, mxfp4_checkpoint
-from .quantize import quantize_model
+from .quantize import Quantization, quantization, quantize_model
 from .tensor_names import role_of_path
 
 
@@ -38,6 +39,8 @@ class ModelInfo:
     total_params: int
     active_params: int
     weight_bytes: dict[int, int]  # bits (16, 8, 4) -> bytes of weights at that precision
+    scheme: Quantization | None = None  # a scheme asked for (``model_info``'s ``quantize``)
+    scheme_bytes: int | None = None  # the weights' bytes quantized to it
 
 
 def read_config(path_or_id: str | Path) -> ConfigView:
@@ -68,8 +71,9 @@ def lazy_model(cfg: ConfigView) -> CausalLM:
     return model
 
 
-def weight_bytes(model: CausalLM, bits: int, group_size: int = 64) -> int:
-    """Bytes of every parameter: 16-bit floats (float32 routers), or quantized to `bits`."""
+def weight_bytes(model: CausalLM, scheme: Any, group_size: int = 64) -> int:
+    """Bytes of every parameter: 16-bit floats (float32 routers), quantized as ``scheme``
+    says (anything ``quantize.quantization`` reads; None or 0: none)."""
     model.update(
         tree_unflatten(
             [
@@ -78,8 +82,7 @@ def weight_bytes(model: CausalLM, bits: int, group_size: int = 64) -> int:
             ]
         )
     )
-    if bits < 16:
-        quantize_as_loaded(model, bits, group_size)
+    quantize_as_loaded(model, scheme, group_size)
     return sum(prod(v.shape) * v.dtype.size for _, v in tree_flatten(model.parameters()))
 
 
@@ -88,10 +91,13 @@ MXFP4_EXPERTS = {"bits": 4, "group_size": 32, "mode": MXFP4}
 MXFP4_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
-def quantize_as_loaded(model: CausalLM, bits: int, group_size: int = 64) -> None:
+def quantize_as_loaded(model: CausalLM, scheme: Any, group_size: int = 64) -> None:
     """Quantize as ``load_model`` does: experts that arrive in MXFP4 (``model.mxfp4``, set by
-    ``lazy_model`` from config.json) stay MXFP4, 4.25 bits a weight, whatever ``bits``; the
-    other layers are quantized to ``bits``."""
+    ``lazy_model`` from config.json) stay MXFP4, 4.25 bits a weight, whatever ``scheme``
+    says of them; the other layers are quantized as it says."""
+    q = quantization(scheme, group_size)
+    if not q:
+        return
     if getattr(model, "mxfp4", False):
 
         def is_mxfp4(path: str, _module) -> dict | bool:
@@ -99,10 +105,11 @@ def quantize_as_loaded(model: CausalLM, bits: int, group_size: int = 64) -> None
             return MXFP4_EXPERTS if role is not None and role[0] in MXFP4_ROLES else False
 
         nn.quantize(model, class_predicate=is_mxfp4)
-    quantize_model(model, bits, group_size)
+    quantize_model(model, q)
 
 
-def model_info(path_or_id: str | Path, group_size: int = 64) -> ModelInfo:
+def model_info(path_or_id: str | Path, group_size: int = 64, quantize: Any = None) -> ModelInfo:
+    """``quantize``: a scheme (``quantize.quantization``) whose weight memory to add."""
     cfg = read_config(path_or_id)
     model = lazy_model(cfg)
     args = model.args
@@ -114,7 +121,8 @@ def model_info(path_or_id: str | Path, group_size: int = 64) -> ModelInfo:
     if moe_layers:
         per_expert = 3 * args.hidden_size * args.moe_intermediate_size
         inactive = len(moe_layers) * (experts - top_k) * per_expert
-    memory = {bits: weight_bytes(lazy_model(cfg), bits, group_size) for bits in (16, 8, 4)}
+    memory = {bits: weight_bytes(lazy_model(cfg), bits % 16, group_size) for bits in (16, 8, 4)}
+    scheme = quantization(quantize, group_size) if quantize is not None else None
     return ModelInfo(
         family=model.family,
         model_type=args.model_type,
@@ -126,4 +134,6 @@ def model_info(path_or_id: str | Path, group_size: int = 64) -> ModelInfo:
         total_params=total,
         active_params=total - inactive,
         weight_bytes=memory,
+        scheme=scheme,
+        scheme_bytes=weight_bytes(lazy_model(cfg), scheme) if scheme is not None else None,
     )

@@ -15,55 +15,59 @@ from .errors import MlxMoeError
 from .hub import resolve
 from .model import CausalLM
 from .nn.moe import set_dispatch
-from .quantize import NO_QUANTIZATION, Quantization, quantize_model
+from .quantize import NO_QUANTIZATION, Quantization, quantization, quantize_model
 
 
 def load_model(
     path_or_id: str | Path,
-    quantize: int = NO_QUANTIZATION,
+    quantize: Any = NO_QUANTIZATION,
     group_size: int = 64,
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> CausalLM:
-    """``quantize``: bits of the frozen base (``quantize.SUPPORTED_BITS``), or
-    ``NO_QUANTIZATION`` for float weights. ``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an
+    """``quantize``: the frozen base's scheme as ``quantize.quantization`` reads it: bits
+    (``quantize.SUPPORTED_BITS``), ``NO_QUANTIZATION`` or None for float weights, a mapping
+    or text that gives groups of roles their own (``{"bits": 4, "experts": 3}``,
+    ``"4,experts=3"``), or a ``Quantization``. ``dtype``: a name of ``dtypes.DTYPE_CHOICES`` or an
     ``mx.Dtype``; None is ``auto``.
 
     Experts that arrive in MXFP4 (gpt-oss) stay in MLX's mxfp4 mode when ``quantize`` is set
-    (exactly the published values, 4.25 bits a weight; the other layers are quantized to
-    ``quantize`` bits), and are dequantized to ``dtype``, exactly, when it is not."""
+    (exactly the published values, 4.25 bits a weight; the other layers are quantized as
+    ``quantize`` says), and are dequantized to ``dtype``, exactly, when it is not."""
     folder = resolve(path_or_id, revision)
     ckpt = open_checkpoint(folder)
     model = ckpt.family.build(ckpt.args)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     dtype = resolve_dtype(dtype)
-    weights, arrived_quantized = read_weights(ckpt, expected, dtype, keep_mxfp4=bool(quantize))
+    scheme = quantization(quantize, group_size)
+    weights, arrived_quantized = read_weights(ckpt, expected, dtype, keep_mxfp4=bool(scheme))
     prequantized = bool(arrived_quantized) and ckpt.quantization is not None  # mlx-lm's format
     if prequantized:
-        quantize, group_size = _as_stored(ckpt, quantize)
+        scheme = _as_stored(ckpt, scheme)
     if arrived_quantized:
         nn.quantize(model, class_predicate=lambda path, _: _spec(arrived_quantized.get(path)))
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if quantize and not prequantized:
-        quantize_model(model, quantize, group_size)
+    if scheme and not prequantized:
+        quantize_model(model, scheme)
     materialize(model)
     set_dispatch(model, "auto")
     model.source = ckpt.folder
     model.compute_dtype = dtype
-    model.quantization = Quantization(quantize, group_size) if quantize else None
+    model.quantization = scheme if scheme else None
     return model
 
 
-def _as_stored(ckpt, quantize: int) -> tuple[int, int]:
+def _as_stored(ckpt, scheme: Quantization) -> Quantization:
     """A checkpoint that arrives quantized is the frozen base as it is: never re-quantized."""
     stored = ckpt.quantization
-    if quantize and quantize != stored.bits:
+    if scheme and (scheme.bits != stored.bits or scheme.overrides):
         raise MlxMoeError(
             f"{ckpt.folder}: the checkpoint is already quantized to {stored.bits} bits (mlx-lm's "
             f"format); load it with quantize={stored.bits} (train.quantize: {stored.bits}), or "
-            "use its float release for other bits")
-    return stored.bits, stored.group_size
+            "use its float release for other bits"
+        )
+    return Quantization(stored.bits, stored.group_size)
 
 
 def _spec(stored: tuple[int, int, str] | None) -> dict | bool:
@@ -73,8 +77,11 @@ def _spec(stored: tuple[int, int, str] | None) -> dict | bool:
 def load_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules that hold arrays, in the checkpoint's order: the embeddings, each layer's
     modules in turn, the rest."""
-    held = [(path, module) for path, module in model.named_modules()
-            if any(isinstance(v, mx.array) for v in module.values())]
+    held = [
+        (path, module)
+        for path, module in model.named_modules()
+        if any(isinstance(v, mx.array) for v in module.values())
+    ]
     return held[::-1]  # named_modules lists the last first
 
 
@@ -110,13 +117,13 @@ def require_tokenizer(folder: str | Path) -> Any:
 
 def load(
     path_or_id: str | Path,
-    quantize: int = NO_QUANTIZATION,
+    quantize: Any = NO_QUANTIZATION,
     group_size: int = 64,
     dtype: mx.Dtype | str | None = None,
     revision: str | None = None,
 ) -> tuple[CausalLM, Any | None]:
     """Load a checkpoint of any family in ``families`` (Mixtral, Granite MoE, ...), optionally
-    quantized to 4 or 8 bits. Returns (model, tokenizer); the tokenizer is None if the folder
-    has none."""
+    quantized (``quantize`` as ``load_model`` takes it). Returns (model, tokenizer); the
+    tokenizer is None if the folder has none."""
     model = load_model(path_or_id, quantize, group_size, dtype, revision)
     return model, load_tokenizer(model.source)

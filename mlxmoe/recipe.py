@@ -21,6 +21,7 @@ from .dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from .errors import MlxMoeError
 from .losses import DEFAULT_AUX_COEF, DEFAULT_Z_COEF
 from .monitor import CollapseRule
+from .quantize import SUPPORTED_GROUP_SIZES, Quantization, quantization
 from .thinking import DEFAULT_THINKING, check_thinking_mode
 
 
@@ -67,8 +68,9 @@ class LossConfig:
 
     def __post_init__(self):
         if self.balance_scope not in BALANCE_SCOPES:
-            raise RecipeError(f"loss.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, "
-                              f"got {self.balance_scope!r}")
+            raise RecipeError(
+                f"loss.balance_scope must be one of {', '.join(BALANCE_SCOPES)}, got {self.balance_scope!r}"
+            )
 
 
 @dataclass
@@ -83,7 +85,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_seq_len: int = 512
     seed: int = 0
-    quantize: int = 4  # bits of the frozen base (QLoRA): 4 or 8; 0 trains over float weights
+    # The frozen base's bits (QLoRA; mlxmoe.quantize): 2, 3, 4, 5, 6 or 8, or 0 (none) to train
+    # over float weights; or a mapping that gives groups of roles their own, e.g.
+    # {bits: 4, experts: 3} (groups: experts, shared_experts, attention, embeddings).
+    quantize: Any = 4
     group_size: int = 64
     # What the model computes in (mlxmoe.dtypes): auto = bfloat16 on a GPU, float32 on the CPU.
     dtype: str = DEFAULT_DTYPE
@@ -101,6 +106,19 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in DTYPE_CHOICES:
             raise RecipeError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise RecipeError(
+                f"train.group_size must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}, "
+                f"got {self.group_size!r}"
+            )
+        if self.quantize is None:
+            raise RecipeError("train.quantize: must not be empty (none or 0: float weights)")
+        # kept as written at its shortest (4, or {bits: 4, experts: 3}): what checkpoints record
+        self.quantize = self.quantization.written()
+
+    @property
+    def quantization(self) -> Quantization:
+        return quantization(self.quantize, self.group_size, "train.quantize", RecipeError)
 
 
 @dataclass
@@ -140,6 +158,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if hint is Any:  # the dataclass checks it itself
+        return value
     allowed = getattr(hint, "__args__", (hint,))
     if value is None:
         if type(None) in allowed:

@@ -73,9 +73,7 @@ ROLES: dict[str, Role] = {
     "ffn_gate_exps": Role(
         "layers.{bid}.moe.experts.gate_proj.weight", "blk.{bid}.ffn_gate_exps.weight", True
     ),
-    "ffn_up_exps": Role(
-        "layers.{bid}.moe.experts.up_proj.weight", "blk.{bid}.ffn_up_exps.weight", True
-    ),
+    "ffn_up_exps": Role("layers.{bid}.moe.experts.up_proj.weight", "blk.{bid}.ffn_up_exps.weight", True),
     "ffn_down_exps": Role(
         "layers.{bid}.moe.experts.down_proj.weight", "blk.{bid}.ffn_down_exps.weight", True
     ),
@@ -83,18 +81,14 @@ ROLES: dict[str, Role] = {
     "ffn_gate_exps.bias": Role(
         "layers.{bid}.moe.experts.gate_proj.bias", "blk.{bid}.ffn_gate_exps.bias", True
     ),
-    "ffn_up_exps.bias": Role(
-        "layers.{bid}.moe.experts.up_proj.bias", "blk.{bid}.ffn_up_exps.bias", True
-    ),
+    "ffn_up_exps.bias": Role("layers.{bid}.moe.experts.up_proj.bias", "blk.{bid}.ffn_up_exps.bias", True),
     "ffn_down_exps.bias": Role(
         "layers.{bid}.moe.experts.down_proj.bias", "blk.{bid}.ffn_down_exps.bias", True
     ),
     "ffn_gate_shexp": Role(
         "layers.{bid}.moe.shared_expert.gate_proj.weight", "blk.{bid}.ffn_gate_shexp.weight"
     ),
-    "ffn_up_shexp": Role(
-        "layers.{bid}.moe.shared_expert.up_proj.weight", "blk.{bid}.ffn_up_shexp.weight"
-    ),
+    "ffn_up_shexp": Role("layers.{bid}.moe.shared_expert.up_proj.weight", "blk.{bid}.ffn_up_shexp.weight"),
     "ffn_down_shexp": Role(
         "layers.{bid}.moe.shared_expert.down_proj.weight", "blk.{bid}.ffn_down_shexp.weight"
     ),
@@ -114,10 +108,50 @@ GGUF_PARTS: dict[str, str] = {
 # are the linear attention's beta and decay projections (one output per value head), whose
 # errors the recurrent state compounds token after token.
 UNQUANTIZED_ROLES = frozenset(
-    {"ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm", "ffn_norm", "output_norm",
-     "attn_q_norm", "attn_k_norm", "attn_sinks", "ssm_ba", "ssm_beta", "ssm_alpha",
-     "ssm_conv1d", "ssm_dt.bias", "ssm_a", "ssm_norm", "attn_q_a_norm", "attn_kv_a_norm"}
+    {
+        "ffn_gate_inp",
+        "ffn_gate_inp_shexp",
+        "attn_norm",
+        "ffn_norm",
+        "output_norm",
+        "attn_q_norm",
+        "attn_k_norm",
+        "attn_sinks",
+        "ssm_ba",
+        "ssm_beta",
+        "ssm_alpha",
+        "ssm_conv1d",
+        "ssm_dt.bias",
+        "ssm_a",
+        "ssm_norm",
+        "attn_q_a_norm",
+        "attn_kv_a_norm",
+    }
 )
+
+# The roles a quantization scheme may give bits of their own (quantize.Quantization); the
+# other quantized roles (dense feed-forward layers) take the scheme's bits.
+QUANTIZATION_GROUPS: dict[str, frozenset[str]] = {
+    "experts": frozenset({"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}),
+    "shared_experts": frozenset({"ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"}),
+    "attention": frozenset(
+        {
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "attn_q_a",
+            "attn_q_b",
+            "attn_kv_a_mqa",
+            "attn_kv_b",
+            "ssm_in",
+            "attn_qkv",
+            "attn_gate",
+            "ssm_out",
+        }
+    ),
+    "embeddings": frozenset({"token_embd", "output"}),
+}
 
 # Kept in float32 whatever the model's dtype: the routers (see nn.moe.Router) and the linear
 # attention's A_log, whose exp scales every decay (mlx-lm keeps it float32 too).

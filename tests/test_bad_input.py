@@ -250,6 +250,7 @@ RESUME_CHANGES = [
     ({"seed": 1}, r"train\.seed 0 -> 1"),
     ({"max_seq_len": 48}, r"train\.max_seq_len 64 -> 48"),
     ({"quantize": 4}, r"train\.quantize 0 -> 4"),
+    ({"quantize": "none,experts=4"}, r"train\.quantize 0 -> \{'bits': 0, 'experts': 4\}"),
     ({"dtype": "bfloat16"}, r"train\.dtype 'float32' -> 'bfloat16' \(computed in float32 -> bfloat16\)"),
     ({"lora": {"rank": 4}}, r"lora\.rank 8 -> 4"),
     ({"lora": {"strategy": "attention"}}, r"lora\.strategy 'experts' -> 'attention'"),

@@ -52,6 +52,23 @@ def test_memory_equals_the_arrays_our_quantizer_produces(bits, tmp_path):
     assert model_info(folder).weight_bytes[bits] == actual
 
 
+def test_memory_of_a_scheme_equals_the_arrays_our_quantizer_produces(tmp_path):
+    folder = save(make_hf_model("qwen2_moe"), tmp_path)
+    scheme = "4,experts=3,shared_experts=2,attention=8,embeddings=none"
+    model, _ = mlxmoe.load(folder, quantize=scheme, group_size=32, dtype=mx.bfloat16)
+    actual = sum(prod(v.shape) * v.dtype.size for _, v in tree_flatten(model.parameters()))
+    info = model_info(folder, group_size=32, quantize=scheme)
+    assert info.scheme_bytes == actual < info.weight_bytes[16]
+    result = CliRunner().invoke(
+        main, ["info", str(folder), "--group-size", "32", "--quantize", "4,experts=3"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0 and "weights at 4-bit, experts 3-bit (group 32)" in result.output, (
+        result.output
+    )
+    bad = CliRunner().invoke(main, ["info", str(folder), "--quantize", "4,expert=3"])
+    assert bad.exit_code == 2 and "unknown key 'expert'" in bad.output
+
+
 def test_info_command_prints_the_summary():
     result = CliRunner().invoke(main, ["info", str(CONFIGS / "qwen1.5-moe-a2.7b.json")])
     assert result.exit_code == 0, result.output

@@ -263,6 +263,22 @@ def test_suggestions_bring_qwen3_30b_under_the_limit_of_a_32gb_mac():
     assert peaks == sorted(peaks, reverse=True) and peaks[-1] <= limit
 
 
+def test_mixtral_on_a_32gb_mac_is_brought_under_the_default_limit_with_its_experts_at_3_bits():
+    """The 4-bit base alone (24.47 GiB) is over the default limit (21.33 GiB): fewer bits for
+    the experts are proposed before any change that costs sequence length or layers."""
+    recipe = load_recipe(RECIPES / "mixtral-8x7b-instruct.yaml")
+    cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
+    plan = plan_training(cfg, recipe)
+    b = budget("32GB")
+    assert plan.memory.quantized > b.wired_default
+    limit = target(plan, b, cfg, recipe)
+    assert limit == b.wired_default and target(plan, b) == b.wired_max
+    changes = suggestions(cfg, recipe, plan, limit)
+    assert changes[0].what.startswith("quantize: {bits: 4, experts: 3}")
+    assert changes[0].recipe.train.quantization.experts == 3
+    assert changes[0].peak < plan.peak - 5 * GiB and changes[-1].peak <= limit
+
+
 def test_plan_command_prints_the_breakdown_and_the_verdict():
     result = CliRunner().invoke(
         main,

@@ -101,7 +101,23 @@ def _id(s: dict) -> str:
 @pytest.mark.parametrize("s", SETTINGS, ids=_id)
 def test_bfloat16_4bit_plan_is_within_10_percent_of_a_real_cpu_step(s):
     plan = predict(s)
-    assert plan.dtype == mx.bfloat16 and plan.bits == 4
+    assert plan.dtype == mx.bfloat16 and plan.quantization.bits == 4
+    measured = measure_fresh(s)["mlx_peak"]
+    assert plan.peak == pytest.approx(measured, rel=0.10), (plan.peak, measured)
+
+
+# experts dominate the base (32 of FFN 256), attention-only LoRA and short sequences keep the
+# adapters and activations small beside it
+EXPERTS_HEAVY = dict(QWEN3, num_experts=32, moe_intermediate_size=256)
+
+
+@pytest.mark.parametrize("scheme", [{"bits": 4, "experts": 3}, {"bits": 8, "experts": 2, "embeddings": 6}])
+def test_a_plan_with_experts_at_fewer_bits_is_within_10_percent_of_a_real_cpu_step(scheme):
+    s = setting(
+        "qwen3_moe E32", EXPERTS_HEAVY, batch=1, seq=64, strategy="attention", **dict(MAC, bits=scheme)
+    )
+    plan, four_bit = predict(s), predict(dict(s, bits=4))
+    assert plan.memory.quantized < four_bit.memory.quantized
     measured = measure_fresh(s)["mlx_peak"]
     assert plan.peak == pytest.approx(measured, rel=0.10), (plan.peak, measured)
 

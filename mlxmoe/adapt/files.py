@@ -17,6 +17,7 @@ from ..checkpoint import open_checkpoint
 from ..dtypes import dtype_name
 from ..errors import MlxMoeError
 from ..model import CausalLM
+from ..quantize import NO_QUANTIZATION, Quantization, quantization
 from ..safetensors_io import save_arrays
 from . import AdapterSpec, apply_adapters
 
@@ -71,7 +72,7 @@ def adapter_config(model: CausalLM, spec: AdapterSpec, adapted: list[str], base:
         "alpha": spec.alpha,
         "router_mode": spec.router_mode,
         "targets": adapted,
-        "quantization": dataclasses.asdict(quant) if quant else None,
+        "quantization": quant.to_dict() if quant else None,
         "dtype": dtype_name(model.compute_dtype),
         "lora": dataclasses.asdict(spec),
     }
@@ -99,9 +100,20 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if missing:
         raise AdapterError(f"{path}: missing key {missing[0]!r}")
     if not isinstance(config["lora"], dict) or set(config["lora"]) - SPEC_KEYS:
-        raise AdapterError(
-            f"{path}: 'lora' is not a LoRA spec (known keys: {', '.join(sorted(SPEC_KEYS))})")
+        raise AdapterError(f"{path}: 'lora' is not a LoRA spec (known keys: {', '.join(sorted(SPEC_KEYS))})")
     return config
+
+
+def trained_quantization(folder: str | Path) -> Quantization:
+    """The scheme the adapter's base was quantized to in training (float weights: falsy)."""
+    trained = read_adapter_config(folder).get("quantization")
+    if not trained:
+        return Quantization(NO_QUANTIZATION)
+    where = f"{Path(folder) / ADAPTER_CONFIG}: quantization"
+    if not isinstance(trained, dict) or not isinstance(trained.get("group_size"), int):
+        raise AdapterError(f"{where} is not bits and a group size")
+    scheme = {k: v for k, v in trained.items() if k != "group_size"}
+    return quantization(scheme, trained["group_size"], where, AdapterError)
 
 
 def read_adapter_tensors(folder: str | Path) -> dict[str, mx.array]:
@@ -122,7 +134,8 @@ def check_adapter_base(folder: str | Path, model_folder: str | Path) -> None:
         raise AdapterError(
             f"{folder}: adapter was trained on different base weights than {model_folder} "
             f"(fingerprint {trained_on} vs {here}); use the base it was trained on, or force "
-            "it (--force)")
+            "it (--force)"
+        )
 
 
 def load_adapters(model: CausalLM, folder: str | Path, check_base: bool = True) -> dict[str, Any]:
@@ -142,8 +155,10 @@ def load_adapters(model: CausalLM, folder: str | Path, check_base: bool = True) 
         raise AdapterError(f"{folder}/{ADAPTER_FILE}: tensor {unknown[0]!r} fits no adapter")
     absent = sorted(set(expected) - set(weights))
     if absent:
-        raise AdapterError(f"{folder}/{ADAPTER_FILE}: no tensor {absent[0]!r} "
-                           f"({len(absent)} of the {len(expected)} its config implies are missing)")
+        raise AdapterError(
+            f"{folder}/{ADAPTER_FILE}: no tensor {absent[0]!r} "
+            f"({len(absent)} of the {len(expected)} its config implies are missing)"
+        )
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise AdapterError(

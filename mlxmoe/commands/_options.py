@@ -8,30 +8,42 @@ import click
 
 from ..adapt.strategies import STRATEGIES
 from ..dtypes import DTYPE_CHOICES
-from ..quantize import NO_QUANTIZATION, SUPPORTED_BITS
+from ..errors import MlxMoeError
+from ..quantize import quantization
 
 
-class Bits(click.Choice):
-    """``--quantize``: 4 or 8 bits of the frozen base, or ``none``, given to the API as
-    ``NO_QUANTIZATION`` (0: float weights). An option left out stays None: the recipe's or the
-    adapter's choice."""
+class Bits(click.ParamType):
+    """``--quantize``: bits of the frozen base (2, 3, 4, 5, 6 or 8, or ``none``: float
+    weights), optionally with groups of roles at their own, e.g. ``4,experts=3``; given to the
+    API as written at its shortest (``quantize.Quantization.written``). An option left out
+    stays None: the recipe's or the adapter's choice."""
 
-    def __init__(self) -> None:
-        super().__init__([*map(str, SUPPORTED_BITS), "none"])
+    name = "bits"
 
-    def convert(self, value, param, ctx) -> int:
-        if isinstance(value, int):
+    def convert(self, value, param, ctx) -> int | dict[str, int]:
+        if isinstance(value, (int, dict)):
             return value
-        choice = super().convert(value, param, ctx)
-        return NO_QUANTIZATION if choice == "none" else int(choice)
+        try:
+            return quantization(value).written()
+        except MlxMoeError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "BITS[,GROUP=BITS...]"
 
 
 BITS = Bits()
+QUANTIZE_HELP = (
+    "Bits of the frozen base: 2, 3, 4, 5, 6, 8 or none; groups at their own bits after commas, "
+    "e.g. 4,experts=3 (groups: experts, shared_experts, attention, embeddings)."
+)
 
 # train, eval, ablate, demo and plan: what the model computes in (mlxmoe.dtypes)
 DTYPE_OPTION = click.option(
-    "--dtype", type=click.Choice(DTYPE_CHOICES),
-    help="Model dtype: auto = bfloat16 on a GPU, float32 on the CPU (recipe: train.dtype).")
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    help="Model dtype: auto = bfloat16 on a GPU, float32 on the CPU (recipe: train.dtype).",
+)
 
 # train and plan: where LoRA goes (adapt.strategies); the API names the choices when refusing one
 STRATEGY_OPTION = click.option("--strategy", help=" | ".join(STRATEGIES))
@@ -43,7 +55,7 @@ TRAINING_OPTIONS = (
     click.option("--max-seq-len", type=int),
     click.option("--learning-rate", type=float),
     click.option("--rank", type=int, help="LoRA rank."),
-    click.option("--quantize", type=BITS, help="Bits of the frozen base."),
+    click.option("--quantize", type=BITS, help=QUANTIZE_HELP),
     DTYPE_OPTION,
 )
 
@@ -54,8 +66,22 @@ def training_options(command: Callable) -> Callable:
     return command
 
 
-def recipe_from_options(recipe_file, model, data, *, iters, batch_size, grad_accum, max_seq_len,
-                        learning_rate, rank, quantize, dtype=None, strategy=None, seed=None):
+def recipe_from_options(
+    recipe_file,
+    model,
+    data,
+    *,
+    iters,
+    batch_size,
+    grad_accum,
+    max_seq_len,
+    learning_rate,
+    rank,
+    quantize,
+    dtype=None,
+    strategy=None,
+    seed=None,
+):
     """The recipe file (or the defaults) with the command line's values on top."""
     from ..recipe import load_recipe
 
@@ -63,8 +89,12 @@ def recipe_from_options(recipe_file, model, data, *, iters, batch_size, grad_acc
         recipe_file,
         lora={"strategy": strategy, "rank": rank},
         train={
-            "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
-            "max_seq_len": max_seq_len, "learning_rate": learning_rate, "seed": seed,
+            "iters": iters,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "max_seq_len": max_seq_len,
+            "learning_rate": learning_rate,
+            "seed": seed,
             "quantize": quantize,
             "dtype": dtype,
         },

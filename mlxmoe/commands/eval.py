@@ -38,7 +38,9 @@ def _num(value, spec: str) -> str:
     "--max-seq-len", default=DEFAULT_MAX_SEQ_LEN, show_default=True, help="Truncation for perplexity."
 )
 @click.option(
-    "--quantize", type=BITS, help="Bits of the base (default: as the adapter was trained, else none)."
+    "--quantize",
+    type=BITS,
+    help="Bits of the base, e.g. 4 or 4,experts=3 (default: as the adapter was trained, else none).",
 )
 @DTYPE_OPTION
 @click.option("--no-generate", is_flag=True, help="Perplexity and expert load only.")

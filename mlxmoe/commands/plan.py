@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 
 from ..gguf.export import FILE_TYPES
-from ._options import BITS, DTYPE_OPTION, STRATEGY_OPTION
+from ._options import BITS, DTYPE_OPTION, QUANTIZE_HELP, STRATEGY_OPTION
 from ._ui import console, human_bytes
 
 
@@ -18,7 +18,7 @@ from ._ui import console, human_bytes
 @click.option("--batch-size", type=int)
 @click.option("--max-seq-len", type=int)
 @click.option("--rank", type=int, help="LoRA rank.")
-@click.option("--quantize", type=BITS, help="Bits of the frozen base.")
+@click.option("--quantize", type=BITS, help=QUANTIZE_HELP)
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option(
     "--gguf-type",
@@ -96,7 +96,7 @@ def plan(
         + (f", {DISPATCH_DETAIL[training.dispatch]}" if training.memory.model.moe_layers else ""),
         highlight=False,
     )
-    load = plan_load(cfg, t.quantize, t.group_size, training.dtype)
+    load = plan_load(cfg, t.quantization, t.group_size, training.dtype)
     console.print(
         f"load: peak {human_bytes(load.peak)} ("
         + "; ".join(f"{i.name} {human_bytes(i.bytes)}" for i in load.items)
@@ -115,7 +115,9 @@ def plan(
 
     def overall(change) -> int:  # a recipe change's peak over all three phases
         tc = change.recipe.train
-        return max(change.peak, export.peak, plan_load(cfg, tc.quantize, tc.group_size, training.dtype).peak)
+        return max(
+            change.peak, export.peak, plan_load(cfg, tc.quantization, tc.group_size, training.dtype).peak
+        )
 
     v = verdict(peak, b)
     console.print(
@@ -135,7 +137,7 @@ def plan(
             f"{human_bytes(b.wired_max)} (RAM less 4 GiB for macOS)",
             highlight=False,
         )
-    limit = target(training, b)
+    limit = target(training, b, cfg, recipe)
     changes = suggestions(cfg, recipe, training, limit, device)
     if changes:
         which = "default" if limit == b.wired_default else "raised"
@@ -146,7 +148,7 @@ def plan(
             console.print(f"  - {change.what}: peak {human_bytes(total)} ({mark})", highlight=False)
     if phase == "load" and load.peak > limit:
         console.print(
-            f"the load peaks with {load.part} in flight: an mlx-lm {t.quantize or 4}-bit "
+            f"the load peaks with {load.part} in flight: an mlx-lm {t.quantization.bits or 4}-bit "
             "release of the model is read as stored, without its float copies",
             highlight=False,
         )

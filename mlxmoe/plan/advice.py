@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MlxMoeError
+from ..quantize import quantization
 from ..recipe import Recipe
-from .training import TrainingPlan, model_memory, plan_training
+from .training import ModelMemory, TrainingPlan, model_memory, plan_training
 
 GiB = 2**30
 OS_HEADROOM = 4 * GiB  # what a raised wired limit should leave to macOS and other apps
@@ -96,6 +97,10 @@ def verdict(peak: int, b: Budget) -> Verdict:
     return Verdict(False, False, None)
 
 
+EXPERT_ROLE = "ffn_up_exps"  # any role of the routed experts' group
+FEWEST_EXPERT_BITS = 2
+
+
 @dataclass(frozen=True)
 class Change:
     what: str
@@ -126,13 +131,24 @@ def _gather(r: Recipe, dispatch: str) -> str | None:
 
 
 def _four_bits(r: Recipe) -> str | None:
-    if r.train.quantize == 4:
+    q = r.train.quantization
+    if 0 < q.bits <= 4:
         return None
-    r.train.quantize = 4
+    r.train.quantize = quantization({**q.overrides, "bits": 4}).written()
     if r.train.moe_dispatch == "dense":  # quantized experts run gather only
         r.train.moe_dispatch = "gather"
         return "quantize: 4, moe_dispatch: gather"
     return "quantize: 4"
+
+
+def _experts_at(r: Recipe, bits: int) -> str | None:
+    """The routed experts, most of an MoE's weights, at ``bits`` (quality per scheme:
+    bench/quant_schemes.py); the other layers keep theirs."""
+    q = r.train.quantization
+    if not q or q.bits_for(EXPERT_ROLE) <= bits:
+        return None
+    r.train.quantize = quantization({**q.overrides, "bits": q.bits, "experts": bits}).written()
+    return f"quantize: {r.train.quantize} (experts at {bits} bits)".replace("'", "")
 
 
 def _halve_seq(r: Recipe) -> str | None:
@@ -157,22 +173,44 @@ def _attention_only(r: Recipe) -> str | None:
     return "lora.strategy: attention (experts stay frozen)"
 
 
-def target(plan: TrainingPlan, b: Budget) -> int:
-    """The limit to aim for: the default one, unless the frozen base alone exceeds it."""
-    base = plan.memory.quantized + plan.memory.unquantized
-    return b.wired_default if base < b.wired_default else b.wired_max
+def target(plan: TrainingPlan, b: Budget, cfg=None, recipe: Recipe | None = None) -> int:
+    """The limit to aim for: the default one, unless the frozen base alone exceeds it even
+    (given ``cfg`` and ``recipe``) with its experts at the fewest bits ``suggestions`` offers."""
+    if _base(plan.memory) < b.wired_default:
+        return b.wired_default
+    if cfg is not None and recipe is not None:
+        lowest = copy.deepcopy(recipe)
+        _four_bits(lowest)
+        _experts_at(lowest, FEWEST_EXPERT_BITS)
+        memory = model_memory(
+            cfg, plan.dtype, lowest.train.quantization, lowest.train.group_size, lowest.lora
+        )
+        if _base(memory) < b.wired_default:
+            return b.wired_default
+    return b.wired_max
+
+
+def _base(memory: ModelMemory) -> int:
+    return memory.quantized + memory.unquantized
 
 
 def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int, device: str = "gpu") -> list[Change]:
     """Recipe changes applied one after another, cheapest in quality first, each kept only if
-    it lowers the peak, until the plan fits under ``limit``."""
+    it lowers the peak, until the plan fits under ``limit``. Fewer bits for the experts come
+    right after 4 bits when the frozen base alone is over ``limit``, else last."""
     models = {_model_key(recipe): plan.memory}  # only bits and adapters need another build
 
-    def replan(r: Recipe) -> TrainingPlan:
+    def memory(r: Recipe) -> ModelMemory:
         key = _model_key(r)
         if key not in models:
-            models[key] = model_memory(cfg, plan.dtype, r.train.quantize, r.train.group_size, r.lora)
-        return plan_training(cfg, r, device, memory=models[key])
+            models[key] = model_memory(cfg, plan.dtype, r.train.quantization, r.train.group_size, r.lora)
+        return models[key]
+
+    def replan(r: Recipe) -> TrainingPlan:
+        return plan_training(cfg, r, device, memory=memory(r))
+
+    def experts_if_base_over(r: Recipe, bits: int) -> str | None:
+        return _experts_at(r, bits) if _base(memory(r)) > limit else None
 
     num_layers = plan.memory.model.args.num_layers
     steps: list[Callable[[Recipe], str | None]] = [
@@ -182,10 +220,14 @@ def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int, device: str
         _halve_batch,
         _halve_batch,
         _four_bits,
+        # when the base alone is over, only fewer bits help; else they cost more than the rest
+        lambda r: experts_if_base_over(r, 3),
         _halve_seq,
         _halve_seq,
         lambda r: _top_half(r, num_layers),
         _attention_only,
+        lambda r: _experts_at(r, 3),
+        lambda r: _experts_at(r, FEWEST_EXPERT_BITS),
     ]
     current, peak, out = recipe, plan.peak, []
     for step in steps:
@@ -203,4 +245,4 @@ def suggestions(cfg, recipe: Recipe, plan: TrainingPlan, limit: int, device: str
 
 
 def _model_key(r: Recipe) -> tuple:
-    return r.train.quantize, r.train.group_size, repr(r.lora)
+    return r.train.quantization, repr(r.lora)

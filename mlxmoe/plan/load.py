@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -23,6 +24,7 @@ from ..dtypes import dtype_name
 from ..families import family_for
 from ..info import MXFP4_ROLES, lazy_model, quantize_as_loaded
 from ..load import load_order
+from ..quantize import quantization
 from ..tensor_names import role_of_path
 from .training import LineItem
 
@@ -52,8 +54,9 @@ def stored_dtype(cfg: ConfigView) -> str | None:
     return None
 
 
-def plan_load(cfg: ConfigView, bits: int, group_size: int, dtype: mx.Dtype) -> LoadPlan:
-    """Peak of ``load_model(cfg's folder, quantize=bits, group_size, dtype)``."""
+def plan_load(cfg: ConfigView, scheme: Any, group_size: int, dtype: mx.Dtype) -> LoadPlan:
+    """Peak of ``load_model(cfg's folder, quantize=scheme, group_size, dtype)``."""
+    q = quantization(scheme, group_size)
     declared = stored_dtype(cfg)
     stored = STORED_BYTES[declared or "float32"]  # undeclared: the largest a checkpoint stores
     prequantized = isinstance(cfg.raw.get("quantization"), dict)  # mlx-lm's format: as stored
@@ -63,8 +66,7 @@ def plan_load(cfg: ConfigView, bits: int, group_size: int, dtype: mx.Dtype) -> L
     sharing = {role: sharing[stored] for role, stored in family.stored_in.items()}
     mxfp4 = getattr(floats, "mxfp4", False)
     final = lazy_model(cfg)
-    if bits:
-        quantize_as_loaded(final, bits, group_size)
+    quantize_as_loaded(final, q)
     quantized = {path: module for path, module in final.named_modules() if "scales" in module}
 
     def float_bytes(path: str, shape) -> int:
@@ -112,7 +114,7 @@ def plan_load(cfg: ConfigView, bits: int, group_size: int, dtype: mx.Dtype) -> L
             best = (part, done, in_flight.get(part, 0))
         done += loaded.get(part, 0)
     part, before, flight = best
-    how = "not quantized" if not bits else f"{bits}-bit, group {group_size}"
+    how = str(q)
     source = (
         "mlx-lm's quantized layers as stored"
         if prequantized

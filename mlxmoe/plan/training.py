@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -33,6 +34,7 @@ from ..families import family_for
 from ..info import lazy_model, weight_bytes
 from ..model import CausalLM
 from ..nn.moe import choose_dispatch
+from ..quantize import Quantization
 from ..recipe import Recipe, TrainConfig
 from .activations import Shape, activations
 
@@ -61,12 +63,13 @@ class ModelMemory:
     adapted: tuple[str, ...]  # module paths, ``layers.N.<target>``
 
 
-def model_memory(cfg, dtype: mx.Dtype, bits: int, group_size: int, spec: AdapterSpec) -> ModelMemory:
+def model_memory(cfg, dtype: mx.Dtype, scheme: Any, group_size: int, spec: AdapterSpec) -> ModelMemory:
     """Build the model lazily, cast and quantize it as ``mlxmoe info`` does (16-bit floats,
-    float32 routers) and attach the adapters; 16-bit arrays are counted at ``dtype``'s size
-    (scales and biases follow the weights' dtype)."""
+    float32 routers; ``scheme`` as ``quantize.quantization`` reads it) and attach the
+    adapters; 16-bit arrays are counted at ``dtype``'s size (scales and biases follow the
+    weights' dtype)."""
     model = lazy_model(cfg)
-    weight_bytes(model, bits or 16, group_size)
+    weight_bytes(model, scheme, group_size)
     quantized = unquantized = 0
     kinds: list[str] = []
     for path, module in model.named_modules():
@@ -127,7 +130,7 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
             train.moe_dispatch,
             args.num_experts if moe else 1,
             args.num_experts_per_tok if moe else 1,
-            float_experts=not train.quantize or not moe,
+            float_experts=not train.quantization.bits_for("ffn_up_exps") or not moe,
             fast_cpu=device == "cpu" and fast_cpu_blas() and resolve_dtype(train.dtype, device) == mx.float32,
             expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0,
         )
@@ -148,8 +151,7 @@ class TrainingPlan:
 
     memory: ModelMemory
     shape: Shape
-    bits: int
-    group_size: int
+    quantization: Quantization
     checkpoint: bool
     dtype: mx.Dtype
     items: tuple[LineItem, ...]
@@ -173,7 +175,7 @@ def plan_training(
     t = recipe.train
     dtype = resolve_dtype(t.dtype, device)
     if memory is None:
-        memory = model_memory(cfg, dtype, t.quantize, t.group_size, recipe.lora)
+        memory = model_memory(cfg, dtype, t.quantization, t.group_size, recipe.lora)
     dispatch = planned_dispatch(memory.model.args, t, device)
     shape = Shape(t.batch_size, t.max_seq_len, answer_tokens)
     acts = activations(
@@ -187,8 +189,8 @@ def plan_training(
         dispatch,
         device,
     )
-    bits = f"{t.quantize}-bit, group {t.group_size}" if t.quantize else "not quantized"
-    if t.quantize and getattr(memory.model, "mxfp4", False):
+    bits = str(t.quantization)
+    if t.quantization and getattr(memory.model, "mxfp4", False):
         bits += "; experts MXFP4 as published"
     static = [
         LineItem("base weights (quantized)", memory.quantized, bits) if memory.quantized else None,
@@ -233,8 +235,7 @@ def plan_training(
     return TrainingPlan(
         memory,
         shape,
-        t.quantize,
-        t.group_size,
+        t.quantization,
         t.grad_checkpoint,
         dtype,
         tuple(static + phases[phase]),

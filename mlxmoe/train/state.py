@@ -151,10 +151,14 @@ def check_resume(folder: Path, saved: dict[str, Any], recipe: dict[str, Any], **
         )
 
 
+# Compared whole: a quantization scheme ({bits: 4, experts: 3}) against bits (4) is a change
+WHOLE_SETTINGS = frozenset({"train.quantize"})
+
+
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in WHOLE_SETTINGS:
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
