@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # shared helpers
-from step_memory import measure_fresh, predict, setting  # noqa: E402
+from step_memory import LINEAR, measure_fresh, predict, setting  # noqa: E402
 
 TINY = dict(
     model_type="qwen3_moe",
@@ -103,29 +103,6 @@ OLMOE = dict(
     tie_word_embeddings=False,
 )
 
-# Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet in three layers of four, gated attention in the
-# fourth (the last), routed experts and a shared expert; Qwen3.5 in its multimodal layout
-LINEAR = dict(
-    vocab_size=2048,
-    hidden_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-    tie_word_embeddings=False,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=32,
-    linear_value_head_dim=32,
-    moe_intermediate_size=128,
-    shared_expert_intermediate_size=128,
-    num_experts=8,
-    num_experts_per_tok=2,
-    full_attention_interval=4,
-)
 SMALL_LINEAR = dict(
     LINEAR,
     vocab_size=16384,

@@ -179,3 +179,28 @@ def measure_fresh(s: dict) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(measure(json.loads(sys.argv[1]))))
+
+
+# Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet in three layers of four, gated attention in the
+# fourth (the last), routed experts and a shared expert (bench/memory_plan.py and the tests)
+LINEAR = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+    full_attention_interval=4,
+)

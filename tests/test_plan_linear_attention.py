@@ -6,29 +6,8 @@ checkpointing. The Mac's configuration (bfloat16 over 4 bits) is in test_plan_bf
 from __future__ import annotations
 
 import pytest
-from step_memory import measure_fresh, predict, setting
+from step_memory import LINEAR, measure_fresh, predict, setting
 
-LINEAR = dict(
-    vocab_size=2048,
-    hidden_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-    tie_word_embeddings=False,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=32,
-    linear_value_head_dim=32,
-    moe_intermediate_size=128,
-    shared_expert_intermediate_size=128,
-    num_experts=8,
-    num_experts_per_tok=2,
-    full_attention_interval=4,
-)
 QWEN3_NEXT = dict(LINEAR, model_type="qwen3_next", intermediate_size=256, norm_topk_prob=True)
 QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=LINEAR)  # the multimodal config's layout
 
