@@ -29,7 +29,12 @@ from test_convert_parity import (
     run_converter,
     tensors,
 )
-from test_export import F16_MAX_ABS, Exported, assert_f16_gguf_computes_the_merged_model
+from test_export import (
+    F16_MAX_ABS,
+    Exported,
+    assert_f16_gguf_computes_the_merged_model,
+    assert_q8_0_gguf_agrees_on_top1,
+)
 from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
 
 import mlxmoe
@@ -101,6 +106,10 @@ def test_f16_tensors_and_metadata_equal_the_converters(granite_exported):
 def test_q8_0_tensors_equal_the_converters_byte_for_byte(granite_exported):
     theirs = run_converter(granite_exported.merged, "q8_0", granite_exported.root / "converter-q8_0.gguf")
     assert_same_tensors(granite_exported.gguf["q8_0"], theirs, "Q8_0")
+
+
+def test_q8_0_gguf_in_llama_cpp_agrees_on_top1(granite_exported):
+    assert_q8_0_gguf_agrees_on_top1(granite_exported)
 
 
 @pytest.mark.slow
