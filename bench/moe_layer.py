@@ -4,6 +4,12 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         .venv/bin/python bench/moe_layer.py [--quick]
 
+Variants: our experts under the gather and the grouped dispatch (``nn.grouped``), mlx-lm's
+SwitchGLU (float32 without LoRA only), float and 4-bit. ``--lora R`` freezes the experts
+under rank-R LoRA (what expert LoRA trains), ``--dtype bfloat16`` runs a bfloat16 model;
+without mlx-lm rows the reference column is our gather dispatch. ``--tokens``, ``--hidden``,
+``--ffn``, ``--top-k`` set the layer (issue #20's: 1024, 512, 512, 4).
+
 Every variant runs on the same weights, tokens and routing (random top-k, fixed seed) and is
 timed as one ``value_and_grad`` step: w.r.t. the activations and the expert weights for float
 weights, w.r.t. the activations only for 4-bit (quantized weights are frozen). The dense rows
@@ -37,6 +43,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from mlxmoe.adapt.lora import LoRAExperts
 from mlxmoe.nn.moe import SwitchExperts
 
 
@@ -102,6 +109,23 @@ class DenseGLU(nn.Module):
 
     def __call__(self, rows: mx.array, indices: mx.array | None = None) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(rows)) * self.up_proj(rows))
+
+
+class GroupedExperts(SwitchExperts):
+    """Our experts under the "grouped" dispatch (one matmul per expert over its sorted rows)."""
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        return self.grouped(x, indices, self.router_experts)
+
+
+def with_lora(module: nn.Module, rank: int) -> nn.Module:
+    """Frozen experts with LoRA on each projection, B nonzero: what expert LoRA trains."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lora = LoRAExperts(module[name], rank, 2 * rank)
+        lora.lora_b = mx.random.normal(lora.lora_b.shape, key=mx.random.key(1)) * 0.01
+        lora.lora_a = mx.random.normal(lora.lora_a.shape, key=mx.random.key(2)) * 0.04
+        setattr(module, name, lora)
+    return module
 
 
 class PaddedBlockExperts(SwitchExperts):
@@ -178,33 +202,52 @@ def routing(w: Workload, experts: int, seed: int) -> mx.array:
 
 
 def build_variants(
-    w: Workload, expert_counts: list[int], block_rows: list[int], seed: int = 0
+    w: Workload,
+    expert_counts: list[int],
+    block_rows: list[int],
+    seed: int = 0,
+    dtype: mx.Dtype = mx.float32,
+    lora_rank: int = 0,
 ) -> list[Variant]:
+    """Our gather and grouped dispatches and mlx-lm's SwitchGLU, float and 4-bit; mlx-lm
+    only for float32 without LoRA (its CPU gather_mm is float32-only; LoRA wraps ours)."""
     rng = np.random.default_rng(seed)
-    x = mx.array(rng.standard_normal((w.tokens, w.hidden)).astype(np.float32))
+    x = mx.array(rng.standard_normal((w.tokens, w.hidden)).astype(np.float32)).astype(dtype)
     cotangent = mx.array(rng.standard_normal((w.tokens, w.top_k, w.hidden)).astype(np.float32))
+    cotangent = cotangent.astype(dtype)
     variants = []
     for e in expert_counts:
         mx.random.seed(seed + e)
         indices = routing(w, e, seed + e)
         ours = SwitchExperts(w.hidden, w.ffn, e)
+        ours.set_dtype(dtype)
         mx.eval(ours.parameters())
         weights = ours.parameters()  # every variant gets these very arrays
-        theirs = [SwitchGLU(w.hidden, w.ffn, e, bias=False).update(weights) for _ in range(2)]
-        for name, kind, module in [
-            ("ours", "float", ours),
-            ("mlx-lm", "float", theirs[0]),
-            ("ours", "4-bit", quantized(SwitchExperts(w.hidden, w.ffn, e).update(weights), w)),
-            ("mlx-lm", "4-bit", quantized(theirs[1], w)),
-        ]:
+
+        def experts(cls=SwitchExperts, bits=False, e=e, weights=weights):
+            module = cls(w.hidden, w.ffn, e).update(weights)
+            module.router_experts = e
+            module = quantized(module, w) if bits else module
+            return with_lora(module, lora_rank) if lora_rank else module
+
+        candidates = [
+            ("ours", "float", experts()),
+            ("grouped", "float", experts(GroupedExperts)),
+            ("ours", "4-bit", experts(bits=True)),
+            ("grouped", "4-bit", experts(GroupedExperts, bits=True)),
+        ]
+        if dtype == mx.float32 and not lora_rank:
+            theirs = [SwitchGLU(w.hidden, w.ffn, e, bias=False).update(weights) for _ in range(2)]
+            candidates += [("mlx-lm", "float", theirs[0]), ("mlx-lm", "4-bit", quantized(theirs[1], w))]
+        for name, kind, module in candidates:
             mx.eval(module.parameters())
             variants.append(Variant(name, e, kind, module, (x, indices), cotangent))
-        for m in block_rows:
+        for m in block_rows if not lora_rank else ():
             blocks = PaddedBlockExperts(ours, m)
             variants.append(Variant(f"blocks of {m}", e, "float", blocks, (x, indices), cotangent))
         if e == expert_counts[0]:
-            rows = mx.repeat(x, w.top_k, axis=0)
-            flat_cotangent = cotangent.reshape(w.rows, w.hidden)
+            rows = mx.repeat(x.astype(mx.float32), w.top_k, axis=0)
+            flat_cotangent = cotangent.reshape(w.rows, w.hidden).astype(mx.float32)
             for kind, dense in [("float", DenseGLU(ours)), ("4-bit", quantized(DenseGLU(ours), w))]:
                 mx.eval(dense.parameters())
                 variants.append(Variant("dense", None, kind, dense, (rows, None), flat_cotangent))
@@ -257,9 +300,14 @@ def main() -> None:
         help="also time the padded-block candidate layout with M-row blocks",
     )
     parser.add_argument("--cache-gb", type=float, help="MLX buffer-cache limit (default: MLX's)")
+    defaults = Workload()
+    for name in ("tokens", "hidden", "ffn", "top_k"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="frozen experts with rank-R LoRA")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 5)
-    w = Workload()
+    w = Workload(args.tokens, args.hidden, args.ffn, args.top_k)
     if args.cache_gb is not None:
         mx.set_cache_limit(int(args.cache_gb * 2**30))
     cache_limit = mx.set_cache_limit(0)
@@ -271,14 +319,17 @@ def main() -> None:
     )
     print("BLAS:", blas_in_use())
     print(f"MLX buffer-cache limit: {cache_limit / 2**20:.0f} MiB")
+    lora_note = f", LoRA rank {args.lora} (base frozen)" if args.lora else ""
     print(
-        f"tokens {w.tokens}, top-{w.top_k}, hidden {w.hidden}, expert ffn {w.ffn}, float32 "
-        f"activations, 4-bit = affine group {w.group_size}; median of {repeats} after a warm-up "
+        f"tokens {w.tokens}, top-{w.top_k}, hidden {w.hidden}, expert ffn {w.ffn}, {args.dtype} "
+        f"activations{lora_note}, 4-bit = affine group {w.group_size}; median of {repeats} after a warm-up "
         f"{'forward' if args.quick else 'step'}"
     )
 
     started = time.perf_counter()
-    variants = build_variants(w, args.experts, args.blocks)
+    dtype = getattr(mx, args.dtype)
+    variants = build_variants(w, args.experts, args.blocks, dtype=dtype, lora_rank=args.lora)
+    reference = "mlx-lm" if any(v.name == "mlx-lm" for v in variants) else "ours"
     results = {}  # (output, gradients) of each variant's last step
     for v in variants:
         # Back to back, not interleaved: the first run after another variant pays for fresh
@@ -291,29 +342,29 @@ def main() -> None:
 
     dense = {v.kind: v.median_s for v in variants if v.experts is None}
     print(
-        f"\n{'variant':<24}{'ms':>9}{'GFLOP/s':>9}{'vs mlx-lm':>13}{'of dense':>10}"
+        f"\n{'variant':<24}{'ms':>9}{'GFLOP/s':>9}{'vs ' + reference:>13}{'of dense':>10}"
         f"{'max|dy|':>11}{'max|dgrad|':>12}"
     )
     for v in variants:
         label = f"{v.name} {v.kind}" + (f" E={v.experts}" if v.experts else "")
-        gflops = w.flops(v.kind == "float") / v.median_s / 1e9
+        gflops = w.flops(v.kind == "float" and not args.lora) / v.median_s / 1e9
         cells = [f"{label:<24}{v.median_s * 1e3:9.1f}{gflops:9.1f}"]
         if v.experts is None:
             cells.append(f"{'':>13}{1.0:10.2f}")
         else:
-            ref = next(r for r in variants if (r.name, r.experts, r.kind) == ("mlx-lm", v.experts, v.kind))
+            ref = next(r for r in variants if (r.name, r.experts, r.kind) == (reference, v.experts, v.kind))
             cells.append(f"{v.median_s / ref.median_s:13.2f}{dense[v.kind] / v.median_s:10.2f}")
-            if v.name != "mlx-lm":
+            if v.name != reference:
                 y, grads = results[v.name, v.experts, v.kind]
                 ref_y, ref_grads = results[ref.name, ref.experts, ref.kind]
                 dy = mx.abs(y - ref_y).max().item()
                 cells.append(f"{dy:11.1e}{max_abs_diff(grads, ref_grads):12.1e}")
         print("".join(cells))
     print(
-        f"\nms: median fwd+bwd. vs mlx-lm: time / mlx-lm's time (target <= 1.0). of dense: "
+        f"\nms: median fwd+bwd. vs {reference}: time / {reference}'s time (target <= 1.0). of dense: "
         f"dense-matmul time / variant time at equal FLOPs (target >= 0.70; 4-bit rows against "
         f"the dense quantized_matmul row). max|dy|, max|dgrad|: largest output and gradient "
-        f"differences from mlx-lm (target 0). Took {time.perf_counter() - started:.0f} s."
+        f"differences from {reference} (target 0). Took {time.perf_counter() - started:.0f} s."
     )
 
 

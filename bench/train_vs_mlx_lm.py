@@ -6,9 +6,20 @@ frozen), sequence length, batch and optimizer; both processes get the same envir
 mlxmoe also computes the load-balancing and z losses; mlx-lm computes neither.
 
     .venv/bin/python bench/train_vs_mlx_lm.py [--iters 30] [--hidden 256] ...
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        .venv/bin/python bench/train_vs_mlx_lm.py --quantize 4 --dispatch gather grouped:eager
 
-Prints tokens/s (steady state, from each tool's own reports) and process max RSS, with the
-ratios mlxmoe / mlx-lm. (mlx-lm 0.32 no longer prints its peak MLX allocation.)
+Prints tokens/s (steady state, from each tool's own reports), MFU and process max RSS, with
+the ratios mlxmoe / mlx-lm, one row per mlxmoe setting (``--dispatch``: each a
+train.moe_dispatch, ``:eager`` for train.compile off). (mlx-lm 0.32 no longer prints its
+peak MLX allocation.) ``--quantize B``: both train on the B-bit model ``mlx_lm.convert -q``
+writes (QLoRA).
+
+MFU: the model's matmul FLOPs per token (2 per weight a token meets: attention, router, its
+k experts, the output head; as many again for the input gradients of the backward pass,
+the base being frozen, LoRA's own negligible) times tokens/s, over the dense float32
+matmul rate this process measures (tokens x hidden by hidden x expert FFN, the experts'
+shape). Both tools are charged the same FLOPs per token.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mlxmoe.memory import maxrss_bytes
@@ -96,8 +108,9 @@ def run(module_args: list[str], env: dict[str, str]) -> tuple[str, int]:
     return out, maxrss_bytes(int(re.findall(r"MAXRSS (\d+)", out)[-1]))
 
 
-def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -> dict:
-    keys = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env, keys=None) -> dict:
+    """``keys``: mlx-lm's LoRA targets (default: attention and the experts of a Qwen3-MoE)."""
+    keys = keys or [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
         f"mlp.switch_mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
     ]
     config = out / "mlx_lm.yaml"
@@ -151,7 +164,52 @@ def mlx_lm_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
     return {"tokens_per_s": sum(tps[1:]) / max(len(tps) - 1, 1), "max_rss_gb": rss / 1e9}
 
 
-def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -> dict:
+def quantized_model(model: Path, bits: int, env) -> Path:
+    folder = model.with_name(f"{model.name}-q{bits}")
+    run(
+        [
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            str(model),
+            "--mlx-path",
+            str(folder),
+            "-q",
+            "--q-bits",
+            str(bits),
+        ],
+        env,
+    )
+    return folder
+
+
+def flops_per_token(model: Path, a: argparse.Namespace) -> float:
+    cfg = json.loads((model / "config.json").read_text())
+    d, head = cfg["hidden_size"], cfg["head_dim"]
+    attention = d * head * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    experts = a.top_k * 3 * d * cfg["moe_intermediate_size"]
+    weights = cfg["num_hidden_layers"] * (attention + d * a.experts + experts) + d * cfg["vocab_size"]
+    return 4.0 * weights
+
+
+def dense_rate(rows: int, hidden: int, ffn: int, repeats: int = 10) -> float:
+    """FLOP/s of a float32 [rows, hidden] x [hidden, ffn] matmul, best of ``repeats``."""
+    import mlx.core as mx
+
+    x, w = mx.random.normal((rows, hidden)), mx.random.normal((hidden, ffn))
+    mx.eval(x @ w)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mx.eval(x @ w)
+        best = min(best, time.perf_counter() - started)
+    return 2 * rows * hidden * ffn / best
+
+
+def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env, setting: str) -> dict:
+    dispatch, _, mode = setting.partition(":")
+    out = out / setting.replace(":", "-")
+    out.mkdir()
     recipe = out / "mlxmoe.yaml"
     recipe.write_text(
         json.dumps(
@@ -163,11 +221,12 @@ def mlxmoe_run(model: Path, data: Path, out: Path, a: argparse.Namespace, env) -
                     "max_seq_len": a.seq,
                     "learning_rate": 1e-4,
                     "warmup": 0,
-                    "quantize": 0,
+                    "quantize": a.quantize,
                     "report_every": a.report,
                     "val_every": 0,
                     "save_every": 0,
-                    "moe_dispatch": a.dispatch,
+                    "moe_dispatch": dispatch,
+                    "compile": mode != "eager",
                 },
             }
         )
@@ -205,28 +264,51 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=192)
     p.add_argument(
+        "--quantize", type=int, default=0, metavar="BITS", help="QLoRA on mlx_lm.convert -q's model"
+    )
+    p.add_argument(
         "--dispatch",
-        choices=("auto", "gather", "dense"),
-        default="auto",
-        help="mlxmoe's MoE dispatch (train.moe_dispatch)",
+        nargs="+",
+        default=["auto"],
+        metavar="SETTING",
+        help="mlxmoe settings to run, each a train.moe_dispatch (auto, gather, dense, grouped), "
+        "with ':eager' for train.compile off",
     )
     a = p.parse_args()
     env = dict(os.environ)
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "model", a.hidden, a.layers, a.experts, a.top_k)
+        if a.quantize:
+            model = quantized_model(model, a.quantize, env)
         data = make_data(tmp / "data")
-        ours = mlxmoe_run(model, data, tmp, a, env)
+        ours = {setting: mlxmoe_run(model, data, tmp, a, env, setting) for setting in a.dispatch}
         theirs = mlx_lm_run(model, data, tmp, a, env)
+        flops = flops_per_token(model, a)
+    rate = dense_rate(a.batch * a.seq, a.hidden, a.hidden)
+    load = (*load, *os.getloadavg())
     blas = env.get("LD_PRELOAD", "") or "MLX's bundled BLAS"
     print(
         f"model: qwen3_moe hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, "
-        f"vocab 32000; LoRA r={a.rank} on attention + experts; batch {a.batch}, seq <= {a.seq}; "
-        f"{a.iters} iters; BLAS: {blas}"
+        f"vocab 32000, {f'{a.quantize}-bit' if a.quantize else 'float32'} base; LoRA r={a.rank} on "
+        f"attention + experts; batch {a.batch}, seq <= {a.seq}; {a.iters} iters; BLAS: {blas}"
     )
-    print(f"{'':>22} {'mlxmoe':>10} {'mlx-lm':>10} {'ratio':>8}")
-    for key, label in (("tokens_per_s", "tokens/s"), ("max_rss_gb", "process max RSS GB")):
-        print(f"{label:>22} {ours[key]:>10.3f} {theirs[key]:>10.3f} {ours[key] / theirs[key]:>8.2f}")
+    print(
+        f"dense matmul {rate / 1e9:.1f} GFLOP/s; {flops / 1e6:.1f} MFLOP a token; load average "
+        f"{load[0]:.1f} at the start, {load[3]:.1f} at the end ({os.cpu_count()} CPUs)"
+    )
+    print(
+        f"{'mlxmoe setting':<18}{'tokens/s':>9}{'mlx-lm':>8}{'ratio':>7}{'MFU':>7}{'mlx-lm':>8}"
+        f"{'RSS GB':>8}{'mlx-lm':>8}{'ratio':>7}"
+    )
+    tps, rss = theirs["tokens_per_s"], theirs["max_rss_gb"]
+    for setting, r in ours.items():
+        print(
+            f"{setting:<18}{r['tokens_per_s']:>9.1f}{tps:>8.1f}{r['tokens_per_s'] / tps:>7.2f}"
+            f"{r['tokens_per_s'] * flops / rate:>7.1%}{tps * flops / rate:>8.1%}"
+            f"{r['max_rss_gb']:>8.2f}{rss:>8.2f}{r['max_rss_gb'] / rss:>7.2f}"
+        )
 
 
 if __name__ == "__main__":

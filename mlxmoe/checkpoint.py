@@ -10,6 +10,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
@@ -63,6 +64,25 @@ class Checkpoint:
     def args(self) -> DecoderArgs:
         return self.family.args_from_config(self.config)
 
+    @cached_property
+    def hf_prefix(self) -> str | None:
+        """Which of the family's ``hf_prefixes`` this checkpoint stores its layers under
+        (None: the family has one spelling)."""
+        from .safetensors_io import safetensors_header
+
+        prefixes = self.family.hf_prefixes
+        if not prefixes:
+            return None
+        names = [t.name for file in self.weight_files for t in safetensors_header(file)]
+        return next((p for p in prefixes if any(n.startswith(f"{p}.layers.") for n in names)), prefixes[0])
+
+    def own_spelling(self, name: str) -> str:
+        """A name the family writes under its first prefix -> under this checkpoint's."""
+        first, own = (self.family.hf_prefixes or (None,))[0], self.hf_prefix
+        if own is None or own == first or not name.startswith(f"{first}."):
+            return name
+        return own + name[len(first) :]
+
     def hf_name(self, ours: str, expert: int | None = None) -> str:
         """The Hugging Face name this family writes for one of our tensors."""
         found = role_of_path(ours)
@@ -71,14 +91,18 @@ class Checkpoint:
         role, bid = found
         names = self.family.hf_tensors.get(role, ours)
         name = names if isinstance(names, str) else names[0]
-        return name.format(bid=bid, xid="N" if expert is None else expert)
+        return self.own_spelling(name.format(bid=bid, xid="N" if expert is None else expert))
+
+    def stored_in(self, role: str) -> str:
+        """The pattern (``{bid}``) of the fused checkpoint tensor ``role`` is split from."""
+        return self.own_spelling(self.family.stored_in[role])
 
     def stored_name(self, ours: str) -> str:
         """The checkpoint tensor that holds one of ours, for messages: its HF name, or the
         fused tensor the family splits it from (gpt-oss's gate_up_proj)."""
         found = role_of_path(ours)
         if found is not None and found[0] in self.family.stored_in:
-            return self.family.stored_in[found[0]].format(bid=found[1])
+            return self.stored_in(found[0]).format(bid=found[1])
         return self.hf_name(ours)
 
     def tensors(self) -> Iterator[tuple[str, mx.array, Path]]:

@@ -95,13 +95,26 @@ ROLES: dict[str, Role] = {
     "ffn_gate_inp_shexp": Role(
         "layers.{bid}.moe.shared_expert_gate.weight", "blk.{bid}.ffn_gate_inp_shexp.weight"
     ),
+    # Gemma-4 (llama.cpp's gemma4 names): norms after attention and around the dense MLP and
+    # the experts, which run side by side; the router's input scale [D] and a scale per
+    # expert [E] on its top-k weights; each layer's output times layer_output_scale [1]
+    "attn_post_norm": Role("layers.{bid}.attn_post_norm.weight", "blk.{bid}.post_attention_norm.weight"),
+    "ffn_post_norm_1": Role("layers.{bid}.mlp_post_norm.weight", "blk.{bid}.post_ffw_norm_1.weight"),
+    "ffn_pre_norm_2": Role("layers.{bid}.moe.experts_norm.weight", "blk.{bid}.pre_ffw_norm_2.weight"),
+    "ffn_post_norm_2": Role("layers.{bid}.moe_post_norm.weight", "blk.{bid}.post_ffw_norm_2.weight"),
+    "ffn_post_norm": Role("layers.{bid}.ffn_post_norm.weight", "blk.{bid}.post_ffw_norm.weight"),
+    "ffn_gate_inp.scale": Role("layers.{bid}.moe.router_scale", "blk.{bid}.ffn_gate_inp.scale"),
+    "ffn_down_exps.scale": Role("layers.{bid}.moe.per_expert_scale", "blk.{bid}.ffn_down_exps.scale"),
+    "layer_output_scale": Role("layers.{bid}.layer_scalar", "blk.{bid}.layer_output_scale.weight"),
 }
 
-# GGUF tensors that llama.cpp makes of part of one of ours, with no module of their own: role
-# -> GGUF name (deepseek2: attn_kv_b's key rows per head, transposed, and its value rows)
+# GGUF tensors that llama.cpp makes of part of one of ours, or of several, with no module of
+# their own: role -> GGUF name (deepseek2: attn_kv_b's key rows per head, transposed, and its
+# value rows; gemma4: the gate experts' rows, then the up experts', in one tensor)
 GGUF_PARTS: dict[str, str] = {
     "attn_k_b": "blk.{bid}.attn_k_b.weight",
     "attn_v_b": "blk.{bid}.attn_v_b.weight",
+    "ffn_gate_up_exps": "blk.{bid}.ffn_gate_up_exps.weight",
 }
 
 # Never quantized: routing decisions are sensitive to small errors, and these are tiny. So
@@ -126,6 +139,14 @@ UNQUANTIZED_ROLES = frozenset(
         "ssm_norm",
         "attn_q_a_norm",
         "attn_kv_a_norm",
+        "attn_post_norm",
+        "ffn_post_norm_1",
+        "ffn_pre_norm_2",
+        "ffn_post_norm_2",
+        "ffn_post_norm",
+        "ffn_gate_inp.scale",
+        "ffn_down_exps.scale",
+        "layer_output_scale",
     }
 )
 
@@ -153,9 +174,12 @@ QUANTIZATION_GROUPS: dict[str, frozenset[str]] = {
     "embeddings": frozenset({"token_embd", "output"}),
 }
 
-# Kept in float32 whatever the model's dtype: the routers (see nn.moe.Router) and the linear
-# attention's A_log, whose exp scales every decay (mlx-lm keeps it float32 too).
-FLOAT32_ROLES = frozenset({"ffn_gate_inp", "ffn_gate_inp.bias", "ssm_a"})
+# Kept in float32 whatever the model's dtype: the routers (see nn.moe.Router; Gemma-4's input
+# and per-expert scales too) and the linear attention's A_log, whose exp scales every decay
+# (mlx-lm keeps it float32 too).
+FLOAT32_ROLES = frozenset(
+    {"ffn_gate_inp", "ffn_gate_inp.bias", "ssm_a", "ffn_gate_inp.scale", "ffn_down_exps.scale"}
+)
 
 # The decoder tensors every family here names the same way on the Hugging Face side.
 HF_DECODER_TENSORS: dict[str, str] = {

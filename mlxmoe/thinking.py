@@ -19,7 +19,9 @@ user message, so a conversation's earlier reasoning is dropped.
 Qwen3.5's template works the same way with the same variable; its thinking prompt opens the
 think block itself (``<|im_start|>assistant\n<think>\n``), so a kept reasoning is trained from
 its first line. gpt-oss's harmony template has no such variable: ``mlxmoe.harmony`` says how its
-non-thinking prompt and ``data.thinking`` are made.
+non-thinking prompt and ``data.thinking`` are made. Gemma-4's switch is one for the whole
+conversation and its template never writes an answer after its non-thinking prompt:
+``mlxmoe.gemma4`` says how training puts it there (``off``; ``keep`` is refused).
 
 Evaluation, the demo and the Ollama Modelfile prompt with the non-thinking prompt (Ollama
 switches to the thinking one when asked to think). Templates without a thinking mode ignore
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import harmony
+from . import gemma4, harmony
 from .errors import MlxMoeError
 
 THINKING_MODES = ("off", "keep")
@@ -102,6 +104,8 @@ def render_chat(
     the empty analysis message). ``harmony_format`` None finds out (``harmony.is_harmony``)."""
     if harmony_format is None:
         harmony_format = harmony.is_harmony(tokenizer)
+    if not harmony_format and gemma4.is_gemma4(tokenizer):
+        return gemma4.render(tokenizer, messages, generation_prompt, thinking, **variables)
     if not thinking and not harmony_format:
         variables = {**variables, **NON_THINKING}
     text = tokenizer.apply_chat_template(

@@ -45,6 +45,15 @@ LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-
 TEMPLATE_SHA256 = {
     "openai-gpt-oss-120b.jinja": "a4c9919cbbd4acdd51ccffe22da049264b1b73e59055fa58811a99efbd7c8146",
     "Qwen3.5-4B.jinja": "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
+    "google-gemma-4-31B-it.jinja": "85a08664d16d8f3be4416c92427b3ac10df1024ac566cc0b4bc3bab409393f98",
+    "google-gemma-4-31B-it-interleaved.jinja": (
+        "65f93a25708c952457106a30e185ba7beffddd726121c8d7e3f3e08b23c16c67"
+    ),
+    "ibm-granite-granite-3.3-2B-Instruct.jinja": (
+        "3c71df5f659987462c882bf9e295b597dc19902467a7312ea382c5896681bc02"
+    ),
+    "ibm-granite-granite-4.0.jinja": "9524df67b77a7b25a2dfee898f75b316a157eb9d855b51e32aeac79d7c8a83ce",
+    "ibm-granite-granite-4.1.jinja": "fed2756d2d24e127b951dcf139d0b03ab7db8ef23a456128ebc9c2db4901d476",
 }
 # tiktoken's o200k_base.tiktoken (tiktoken_ext/openai_public.py), which openai-harmony reads.
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"

@@ -36,8 +36,45 @@ def qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_moe_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-MoE, weights and config only (no tokenizer): what loading and
+    quantizing read. It has attention, routed experts, a shared expert and a dense layer, and
+    hidden size 64, so that group sizes 32 and 64 both divide every input dimension. Read-only."""
+    from tiny_models import make_hf_model, save
+
+    return save(make_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe_folder"))
+
+
+@pytest.fixture(scope="session")
+def go_program(tmp_path_factory: pytest.TempPathFactory):
+    """run(template, [values], date) -> {"prompts": [prompt], "think_tags": [opening, closing]}:
+    Ollama's template engine, a Go program built once per session (tests/ollama_go.py)."""
+    from ollama_go import build_go_program
+
+    return build_go_program(tmp_path_factory.mktemp("go"))
+
+
+@pytest.fixture(scope="session")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Prompt/completion pairs a tiny model learns in a few steps (train and valid)."""
     from tiny_models import write_qa_data
 
     return write_qa_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def gather_calls(monkeypatch):
+    """Every gather_mm / gather_qmm call: (activation shape, index shape, output shape)."""
+    import mlx.core as mx
+
+    calls = []
+    for name in ("gather_mm", "gather_qmm"):
+        original = getattr(mx, name)
+
+        def spy(a, *args, _original=original, **kwargs):
+            out = _original(a, *args, **kwargs)
+            calls.append((a.shape, kwargs["rhs_indices"].shape, out.shape))
+            return out
+
+        monkeypatch.setattr(mx, name, spy)
+    return calls

@@ -19,8 +19,8 @@ SETTING = "MLXMOE_REQUIRE"
 # Each proof a test may be marked with, and what it needs.
 PROOFS = {
     "converter": "llama.cpp's convert_hf_to_gguf.py unpacked at LLAMA_CPP_SRC",
-    "templates": "the gpt-oss and Qwen3.5 chat templates of llama.cpp's models/templates, "
-    "unpacked at LLAMA_CPP_SRC",
+    "templates": "the gpt-oss, Qwen3.5, Gemma-4 and Granite 3.3/4.0/4.1 chat templates of "
+    "llama.cpp's models/templates, unpacked at LLAMA_CPP_SRC",
     "blas": "an OpenBLAS: the system's (Debian: libopenblas0-pthread) or the ngsolve-openblas wheel",
     "faq": "Debian's python3.11-doc (the Python FAQ sources)",
 }

@@ -50,7 +50,7 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def ablation_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate")
     model = make_trainable_checkpoint("qwen2_moe", root / "qwen2_moe")
     data = write_qa_data(root / "data", n_train=32, n_valid=8)
@@ -61,9 +61,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(setup):
+def finished(ablation_setup):
     """One whole ablation of the default strategies on a Qwen2-MoE (it has a shared expert)."""
-    root, model, data = setup
+    root, model, data = ablation_setup
     notes: list[str] = []
     result = ablate(
         make_recipe(root / "recipe.yaml", model, data),
@@ -80,8 +80,8 @@ def record(out: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_every_strategy_trains_on_the_same_data_budget_and_seed(setup, finished):
-    root, model, data = setup
+def test_every_strategy_trains_on_the_same_data_budget_and_seed(ablation_setup, finished):
+    root, model, data = ablation_setup
     result, _ = finished
     assert [row.name for row in result.rows] == NAMES
     recipes = {}
@@ -107,8 +107,8 @@ def test_every_strategy_trains_on_the_same_data_budget_and_seed(setup, finished)
 
 
 @pytest.mark.slow
-def test_the_table_is_each_evaluation_on_the_same_held_out_file(setup, finished):
-    root, model, data = setup
+def test_the_table_is_each_evaluation_on_the_same_held_out_file(ablation_setup, finished):
+    root, model, data = ablation_setup
     result, _ = finished
     assert result.eval_data == data / "test.jsonl"
     for name in NAMES:
@@ -158,8 +158,8 @@ def test_json_and_markdown_hold_the_table_and_the_plots_exist(finished):
 
 
 @pytest.mark.slow
-def test_a_rerun_of_the_cli_reuses_every_finished_configuration(setup, finished):
-    root, model, data = setup
+def test_a_rerun_of_the_cli_reuses_every_finished_configuration(ablation_setup, finished):
+    root, model, data = ablation_setup
     result, _ = finished
     stamps = {p: p.stat().st_mtime_ns for name in NAMES for p in (result.out_dir / name).glob("*.*")}
     proc = run_cli(
@@ -193,8 +193,8 @@ def test_a_rerun_of_the_cli_reuses_every_finished_configuration(setup, finished)
 
 
 @pytest.mark.slow
-def test_other_settings_in_the_same_out_are_refused(setup, finished):
-    root, model, data = setup
+def test_other_settings_in_the_same_out_are_refused(ablation_setup, finished):
+    root, model, data = ablation_setup
     result, _ = finished
     with pytest.raises(MlxMoeError, match=r"other settings \(recipe.train.iters: 6 before, 8 now"):
         ablate(
@@ -206,8 +206,8 @@ def test_other_settings_in_the_same_out_are_refused(setup, finished):
 
 
 @pytest.mark.slow
-def test_an_interrupted_ablation_resumes_where_it_stopped(setup, finished, tmp_path):
-    root, model, data = setup
+def test_an_interrupted_ablation_resumes_where_it_stopped(ablation_setup, finished, tmp_path):
+    root, model, data = ablation_setup
     result, _ = finished
     out = tmp_path / "out"
     out.mkdir()
@@ -257,8 +257,8 @@ def test_an_interrupted_ablation_resumes_where_it_stopped(setup, finished, tmp_p
 
 
 @pytest.mark.slow
-def test_shared_is_skipped_with_a_note_on_a_model_without_a_shared_expert(setup, tmp_path):
-    root, _, data = setup
+def test_shared_is_skipped_with_a_note_on_a_model_without_a_shared_expert(ablation_setup, tmp_path):
+    root, _, data = ablation_setup
     model = make_trainable_checkpoint("mixtral", tmp_path / "mixtral")
     notes: list[str] = []
     result = ablate(
@@ -280,8 +280,8 @@ def test_shared_is_skipped_with_a_note_on_a_model_without_a_shared_expert(setup,
     assert json.loads((tmp_path / "out" / "ablation.json").read_text())["skipped"] == result.skipped
 
 
-def test_what_cannot_be_compared_is_refused_before_any_training(setup, tmp_path):
-    root, model, data = setup
+def test_what_cannot_be_compared_is_refused_before_any_training(ablation_setup, tmp_path):
+    root, model, data = ablation_setup
     recipe = make_recipe(root / "recipe.yaml", model, data)
     with pytest.raises(MlxMoeError, match=r"unknown strategies 'routr' \(choose from: attention"):
         ablate(recipe, tmp_path / "a", "experts,routr")

@@ -132,6 +132,7 @@ def _run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_hub_id_offline_and_not_cached_says_so(tmp_path):
     result = _run_python(
         "import mlxmoe\ntry:\n    mlxmoe.load('mlxmoe-test/absent')\n"
@@ -141,6 +142,7 @@ def test_hub_id_offline_and_not_cached_says_so(tmp_path):
     assert "mlxmoe-test/absent: cannot load from the Hugging Face hub: HF_HUB_OFFLINE" in result.stdout
 
 
+@pytest.mark.slow
 def test_hub_id_offline_loads_from_the_cache(good, tmp_path):
     # The layout huggingface-hub itself writes: refs/main -> snapshots/<commit>/
     repo = tmp_path / "cache" / "models--mlxmoe-test--tiny"
@@ -155,6 +157,7 @@ def test_hub_id_offline_loads_from_the_cache(good, tmp_path):
     assert result.stdout.strip() == "mixtral 3", result.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mlxmoe", "info", str(tmp_path / "absent")],

@@ -99,6 +99,7 @@ def test_asking_for_the_wheel_where_it_is_not_installed_is_one_clear_error(monke
         blas.choose_library("wheel")
 
 
+@pytest.mark.slow
 @needs_wheel
 def test_the_wheel_is_installed_with_mlxmoe_and_exports_the_cblas_names_mlx_calls(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -119,6 +120,7 @@ def test_the_wheel_is_installed_with_mlxmoe_and_exports_the_cblas_names_mlx_call
     assert proc.stdout.strip() == "True"
 
 
+@pytest.mark.slow
 @needs_openblas
 def test_auto_reexecutes_with_openblas_mapped_and_its_matmul_checked():
     report = run_report("auto")
@@ -126,6 +128,7 @@ def test_auto_reexecutes_with_openblas_mapped_and_its_matmul_checked():
     assert report["error"] < 1e-5
 
 
+@pytest.mark.slow
 @needs_wheel
 def test_the_wheel_is_preloaded_with_the_libgfortran_mlx_bundles_and_checked(tmp_path):
     report = run_report("wheel", XDG_CACHE_HOME=str(tmp_path))
@@ -179,6 +182,7 @@ def run_without_system_libraries(code: str, env: dict) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 @needs_wheel
 def test_on_a_machine_without_system_openblas_or_libgfortran_auto_preloads_the_wheel(tmp_path):
     proc = run_without_system_libraries(REPORT, report_env("auto", XDG_CACHE_HOME=str(tmp_path)))
@@ -191,11 +195,13 @@ def test_on_a_machine_without_system_openblas_or_libgfortran_auto_preloads_the_w
     )
 
 
+@pytest.mark.slow
 @needs_openblas
 def test_bundled_runs_mlx_own_blas():
     assert run_report("bundled")["blas"] == "bundled"
 
 
+@pytest.mark.slow
 @needs_openblas
 def test_a_blas_the_user_preloaded_by_hand_is_recognised_and_checked():
     folder = blas.library_path(OPENBLAS)

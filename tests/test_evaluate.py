@@ -121,6 +121,7 @@ def test_a_trained_adapter_is_attached_and_lowers_perplexity(qwen2_moe, eval_qa_
     assert tuned.perplexity < 0.7 * base.perplexity, (base.perplexity, tuned.perplexity)
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table_and_writes_the_json_report(qwen2_moe, eval_qa_data, tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(

@@ -12,8 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+from functools import cached_property
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from mlxmoe.gguf.adapter import export_adapter_gguf
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.gguf.llamacpp import logits as llama_cpp_logits
 from mlxmoe.gguf.llamacpp import open_gguf
+from mlxmoe.gguf.merge import export_hf
 
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.
 pytestmark = pytest.mark.slow
@@ -91,6 +94,19 @@ class Exported:
                 self.model, self.root / f"{file_type}.gguf", file_type, self.adapter
             ).path
         return self.gguf[file_type]
+
+    @cached_property
+    def merged(self) -> Path:
+        """The model with its adapter merged, as a Hugging Face folder: what the converter reads."""
+        return export_hf(self.model, self.root / "merged", self.adapter)
+
+    @cached_property
+    def converted(self) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
+        """(ours, the converter's) f16 GGUF, both from the same merged model."""
+        from test_convert_parity import run_converter  # that module imports this one
+
+        theirs = run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
+        return gguf.GGUFReader(self.gguf["f16"]), gguf.GGUFReader(theirs)
 
     def llama_cpp(self, path: Path, lora: Path | None = None) -> np.ndarray:
         with open_gguf(path, lora=lora, n_ctx=128) as model:

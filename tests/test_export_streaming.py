@@ -13,6 +13,9 @@ import pytest
 from assets import mixtral_tokenizer_folder
 from tiny_models import make_hf_model, save
 
+# Each test measures or inspects an export in a child process: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 # The same embedding (the largest tensor) and tokenizer, 4 or 64 layers of small experts.
 SMALL, LARGE = 4, 64
 EXPERTS, FFN = 16, 256

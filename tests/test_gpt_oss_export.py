@@ -146,14 +146,14 @@ class Exported:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Exported:
+def gpt_oss_exported(tmp_path_factory) -> Exported:
     return Exported(tmp_path_factory.mktemp("gpt-oss"))
 
 
 @pytest.fixture(scope="module")
-def converted(exported) -> dict[str, gguf.GGUFReader]:
-    theirs = run_converter(exported.merged_hf, "f16", exported.root / "converter-f16.gguf")
-    return {"ours": gguf.GGUFReader(exported.f16), "theirs": gguf.GGUFReader(theirs)}
+def gpt_oss_converted_gguf(gpt_oss_exported) -> dict[str, gguf.GGUFReader]:
+    theirs = run_converter(gpt_oss_exported.merged_hf, "f16", gpt_oss_exported.root / "converter-f16.gguf")
+    return {"ours": gguf.GGUFReader(gpt_oss_exported.f16), "theirs": gguf.GGUFReader(theirs)}
 
 
 # --- the converter's file ------------------------------------------------------------------
@@ -162,8 +162,8 @@ def converted(exported) -> dict[str, gguf.GGUFReader]:
 @pytest.mark.slow
 @pytest.mark.proof("converter")
 @needs_converter
-def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, exported):
-    ours, theirs = tensors(converted["ours"]), tensors(converted["theirs"])
+def test_tensor_names_shapes_types_and_values_equal_the_converters(gpt_oss_converted_gguf, gpt_oss_exported):
+    ours, theirs = tensors(gpt_oss_converted_gguf["ours"]), tensors(gpt_oss_converted_gguf["theirs"])
     assert sorted(ours) == sorted(theirs)
     assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
         n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
@@ -177,7 +177,7 @@ def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, ex
     differ = [n for n in ours if np.asarray(ours[n].data).tobytes() != np.asarray(theirs[n].data).tobytes()]
     assert differ == []
     # export_hf wrote the hub's fused layout, which the converter split again
-    hub = load_file(exported.merged_hf / "model.safetensors")
+    hub = load_file(gpt_oss_exported.merged_hf / "model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in hub
     assert "model.layers.0.mlp.experts.gate_proj.weight" not in hub
 
@@ -185,8 +185,8 @@ def test_tensor_names_shapes_types_and_values_equal_the_converters(converted, ex
 @pytest.mark.slow
 @pytest.mark.proof("converter")
 @needs_converter
-def test_loading_metadata_equals_the_converters(converted):
-    ours, theirs = loading_kv(converted["ours"]), loading_kv(converted["theirs"])
+def test_loading_metadata_equals_the_converters(gpt_oss_converted_gguf):
+    ours, theirs = loading_kv(gpt_oss_converted_gguf["ours"]), loading_kv(gpt_oss_converted_gguf["theirs"])
     assert ours["general.architecture"][1] == "gpt-oss"
     for key in (
         "gpt-oss.rope.scaling.type",
@@ -216,7 +216,7 @@ HARMONY_IDS = {
 
 
 @pytest.fixture(scope="module")
-def harmony(tmp_path_factory):
+def harmony_encoding(tmp_path_factory):
     """(openai_harmony, its HARMONY_GPT_OSS encoding) on o200k rebuilt offline."""
     import openai_harmony
 
@@ -236,7 +236,9 @@ COMBINING_MARKS = ("កាន់តែពិសេសអាច", "नमस्�
 
 
 @pytest.mark.slow
-def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(exported, harmony):
+def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(
+    gpt_oss_exported, harmony_encoding
+):
     """A conversation rendered by openai-harmony (its ids are what gpt-oss was trained on),
     with the converter's pre-tokenizer check text in a user turn: the GGUF's tokenizer
     (pre-tokenizer gpt-4o) and the folder's tokenizer.json both give harmony's ids back, but
@@ -245,9 +247,9 @@ def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(ex
 
     from mlxmoe.gguf.vocab import CHECK_TEXT
 
-    oh, encoding = harmony
-    hf = AutoTokenizer.from_pretrained(exported.model)
-    with open_gguf(exported.f16, vocab_only=True) as vocab:
+    oh, encoding = harmony_encoding
+    hf = AutoTokenizer.from_pretrained(gpt_oss_exported.model)
+    with open_gguf(gpt_oss_exported.f16, vocab_only=True) as vocab:
         for text in COMBINING_MARKS:
             ids = encoding.encode(text, allowed_special="all")
             assert hf.encode(text, add_special_tokens=False) == ids
@@ -273,7 +275,7 @@ def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(ex
     ids = list(encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
     text = encoding.decode_utf8(ids)
     assert {HARMONY_IDS[t] for t in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")} <= set(ids)
-    with open_gguf(exported.f16, vocab_only=True) as vocab:
+    with open_gguf(gpt_oss_exported.f16, vocab_only=True) as vocab:
         llama_cpp_ids = vocab.tokenize(text.encode(), add_bos=False, special=True)
         names = {t: vocab.detokenize([i], special=True).decode() for t, i in HARMONY_IDS.items()}
         n_vocab, metadata = vocab.n_vocab(), vocab.metadata
@@ -293,10 +295,10 @@ def test_llama_cpp_and_transformers_tokenize_harmony_into_openai_harmonys_ids(ex
 
 
 @pytest.mark.slow
-def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
-    ours = exported.merged_mlx()
-    theirs = exported.llama_cpp(exported.f16)
-    rounded = exported.mlx(exported.truncated())
+def test_f16_gguf_in_llama_cpp_computes_the_merged_model(gpt_oss_exported):
+    ours = gpt_oss_exported.merged_mlx()
+    theirs = gpt_oss_exported.llama_cpp(gpt_oss_exported.f16)
+    rounded = gpt_oss_exported.mlx(gpt_oss_exported.truncated())
     print(
         f"gpt_oss f16: max-abs {np.abs(rounded - theirs).max():.4f}, top-1 {top1(rounded, theirs):.3f} "
         f"(YaRN rounded as llama.cpp does); against the merged model as transformers computes it: "
@@ -309,10 +311,10 @@ def test_f16_gguf_in_llama_cpp_computes_the_merged_model(exported):
 
 
 @pytest.mark.slow
-def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(exported):
-    merged = exported.llama_cpp(exported.f16)
-    base_plus_lora = exported.llama_cpp(exported.base, lora=exported.adapter_gguf)
-    base = exported.llama_cpp(exported.base)
+def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(gpt_oss_exported):
+    merged = gpt_oss_exported.llama_cpp(gpt_oss_exported.f16)
+    base_plus_lora = gpt_oss_exported.llama_cpp(gpt_oss_exported.base, lora=gpt_oss_exported.adapter_gguf)
+    base = gpt_oss_exported.llama_cpp(gpt_oss_exported.base)
     print(
         f"gpt_oss base+lora vs merged: max-abs {np.abs(merged - base_plus_lora).max():.4f}, "
         f"base vs merged {np.abs(base - merged).max():.4f}"
@@ -365,7 +367,7 @@ def test_a_config_llama_cpp_computes_otherwise_is_refused(tmp_path, config, mess
 
 
 @pytest.mark.slow
-def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(exported, tmp_path):
+def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(gpt_oss_exported, tmp_path):
     """GGUF import reads the dense Llama that upcycling starts from; gpt-oss trains from its
     Hugging Face checkpoint, so its GGUF (llama.cpp's output) is refused, nothing written."""
     from mlxmoe.errors import CheckpointError
@@ -376,7 +378,7 @@ def test_gguf_import_refuses_a_gpt_oss_gguf_naming_its_architecture(exported, tm
         match=r"general\.architecture is 'gpt-oss'; only dense 'llama' "
         r"GGUFs can be imported .* Hugging Face checkpoint",
     ):
-        gguf_to_hf(exported.base, tmp_path / "out")
+        gguf_to_hf(gpt_oss_exported.base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -418,8 +420,10 @@ def test_mxfp4_encoder_bytes_equal_gguf_py_and_ggml():
 
 
 @pytest.mark.slow
-def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_rounded(exported):
-    path = export_gguf(exported.model, exported.root / "mxfp4.gguf", "mxfp4", exported.adapter).path
+def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_rounded(gpt_oss_exported):
+    path = export_gguf(
+        gpt_oss_exported.model, gpt_oss_exported.root / "mxfp4.gguf", "mxfp4", gpt_oss_exported.adapter
+    ).path
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert {n for n, t in types.items() if t == Q.MXFP4} == {
         f"blk.{i}.ffn_{p}_exps.weight" for i in range(2) for p in ("gate", "up", "down")
@@ -429,11 +433,12 @@ def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_roun
     def rounded(weight: np.ndarray) -> np.ndarray:
         return gguf.quants.dequantize(gguf.quants.quantize(weight, Q.MXFP4), Q.MXFP4)
 
-    ours = exported.mlx(exported.truncated(), rounded)
-    theirs = exported.llama_cpp(path)
+    ours = gpt_oss_exported.mlx(gpt_oss_exported.truncated(), rounded)
+    theirs = gpt_oss_exported.llama_cpp(path)
+    float_experts = gpt_oss_exported.mlx(gpt_oss_exported.truncated())
     print(
         f"gpt_oss mxfp4: max-abs {np.abs(ours - theirs).max():.4f}, top-1 {top1(ours, theirs):.3f} "
-        f"(float experts: max-abs {np.abs(exported.mlx(exported.truncated()) - theirs).max():.4f})"
+        f"(float experts: max-abs {np.abs(float_experts - theirs).max():.4f})"
     )
     assert top1(ours, theirs) == 1.0
     assert np.abs(ours - theirs).max() < MXFP4_MAX_ABS
@@ -442,11 +447,11 @@ def test_mxfp4_gguf_in_llama_cpp_computes_the_merged_model_with_its_experts_roun
 @pytest.mark.slow
 @pytest.mark.proof("converter")
 @needs_converter
-def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(exported):
+def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(gpt_oss_exported):
     """Experts no adapter touched keep the hub's codes, moved into ggml's block layout as the
     converter moves them (re-encoding would turn the hub's -0 codes into +0: equal values,
     other bytes); the rest is f16, as from the converter."""
-    folder = exported.root / "published"
+    folder = gpt_oss_exported.root / "published"
     make_model(folder, seed=1)
     hub = load_file(folder / "model.safetensors")
     for name in [n for n in hub if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
@@ -465,8 +470,8 @@ def test_mxfp4_gguf_of_a_published_mxfp4_checkpoint_equals_the_converters(export
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    ours = export_gguf(folder, exported.root / "published-mxfp4.gguf", "mxfp4").path
-    theirs = run_converter(folder, "f16", exported.root / "published-converter.gguf")
+    ours = export_gguf(folder, gpt_oss_exported.root / "published-mxfp4.gguf", "mxfp4").path
+    theirs = run_converter(folder, "f16", gpt_oss_exported.root / "published-converter.gguf")
     assert_same_tensors(ours, theirs, "MXFP4")
     # general.file_type MXFP4_MOE included
     assert loading_kv(gguf.GGUFReader(ours)) == loading_kv(gguf.GGUFReader(theirs))

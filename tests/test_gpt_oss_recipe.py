@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 
 from mlxmoe.config import ConfigView
 from mlxmoe.info import lazy_model, model_info, quantize_as_loaded
@@ -66,6 +67,7 @@ def test_recipe_plans_under_a_32gb_macs_default_gpu_limit():
     )
 
 
+@pytest.mark.slow
 def test_cli_plan_says_the_recipe_fits():
     proc = subprocess.run(
         [sys.executable, "-m", "mlxmoe", "plan", str(CONFIG), "--recipe", str(RECIPE), "--memory", "32GB"],

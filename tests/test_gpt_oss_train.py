@@ -100,7 +100,7 @@ def mxfp4_experts(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
+def gpt_oss_train_folders(tmp_path_factory) -> dict[str, Path]:
     """{"float": folder, "mxfp4": folder, "data": folder}: one tiny gpt-oss (3 layers, 4
     experts, window 4), stored in float and with MXFP4 experts, and harmony chat data."""
     root = tmp_path_factory.mktemp("gpt-oss-train")
@@ -144,12 +144,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_harmony_data_trains_the_final_answer_within_the_length(setup):
+def test_harmony_data_trains_the_final_answer_within_the_length(gpt_oss_train_folders):
     from mlxmoe.data import load_dataset
     from mlxmoe.load import load_tokenizer
 
-    tokenizer = load_tokenizer(setup["float"])
-    ex = load_dataset(setup["data"] / "train.jsonl", tokenizer, 128).examples[0]
+    tokenizer = load_tokenizer(gpt_oss_train_folders["float"])
+    ex = load_dataset(gpt_oss_train_folders["data"] / "train.jsonl", tokenizer, 128).examples[0]
     answer = tokenizer.decode(ex.tokens[ex.loss_mask])
     assert answer.startswith("<|channel|>final<|message|>") and answer.endswith("<|return|>"), answer
     assert "<|start|>assistant<|channel|>analysis<|message|><|end|>" in tokenizer.decode(ex.tokens)
@@ -159,9 +159,15 @@ def test_harmony_data_trains_the_final_answer_within_the_length(setup):
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["float", "mxfp4"])
 @pytest.mark.parametrize("strategy", ["attention", "experts", "experts+router"])
-def test_loss_falls_for_every_strategy_and_the_adapters_load_back(setup, tmp_path, strategy, base):
+def test_loss_falls_for_every_strategy_and_the_adapters_load_back(
+    gpt_oss_train_folders, tmp_path, strategy, base
+):
     settings = MAC if base == "mxfp4" else FLOAT
-    result = train(recipe(setup[base], setup["data"], strategy, settings), tmp_path, show_progress=False)
+    result = train(
+        recipe(gpt_oss_train_folders[base], gpt_oss_train_folders["data"], strategy, settings),
+        tmp_path,
+        show_progress=False,
+    )
     rows = metrics(tmp_path)
     print(f"gpt_oss {base} {strategy}: answer ce {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}")
     assert result.steps == 4
@@ -177,7 +183,10 @@ def test_loss_falls_for_every_strategy_and_the_adapters_load_back(setup, tmp_pat
     assert config["quantization"] == ({"bits": 4, "group_size": 32} if base == "mxfp4" else None)
     # the saved adapters, loaded back onto the base as trained: evaluated, changed, finite
     model, _ = mlxmoe.load(
-        setup[base], quantize=settings["quantize"] or None, group_size=32, dtype=settings["dtype"]
+        gpt_oss_train_folders[base],
+        quantize=settings["quantize"] or None,
+        group_size=32,
+        dtype=settings["dtype"],
     )
     tokens = mx.array([[5, 17, 40, 2, 99, 120, 7, 33]])
     before = model(tokens).astype(mx.float32)
@@ -195,18 +204,18 @@ def test_loss_falls_for_every_strategy_and_the_adapters_load_back(setup, tmp_pat
     assert any("router" in k for k in weights) == (strategy == "experts+router")
 
 
-def test_all_adapts_what_experts_plus_router_adapts(setup):
+def test_all_adapts_what_experts_plus_router_adapts(gpt_oss_train_folders):
     """gpt-oss has neither a shared expert nor dense MLPs: ``all`` trains experts+router's run."""
     adapted = {}
     for strategy in ("all", "experts+router"):
-        model, _ = mlxmoe.load(setup["float"], dtype=mx.float32)
+        model, _ = mlxmoe.load(gpt_oss_train_folders["float"], dtype=mx.float32)
         adapted[strategy] = apply_adapters(model, AdapterSpec(strategy=strategy, router_mode="lora"))
     assert adapted["all"] == adapted["experts+router"]
     assert len(adapted["all"]) == 3 * 8  # q, k, v, o, three expert projections, the router
 
 
-def test_the_shared_strategy_is_refused_for_gpt_oss_which_has_no_shared_expert(setup):
-    model, _ = mlxmoe.load(setup["float"], dtype=mx.float32)
+def test_the_shared_strategy_is_refused_for_gpt_oss_which_has_no_shared_expert(gpt_oss_train_folders):
+    model, _ = mlxmoe.load(gpt_oss_train_folders["float"], dtype=mx.float32)
     with pytest.raises(
         MlxMoeError,
         match=r"strategy 'shared' adapts a shared expert .* "

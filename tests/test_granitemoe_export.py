@@ -12,10 +12,8 @@ llama-cpp-python 0.3.36 sdist (LLAMA_CPP_SRC, as in test_convert_parity.py), run
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
-import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -66,16 +64,6 @@ class GraniteExported(Exported):
 
     def __init__(self, root: Path):
         super().__init__("granitemoe", root, make_model(root / "model"))
-
-    @cached_property
-    def merged(self) -> Path:
-        return export_hf(self.model, self.root / "merged", self.adapter)
-
-    @cached_property
-    def converted(self) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
-        """(ours, the converter's) f16 GGUF, both from the same merged model."""
-        theirs = run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
-        return gguf.GGUFReader(self.gguf["f16"]), gguf.GGUFReader(theirs)
 
 
 @pytest.fixture(scope="module")

@@ -95,10 +95,10 @@ def test_dequantized_error_is_llama_cpps(qtype):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
-@pytest.mark.parametrize("data", DATA, ids=str)
+@pytest.mark.parametrize("distribution", DATA, ids=str)
 @pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda q: q.name)
-def test_bytes_equal_llama_cpps_encoder(qtype, data):
-    x = DATA[data].astype(np.float32)
+def test_bytes_equal_llama_cpps_encoder(qtype, distribution):
+    x = DATA[distribution].astype(np.float32)
     ours, theirs = QUANTIZERS[qtype](x), llama_cpp_encode(x, qtype)
     # every block is identical here; allow a stray float-rounding-order difference per 1000
     n_blocks = x.size // 256
@@ -309,9 +309,9 @@ LEGACY = [Q.Q8_0, Q.Q4_0]
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda q: q.name)
-@pytest.mark.parametrize("data", ["normal", "heavy_tailed", "sparse", "half_integers_ties"])
-def test_legacy_bytes_equal_llama_cpps_encoder(qtype, data):
-    x = DATA[data].astype(np.float32)
+@pytest.mark.parametrize("distribution", ["normal", "heavy_tailed", "sparse", "half_integers_ties"])
+def test_legacy_bytes_equal_llama_cpps_encoder(qtype, distribution):
+    x = DATA[distribution].astype(np.float32)
     np.testing.assert_array_equal(quantize_legacy(x, qtype), llama_cpp_encode(x, qtype))
 
 

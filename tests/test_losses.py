@@ -264,6 +264,7 @@ def test_linear_cross_entropy_value_and_gradient_equal_torch(head, compiled):
     )
 
 
+@pytest.mark.slow
 def test_linear_cross_entropy_memory_does_not_grow_with_the_answer_tokens():
     vocab, hidden = 32000, 8  # a narrow head: the memory is the logits', the time the matmuls'
 

@@ -266,7 +266,9 @@ def test_suggestions_bring_qwen3_30b_under_the_limit_of_a_32gb_mac():
 def test_mixtral_on_a_32gb_mac_is_brought_under_the_default_limit_with_its_experts_at_3_bits():
     """The 4-bit base alone (24.47 GiB) is over the default limit (21.33 GiB): fewer bits for
     the experts are proposed before any change that costs sequence length or layers."""
-    recipe = load_recipe(RECIPES / "mixtral-8x7b-instruct.yaml")
+    recipe = load_recipe(
+        RECIPES / "mixtral-8x7b-instruct.yaml", train={"quantize": 4}, lora={"rank": 8, "alpha": 16}
+    )
     cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
     plan = plan_training(cfg, recipe)
     b = budget("32GB")
@@ -279,6 +281,26 @@ def test_mixtral_on_a_32gb_mac_is_brought_under_the_default_limit_with_its_exper
     assert changes[0].peak < plan.peak - 5 * GiB and changes[-1].peak <= limit
 
 
+def test_the_shipped_mixtral_recipe_fits_the_default_limit_in_every_phase():
+    """No sysctl: the recipe's experts at 3 bits and rank 4 keep the load and the training
+    under a 32 GB Mac's default GPU limit, and the export needs far less."""
+    from mlxmoe.plan.load import plan_load
+
+    recipe = load_recipe(RECIPES / "mixtral-8x7b-instruct.yaml")
+    cfg = ConfigView(json.loads((CONFIGS / "mixtral-8x7b.json").read_text()))
+    plan = plan_training(cfg, recipe)
+    q = recipe.train.quantization
+    load = plan_load(cfg, q, q.group_size, plan.dtype)
+    limit = budget("32GB").wired_default
+    assert q.experts == 3 and plan.memory.quantized < limit
+    assert plan.peak <= limit and load.peak <= limit
+    result = CliRunner().invoke(
+        main,
+        ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--recipe", str(RECIPES / "mixtral-8x7b-instruct.yaml")],
+    )
+    assert result.exit_code == 0 and "fits under the default GPU limit" in result.output, result.output
+
+
 def test_plan_command_prints_the_breakdown_and_the_verdict():
     result = CliRunner().invoke(
         main,
@@ -287,6 +309,10 @@ def test_plan_command_prints_the_breakdown_and_the_verdict():
             str(CONFIGS / "mixtral-8x7b.json"),
             "--recipe",
             str(RECIPES / "mixtral-8x7b-instruct.yaml"),
+            "--quantize",
+            "4",
+            "--rank",
+            "8",
             "--memory",
             "36GB",
         ],
@@ -355,3 +381,17 @@ def test_the_mxfp4_export_is_planned_for_gpt_oss_and_refused_for_other_families(
     refused = CliRunner().invoke(main, ["plan", str(CONFIGS / "mixtral-8x7b.json"), "--gguf-type", "mxfp4"])
     assert refused.exit_code == 2, refused.output  # a user error: no traceback
     assert "mxfp4 is for gpt-oss's experts; mixtral is exported as" in " ".join(refused.output.split())
+
+
+def test_plan_names_the_grouped_dispatch_and_says_its_memory_is_not_modelled(tmp_path):
+    recipe = load_recipe(None, train={"moe_dispatch": "grouped", "quantize": 4})
+    cfg = ConfigView(json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text()))
+    assert plan_training(cfg, recipe, device="cpu").dispatch == "grouped"
+    (tmp_path / "r.yaml").write_text("train:\n  moe_dispatch: grouped\n")
+    result = CliRunner().invoke(
+        main, ["plan", str(CONFIGS / "qwen3-30b-a3b.json"), "--recipe", str(tmp_path / "r.yaml")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "grouped dispatch" in " ".join(result.output.split()) and "3x gather" in " ".join(
+        result.output.split()
+    )

@@ -111,6 +111,7 @@ def test_bfloat16_4bit_plan_is_within_10_percent_of_a_real_cpu_step(s):
 EXPERTS_HEAVY = dict(QWEN3, num_experts=32, moe_intermediate_size=256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", [{"bits": 4, "experts": 3}, {"bits": 8, "experts": 2, "embeddings": 6}])
 def test_a_plan_with_experts_at_fewer_bits_is_within_10_percent_of_a_real_cpu_step(scheme):
     s = setting(

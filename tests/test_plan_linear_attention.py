@@ -8,6 +8,9 @@ from __future__ import annotations
 import pytest
 from step_memory import LINEAR, measure_fresh, predict, setting
 
+# Each test measures a training step in a child process: the fast loop leaves these out.
+pytestmark = pytest.mark.slow
+
 QWEN3_NEXT = dict(LINEAR, model_type="qwen3_next", intermediate_size=256, norm_topk_prob=True)
 QWEN3_5 = dict(model_type="qwen3_5_moe", text_config=LINEAR)  # the multimodal config's layout
 

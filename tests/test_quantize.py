@@ -8,7 +8,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from tiny_models import make_hf_model, save
 
 import mlxmoe
 from mlxmoe.errors import MlxMoeError
@@ -24,12 +23,6 @@ def kl_and_top1(ref: mx.array, got: mx.array) -> tuple[float, float]:
     kl = (p * (nn.log_softmax(ref, axis=-1) - nn.log_softmax(got, axis=-1))).sum(-1).mean()
     top1 = (ref.argmax(-1) == got.argmax(-1)).astype(mx.float32).mean()
     return kl.item(), top1.item()
-
-
-@pytest.fixture(scope="module")
-def qwen2_moe_folder(tmp_path_factory):
-    # hidden 64 so that group sizes 32 and 64 both divide every input dimension
-    return save(make_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe"))
 
 
 @pytest.mark.parametrize("bits, max_kl", [(8, 1e-3), (4, 5e-2)])
@@ -153,6 +146,7 @@ def test_a_group_at_none_stays_float(qwen2_moe_folder):
     assert model.layers[0].moe.experts.up_proj.bits == 4
 
 
+@pytest.mark.slow
 def test_qlora_over_a_mixed_scheme_in_bfloat16_trains_and_eval_reloads_the_same_scheme(
     qwen2_moe, data, tmp_path
 ):

@@ -57,12 +57,6 @@ def tokens(shape: tuple[int, int], vocab_size: int, seed: int = 0) -> mx.array:
     return mx.array(np.random.default_rng(seed).integers(0, vocab_size, size=shape))
 
 
-@pytest.fixture(scope="module")
-def qwen2_moe_folder(tmp_path_factory):
-    # attention, routed experts, a shared expert and a dense layer, all quantized
-    return save(make_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe"))
-
-
 def with_random_lora_b(model: nn.Module) -> None:
     """B starts at zero, which would leave every A without a gradient."""
     mx.random.seed(1)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from functools import cached_property
 from pathlib import Path
 
 import gguf
@@ -114,18 +113,6 @@ class HybridExported(Exported):
 
     def __init__(self, family: str, root: Path):
         super().__init__(family, root, make_model(family, root / "model"))
-        self._converted = None
-
-    @cached_property
-    def merged(self) -> Path:
-        return export_hf(self.model, self.root / "merged", self.adapter)
-
-    def converted(self) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
-        """(ours, the converter's) f16 GGUF, both from the same merged model."""
-        if self._converted is None:
-            theirs = run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
-            self._converted = gguf.GGUFReader(self.gguf["f16"]), gguf.GGUFReader(theirs)
-        return self._converted
 
     def q8_0_rounded_mlx(self) -> np.ndarray:
         """Our float32 logits with the weights rounded as the q8_0 file stores them (every
@@ -163,7 +150,7 @@ def converter_test(fn):
 
 @converter_test
 def test_f16_tensors_equal_the_converters(hybrid_exported):
-    ours, theirs = (tensors(r) for r in hybrid_exported.converted())
+    ours, theirs = (tensors(r) for r in hybrid_exported.converted)
     assert sorted(ours) == sorted(theirs)
     assert {n: (t.tensor_type.name, t.shape.tolist()) for n, t in ours.items()} == {
         n: (t.tensor_type.name, t.shape.tolist()) for n, t in theirs.items()
@@ -184,7 +171,7 @@ def test_f16_tensors_equal_the_converters(hybrid_exported):
 
 @converter_test
 def test_loading_metadata_equals_the_converters(hybrid_exported):
-    ours, theirs = (loading_kv(r) for r in hybrid_exported.converted())
+    ours, theirs = (loading_kv(r) for r in hybrid_exported.converted)
     arch = ours["general.architecture"][1]
     assert f"{arch}.ssm.group_count" in ours and f"{arch}.full_attention_interval" in ours
     assert sorted(ours) == sorted(theirs)

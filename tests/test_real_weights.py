@@ -129,6 +129,7 @@ def test_mlxmoe_and_transformers_agree_on_the_real_weights(mlxmoe_logits, transf
     assert np.abs(mlxmoe_logits - transformers_logits).max() < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TOKENIZER_SAMPLES.values(), ids=TOKENIZER_SAMPLES.keys())
 def test_converted_tokenizer_splits_text_like_llama_cpp(smollm2_hf, llama, text):
     import transformers
@@ -139,12 +140,14 @@ def test_converted_tokenizer_splits_text_like_llama_cpp(smollm2_hf, llama, text)
     assert tokenizer.decode(expected) == text
 
 
+@pytest.mark.slow
 def test_tokenizer_from_mlxmoe_load_splits_text_like_llama_cpp(mlxmoe_loaded, llama):
     _, tokenizer = mlxmoe_loaded
     for text in TOKENIZER_SAMPLES.values():
         assert tokenizer.encode(text) == llama.tokenize(text.encode(), add_bos=False, special=True)
 
 
+@pytest.mark.slow
 def test_config_tokenizer_config_and_tensors_follow_hugging_face_conventions(smollm2_hf):
     config = json.loads((smollm2_hf / "config.json").read_text())
     assert config["model_type"] == "llama"
@@ -204,6 +207,7 @@ def test_an_existing_output_folder_is_left_alone_without_overwrite(smollm2_gguf,
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_a_failed_conversion_leaves_nothing_behind(smollm2_gguf, tmp_path, monkeypatch):
     import gguf
 
@@ -222,6 +226,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 # Measured on this 38-token sample: top-1 1.000, KL 0.0024.
+@pytest.mark.slow
 def test_8_bit_real_weights_stay_close_to_float(smollm2_hf, mlxmoe_logits, token_ids):
     model, _ = mlxmoe.load(smollm2_hf, quantize=8, group_size=32, dtype=mx.float32)
     quant = np.array(model(mx.array([token_ids]))[0])

@@ -62,12 +62,14 @@ def run_pytest(tmp_path: Path, require: str | None, source: str = PROOF_TESTS) -
     )
 
 
+@pytest.mark.slow
 def test_without_the_setting_a_marked_test_skips_and_the_run_passes(tmp_path):
     proc = run_pytest(tmp_path, None)
     assert proc.returncode == 0, proc.stdout
     assert "1 passed, 3 skipped" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_required_proof_that_skips_fails_the_run_with_its_reason(tmp_path):
     proc = run_pytest(tmp_path, "converter,faq")
     assert proc.returncode == 1, proc.stdout
@@ -79,12 +81,14 @@ def test_a_required_proof_that_skips_fails_the_run_with_its_reason(tmp_path):
     assert "SKIPPED [1] test_sample.py" in proc.stdout and "nothing proven here" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_proof_not_required_may_skip(tmp_path):
     proc = run_pytest(tmp_path, "blas")
     assert proc.returncode == 0, proc.stdout
     assert "1 passed, 3 skipped" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "source, require",
     [

@@ -36,7 +36,7 @@ def qwen3_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen3(qwen3_folder):
+def qwen3_tokenizer(qwen3_folder):
     return transformers.AutoTokenizer.from_pretrained(qwen3_folder)
 
 
@@ -55,34 +55,38 @@ def example(tmp_path: Path, tokenizer, messages: list[dict], thinking: str):
 # --- off: every answer after the non-thinking prompt ----------------------------------------
 
 
-def test_off_trains_the_answer_after_the_non_thinking_prompt_and_not_the_empty_block(tmp_path, qwen3):
-    ex = example(tmp_path, qwen3, [QUESTION, ANSWER], "off")
+def test_off_trains_the_answer_after_the_non_thinking_prompt_and_not_the_empty_block(
+    tmp_path, qwen3_tokenizer
+):
+    ex = example(tmp_path, qwen3_tokenizer, [QUESTION, ANSWER], "off")
     # The tokens are the template's own rendering of the sample: the empty block included ...
-    assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, ANSWER])
-    assert qwen3.decode(ex.tokens).endswith(f"<|im_start|>assistant\n{EMPTY_THINK}4.<|im_end|>\n")
+    assert ex.tokens.tolist() == rendered(qwen3_tokenizer, [QUESTION, ANSWER])
+    assert qwen3_tokenizer.decode(ex.tokens).endswith(f"<|im_start|>assistant\n{EMPTY_THINK}4.<|im_end|>\n")
     # ... but it is prompt: the answer and its end of turn are trained, the newline after is not.
-    assert trained(qwen3, ex) == ["4.<|im_end|>"]
+    assert trained(qwen3_tokenizer, ex) == ["4.<|im_end|>"]
     assert before_last_answer(ex) == rendered(
-        qwen3, [QUESTION], add_generation_prompt=True, enable_thinking=False
+        qwen3_tokenizer, [QUESTION], add_generation_prompt=True, enable_thinking=False
     )
 
 
 @pytest.mark.parametrize("answer", [REASONED, THINK_BLOCK], ids=["reasoning_content", "think block"])
-def test_off_drops_reasoning_given_in_the_data(answer, tmp_path, qwen3):
-    plain = example(tmp_path, qwen3, [QUESTION, ANSWER], "off")
-    ex = example(tmp_path, qwen3, [QUESTION, answer], "off")
+def test_off_drops_reasoning_given_in_the_data(answer, tmp_path, qwen3_tokenizer):
+    plain = example(tmp_path, qwen3_tokenizer, [QUESTION, ANSWER], "off")
+    ex = example(tmp_path, qwen3_tokenizer, [QUESTION, answer], "off")
     np.testing.assert_array_equal(ex.tokens, plain.tokens)
     np.testing.assert_array_equal(ex.loss_mask, plain.loss_mask)
 
 
-def test_off_multi_turn_trains_every_answer_as_the_template_renders_the_conversation(tmp_path, qwen3):
+def test_off_multi_turn_trains_every_answer_as_the_template_renders_the_conversation(
+    tmp_path, qwen3_tokenizer
+):
     conversation = [QUESTION, REASONED, FOLLOW_UP, {"role": "assistant", "content": "6."}]
-    ex = example(tmp_path, qwen3, conversation, "off")
-    assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, ANSWER, *conversation[2:]])
+    ex = example(tmp_path, qwen3_tokenizer, conversation, "off")
+    assert ex.tokens.tolist() == rendered(qwen3_tokenizer, [QUESTION, ANSWER, *conversation[2:]])
     # Qwen3 writes earlier answers without a think block and the last with the empty one.
-    assert trained(qwen3, ex) == ["4.<|im_end|>", "6.<|im_end|>"]
+    assert trained(qwen3_tokenizer, ex) == ["4.<|im_end|>", "6.<|im_end|>"]
     assert before_last_answer(ex) == rendered(
-        qwen3, [QUESTION, ANSWER, FOLLOW_UP], add_generation_prompt=True, enable_thinking=False
+        qwen3_tokenizer, [QUESTION, ANSWER, FOLLOW_UP], add_generation_prompt=True, enable_thinking=False
     )
 
 
@@ -90,28 +94,31 @@ def test_off_multi_turn_trains_every_answer_as_the_template_renders_the_conversa
 
 
 @pytest.mark.parametrize("answer", [REASONED, THINK_BLOCK], ids=["reasoning_content", "think block"])
-def test_keep_trains_the_think_block_after_the_thinking_prompt(answer, tmp_path, qwen3):
-    ex = example(tmp_path, qwen3, [QUESTION, answer], "keep")
-    assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, REASONED])
-    assert trained(qwen3, ex) == ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"]
+def test_keep_trains_the_think_block_after_the_thinking_prompt(answer, tmp_path, qwen3_tokenizer):
+    ex = example(tmp_path, qwen3_tokenizer, [QUESTION, answer], "keep")
+    assert ex.tokens.tolist() == rendered(qwen3_tokenizer, [QUESTION, REASONED])
+    assert trained(qwen3_tokenizer, ex) == ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"]
     assert before_last_answer(ex) == rendered(
-        qwen3, [QUESTION], add_generation_prompt=True, enable_thinking=True
+        qwen3_tokenizer, [QUESTION], add_generation_prompt=True, enable_thinking=True
     )
 
 
-def test_keep_trains_an_answer_without_reasoning_as_off_does(tmp_path, qwen3):
-    kept = example(tmp_path, qwen3, [QUESTION, ANSWER], "keep")
-    off = example(tmp_path, qwen3, [QUESTION, ANSWER], "off")
+def test_keep_trains_an_answer_without_reasoning_as_off_does(tmp_path, qwen3_tokenizer):
+    kept = example(tmp_path, qwen3_tokenizer, [QUESTION, ANSWER], "keep")
+    off = example(tmp_path, qwen3_tokenizer, [QUESTION, ANSWER], "off")
     np.testing.assert_array_equal(kept.tokens, off.tokens)
     np.testing.assert_array_equal(kept.loss_mask, off.loss_mask)
 
 
-def test_keep_multi_turn_trains_the_reasoning_the_template_writes(tmp_path, qwen3):
+def test_keep_multi_turn_trains_the_reasoning_the_template_writes(tmp_path, qwen3_tokenizer):
     last = {"role": "assistant", "content": "6.", "reasoning_content": "Three and three."}
-    ex = example(tmp_path, qwen3, [QUESTION, REASONED, FOLLOW_UP, last], "keep")
+    ex = example(tmp_path, qwen3_tokenizer, [QUESTION, REASONED, FOLLOW_UP, last], "keep")
     # Qwen3's template drops the reasoning of answers before the last question.
-    assert ex.tokens.tolist() == rendered(qwen3, [QUESTION, REASONED, FOLLOW_UP, last])
-    assert trained(qwen3, ex) == ["4.<|im_end|>", "<think>\nThree and three.\n</think>\n\n6.<|im_end|>"]
+    assert ex.tokens.tolist() == rendered(qwen3_tokenizer, [QUESTION, REASONED, FOLLOW_UP, last])
+    assert trained(qwen3_tokenizer, ex) == [
+        "4.<|im_end|>",
+        "<think>\nThree and three.\n</think>\n\n6.<|im_end|>",
+    ]
 
 
 def test_a_template_without_a_thinking_mode_trains_the_same_tokens_either_way(tmp_path):
@@ -123,7 +130,7 @@ def test_a_template_without_a_thinking_mode_trains_the_same_tokens_either_way(tm
     assert trained(mixtral, off) == ["4.</s>"]
 
 
-def test_bad_reasoning_and_an_unknown_mode_are_one_error(tmp_path, qwen3):
+def test_bad_reasoning_and_an_unknown_mode_are_one_error(tmp_path, qwen3_tokenizer):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"messages": [QUESTION, {**ANSWER, "reasoning_content": 4}]}) + "\n")
     with pytest.raises(
@@ -131,9 +138,9 @@ def test_bad_reasoning_and_an_unknown_mode_are_one_error(tmp_path, qwen3):
         match=r'train\.jsonl:1: messages\[1\] "reasoning_content" must '
         "be a string",
     ):
-        load_dataset(path, qwen3, 64)
+        load_dataset(path, qwen3_tokenizer, 64)
     with pytest.raises(MlxMoeError, match="data.thinking must be one of off, keep, got 'on'"):
-        load_dataset(path, qwen3, 64, thinking="on")
+        load_dataset(path, qwen3_tokenizer, 64, thinking="on")
 
 
 # --- the recipe key, and its way to the tokenizing child ---------------------------------------
@@ -168,17 +175,18 @@ def test_a_bad_data_thinking_is_one_error_naming_the_key(yaml, error, tmp_path):
         load_recipe(recipe)
 
 
-def test_the_tokenizing_child_process_receives_the_thinking_mode(tmp_path, qwen3_folder, qwen3):
+@pytest.mark.slow
+def test_the_tokenizing_child_process_receives_the_thinking_mode(tmp_path, qwen3_folder, qwen3_tokenizer):
     from mlxmoe.data.tokenize_worker import tokenize_files
 
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"messages": [QUESTION, REASONED]}) + "\n")
     for mode in ("off", "keep"):
         (child,) = tokenize_files(qwen3_folder, [path], 512, True, mode)
-        here = load_dataset(path, qwen3, 512, True, mode)
+        here = load_dataset(path, qwen3_tokenizer, 512, True, mode)
         np.testing.assert_array_equal(child.examples[0].tokens, here.examples[0].tokens)
         np.testing.assert_array_equal(child.examples[0].loss_mask, here.examples[0].loss_mask)
-    assert "<think>\nTwo" in qwen3.decode(child.examples[0].tokens)  # keep, the last one
+    assert "<think>\nTwo" in qwen3_tokenizer.decode(child.examples[0].tokens)  # keep, the last one
 
 
 def test_training_tokenizes_with_the_recipes_thinking_mode(tmp_path, monkeypatch):
@@ -206,7 +214,7 @@ def test_training_tokenizes_with_the_recipes_thinking_mode(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alone(
-    tmp_path, qwen3_folder, qwen3, monkeypatch
+    tmp_path, qwen3_folder, qwen3_tokenizer, monkeypatch
 ):
     from tiny_models import make_hf_model, save
 
@@ -238,14 +246,19 @@ def test_eval_generates_after_the_non_thinking_prompt_and_scores_the_answer_alon
     monkeypatch.setattr(generation, "stream_generate", recording)
     report = evaluate(model, data, max_new_tokens=2, dtype="float32")
     assert prompts == [
-        rendered(qwen3, [q], add_generation_prompt=True, enable_thinking=False) for q in (QUESTION, FOLLOW_UP)
+        rendered(qwen3_tokenizer, [q], add_generation_prompt=True, enable_thinking=False)
+        for q in (QUESTION, FOLLOW_UP)
     ]
     assert [r.reference for r in report.per_sample] == ["4.", "6."]
     # Perplexity is of the answers and their end of turn: no think block, no reasoning.
-    assert report.answer_tokens == len(ids(qwen3, "4.<|im_end|>")) + len(ids(qwen3, "6.<|im_end|>"))
+    assert report.answer_tokens == len(ids(qwen3_tokenizer, "4.<|im_end|>")) + len(
+        ids(qwen3_tokenizer, "6.<|im_end|>")
+    )
 
 
-def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_folder, qwen3, monkeypatch):
+def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(
+    tmp_path, qwen3_folder, qwen3_tokenizer, monkeypatch
+):
     import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
 
@@ -264,7 +277,7 @@ def test_the_demo_asks_llama_cpp_with_the_non_thinking_prompt(tmp_path, qwen3_fo
     (tmp_path / "test.jsonl").write_text(json.dumps({"prompt": "What is 2+2?", "completion": "4."}) + "\n")
     answer = _ask_llama_cpp(tmp_path / "model.gguf", qwen3_folder, tmp_path, DemoSettings())
     assert answer["answer"] == "4." and answer["rouge_l"] == 1.0
-    expected = qwen3.apply_chat_template(
+    expected = qwen3_tokenizer.apply_chat_template(
         [QUESTION], tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
     assert calls == [(expected, ["<|im_start|>", "<|im_end|>"])]

@@ -21,7 +21,7 @@ from assets import (
     qwen3_tokenizer_with,
 )
 from chat_checks import before_last_answer, example, trained
-from ollama_go import CURRENT_DATE, build_go_program, frozen_today, ollama_chat_values
+from ollama_go import CURRENT_DATE, frozen_today, ollama_chat_values
 
 from mlxmoe.gguf.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
@@ -43,7 +43,7 @@ def today(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def gpt_oss_chat_folder(tmp_path_factory):
     template = llama_cpp_template("openai-gpt-oss-120b.jinja")
     if template is None:
         pytest.skip("llama.cpp's gpt-oss chat template is not unpacked at LLAMA_CPP_SRC")
@@ -53,10 +53,10 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gpt_oss(folder):
+def gpt_oss(gpt_oss_chat_folder):
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(gpt_oss_chat_folder)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,9 @@ def harmony(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    run = build_go_program(tmp_path_factory.mktemp("go"))
+def go_render_gpt_oss(go_program):
     template = chat_formats()["gpt-oss"]["template"]
-    return lambda cases: run(template, cases)["prompts"]
+    return lambda cases: go_program(template, cases)["prompts"]
 
 
 def developer_blank_line(text: str) -> str:
@@ -183,7 +182,7 @@ def test_the_non_thinking_prompt_ends_with_an_empty_analysis_and_the_generation_
 
 
 def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(
-    folder, gpt_oss, harmony, tmp_path, monkeypatch
+    gpt_oss_chat_folder, gpt_oss, harmony, tmp_path, monkeypatch
 ):
     import mlxmoe.gguf.llamacpp
     from mlxmoe.demo import DemoSettings, _ask_llama_cpp
@@ -203,7 +202,7 @@ def test_the_demo_asks_llama_cpp_with_it_and_scores_the_final_channel(
     (tmp_path / "test.jsonl").write_text(
         json.dumps({"prompt": QUESTION["content"], "completion": "4."}) + "\n"
     )
-    answer = _ask_llama_cpp(tmp_path / "model.gguf", folder, tmp_path, DemoSettings())
+    answer = _ask_llama_cpp(tmp_path / "model.gguf", gpt_oss_chat_folder, tmp_path, DemoSettings())
     assert answer["answer"] == "4." and answer["rouge_l"] == 1.0
     assert calls == [(harmony[0]([QUESTION], empty_analysis=True), ["<|return|>", "<|call|>"])]
 
@@ -221,14 +220,15 @@ CONVERSATIONS = {
 THINK = [None, False, True, "low", "medium", "high"]
 
 
-def test_detected_by_its_template_with_no_default_system_prompt(folder):
-    assert detect_chat_format(folder) == "gpt-oss"
-    assert default_system_prompt(folder) is None
+def test_detected_by_its_template_with_no_default_system_prompt(gpt_oss_chat_folder):
+    assert detect_chat_format(gpt_oss_chat_folder) == "gpt-oss"
+    assert default_system_prompt(gpt_oss_chat_folder) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("think", THINK, ids=[f"think {t}" for t in THINK])
 def test_template_renders_the_official_templates_prompt_for_each_think_value(
-    think, gpt_oss, go_render, harmony
+    think, gpt_oss, go_render_gpt_oss, harmony
 ):
     """Without thinking (unset or false): the official template's prompt with the empty
     analysis message mlxmoe trains answers after; with it: the official template's own, at the
@@ -237,7 +237,7 @@ def test_template_renders_the_official_templates_prompt_for_each_think_value(
     the same conversations alike."""
     thinking = think not in (None, False)
     effort = "medium" if think is True or not thinking else think
-    ours = go_render([ollama_chat_values(c, None, think) for c in CONVERSATIONS.values()])
+    ours = go_render_gpt_oss([ollama_chat_values(c, None, think) for c in CONVERSATIONS.values()])
     for (case, messages), prompt in zip(CONVERSATIONS.items(), ours):
         started = messages[-1]["role"] == "assistant"
         hf = [dict(m) for m in messages]
@@ -262,6 +262,7 @@ def test_template_renders_the_official_templates_prompt_for_each_think_value(
         assert ("Two and two" in prompt) == (case == "a started answer after reasoning"), case
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "messages", "think"),
     [
@@ -282,11 +283,11 @@ def test_template_renders_the_official_templates_prompt_for_each_think_value(
     ],
 )
 def test_the_tokens_trained_before_a_gpt_oss_answer_are_the_modelfile_prompt(
-    mode, messages, think, tmp_path, gpt_oss, go_render
+    mode, messages, think, tmp_path, gpt_oss, go_render_gpt_oss
 ):
     ex = example(tmp_path, gpt_oss, messages, mode)
     history = [
         {("thinking" if k == "reasoning_content" else k): v for k, v in m.items()} for m in messages[:-1]
     ]
-    (prompt,) = go_render([ollama_chat_values(history, None, think)])
+    (prompt,) = go_render_gpt_oss([ollama_chat_values(history, None, think)])
     assert gpt_oss.encode(prompt, add_special_tokens=False) == before_last_answer(ex)

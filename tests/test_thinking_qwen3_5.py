@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from assets import llama_cpp_template, qwen3_tokenizer_with
 from chat_checks import before_last_answer, example, trained
-from ollama_go import build_go_program, ollama_chat_values
+from ollama_go import ollama_chat_values
 
 from mlxmoe.gguf.ollama import chat_formats, default_system_prompt, detect_chat_format
 from mlxmoe.thinking import non_thinking_prompt
@@ -27,7 +27,7 @@ SECOND = {"role": "assistant", "content": "6.", "reasoning_content": "Three and 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def qwen3_5_chat_folder(tmp_path_factory):
     template = llama_cpp_template("Qwen3.5-4B.jinja")
     if template is None:
         pytest.skip("llama.cpp's Qwen3.5 chat template is not unpacked at LLAMA_CPP_SRC")
@@ -37,22 +37,21 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen3_5(folder):
+def qwen3_5(qwen3_5_chat_folder):
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(qwen3_5_chat_folder)
 
 
 @pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    run = build_go_program(tmp_path_factory.mktemp("go"))
+def go_render_qwen3_5(go_program):
     template = chat_formats()["qwen3_5"]["template"]
-    return lambda cases: run(template, cases)["prompts"]
+    return lambda cases: go_program(template, cases)["prompts"]
 
 
-def test_detected_apart_from_qwen3_by_its_thinking_prompt(folder):
-    assert detect_chat_format(folder) == "qwen3_5"
-    assert default_system_prompt(folder) is None
+def test_detected_apart_from_qwen3_by_its_thinking_prompt(qwen3_5_chat_folder):
+    assert detect_chat_format(qwen3_5_chat_folder) == "qwen3_5"
+    assert default_system_prompt(qwen3_5_chat_folder) is None
 
 
 # --- training -------------------------------------------------------------------------------
@@ -118,9 +117,12 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("think", [None, False, True], ids=["think unset", "think false", "think true"])
-def test_template_renders_what_qwen3_5s_template_renders_with_enable_thinking(think, qwen3_5, go_render):
-    ours = go_render([ollama_chat_values(c, None, think) for c in CONVERSATIONS.values()])
+def test_template_renders_what_qwen3_5s_template_renders_with_enable_thinking(
+    think, qwen3_5, go_render_qwen3_5
+):
+    ours = go_render_qwen3_5([ollama_chat_values(c, None, think) for c in CONVERSATIONS.values()])
     for (case, messages), prompt in zip(CONVERSATIONS.items(), ours):
         started = messages[-1]["role"] == "assistant"
         hf = [{("reasoning_content" if k == "thinking" else k): v for k, v in m.items()} for m in messages]
@@ -137,6 +139,7 @@ def test_template_renders_what_qwen3_5s_template_renders_with_enable_thinking(th
     assert ours[0].endswith(opened + ("" if think else "\n</think>\n\n"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "messages", "think"),
     [
@@ -148,11 +151,11 @@ def test_template_renders_what_qwen3_5s_template_renders_with_enable_thinking(th
     ids=["off", "off, multi-turn", "keep, reasoning", "keep, multi-turn reasoning"],
 )
 def test_the_tokens_trained_before_a_qwen3_5_answer_are_the_modelfile_prompt(
-    mode, messages, think, tmp_path, qwen3_5, go_render
+    mode, messages, think, tmp_path, qwen3_5, go_render_qwen3_5
 ):
     ex = example(tmp_path, qwen3_5, messages, mode)
     history = [
         {("thinking" if k == "reasoning_content" else k): v for k, v in m.items()} for m in messages[:-1]
     ]
-    (prompt,) = go_render([ollama_chat_values(history, None, think)])
+    (prompt,) = go_render_qwen3_5([ollama_chat_values(history, None, think)])
     assert qwen3_5.encode(prompt, add_special_tokens=False) == before_last_answer(ex)

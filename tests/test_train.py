@@ -291,6 +291,7 @@ def test_cli_trains_from_a_recipe_with_flags_overriding(qwen2_moe, data, tmp_pat
     assert len(metrics(tmp_path / "out")) == 2
 
 
+@pytest.mark.slow
 def test_bad_data_line_is_reported_by_file_and_line(qwen2_moe, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -355,6 +356,7 @@ def test_the_training_process_never_loads_a_tokenizer(qwen2_moe, data, tmp_path)
     assert "LOADED []" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_model_folder_without_a_tokenizer_is_refused(qwen2_moe, data, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(qwen2_moe, bare)

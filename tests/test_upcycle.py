@@ -170,6 +170,7 @@ def test_top_k_must_fit_the_number_of_experts(tiny_dense, tmp_path):
         upcycle(dense_dir, tmp_path / "out", n_experts=2, top_k=3)
 
 
+@pytest.mark.slow
 def test_cli_upcycles_the_shipped_smollm2_by_default(tmp_path):
     import subprocess
     import sys

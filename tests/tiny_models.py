@@ -242,3 +242,59 @@ def train_tiny_adapter(model: Path, root: Path) -> Path:
     r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
     train(r, root / "adapter", show_progress=False)
     return root / "adapter"
+
+
+# Gemma-4's MoE text model: sliding layers with heads of 16, full ones with heads of 32 and one
+# key-value head whose values are its keys (attention_k_eq_v), a dense MLP beside 6 experts.
+# Kept out of TINY_CONFIGS: hf_forward and the t4 spelling do not apply (tests/test_gemma4.py).
+GEMMA4_TINY = dict(
+    COMMON,
+    intermediate_size=48,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    attention_k_eq_v=True,
+    enable_moe_block=True,
+    num_experts=6,
+    top_k_experts=2,
+    moe_intermediate_size=24,
+    hidden_size_per_layer_input=0,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention", "full_attention"],
+    final_logit_softcapping=3.0,
+)
+
+
+def make_gemma4_model(seed: int = 0, vision: bool = False, **overrides) -> torch.nn.Module:
+    """A tiny random Gemma-4 (make_hf_model's random values): the text model alone, or
+    (``vision``) inside Gemma4ForConditionalGeneration with a one-layer vision tower. Layer
+    scalars near 1 (a random 0.08 would shrink each layer's output to nothing)."""
+    config = transformers.Gemma4TextConfig(**{**GEMMA4_TINY, **overrides})
+    torch.manual_seed(seed)
+    text = transformers.Gemma4ForCausalLM(config).eval()
+    model = text
+    if vision:
+        config = transformers.Gemma4Config(
+            text_config=text.config.to_dict(),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=16,
+                position_embedding_size=64,
+            ),
+            audio_config=None,
+            tie_word_embeddings=text.config.tie_word_embeddings,
+        )
+        model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(
+                (1.0 + 0.2 * torch.randn_like(param)) if "norm" in name else 0.08 * torch.randn_like(param)
+            )
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.copy_(1.0 + 0.2 * torch.randn_like(buffer))
+    return model

@@ -17,6 +17,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..nn.grouped import grouped_matmul
 from ..nn.moe import ExpertLinear, QuantizedExpertLinear, Router, gather_matmul
 
 
@@ -79,6 +80,12 @@ class LoRAExperts(nn.Module):
         else:
             h = gather_matmul(self.dropout(x), a, indices, sorted_indices)
             z = gather_matmul(h, b, indices, sorted_indices)
+        return y + self.scale * z
+
+    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
+        """The grouped dispatch (``nn.grouped``): rows sorted by expert."""
+        y = self.base.grouped(x, counts, experts)
+        z = grouped_matmul(grouped_matmul(self.dropout(x), self.lora_a, counts), self.lora_b, counts)
         return y + self.scale * z
 
     def delta(self) -> mx.array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import CheckpointError
 from .base import Family
 from .deepseek_v2 import FAMILY as DEEPSEEK_V2
+from .gemma4 import FAMILY as GEMMA4
 from .gpt_oss import FAMILY as GPT_OSS
 from .granitemoe import FAMILY as GRANITEMOE
 from .llama import FAMILY as LLAMA
@@ -19,6 +20,7 @@ FAMILIES: dict[str, Family] = {
     model_type: family
     for family in (
         DEEPSEEK_V2,
+        GEMMA4,
         GPT_OSS,
         GRANITEMOE,
         LLAMA,

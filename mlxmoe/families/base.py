@@ -25,7 +25,9 @@ class GGUFPart:
     stacked on a new first axis, and those blocks' last two axes swapped if ``transposed``
     (deepseek2's attn_k_b). Picking rows and columns keeps a LoRA delta B @ A factored: its
     rows are B's, its columns A's; ``value``, ``heads`` and ``transposed`` do not, and are for
-    tensors whose LoRA llama.cpp cannot take."""
+    tensors whose LoRA llama.cpp cannot take. Parts of several of ours with ``join`` set and
+    one GGUF name are one tensor: their rows (axis -2) stacked in ``join`` order (Gemma-4's
+    ffn_gate_up_exps: the gate's, then the up projection's)."""
 
     role: str
     rows: np.ndarray | None = None
@@ -34,6 +36,7 @@ class GGUFPart:
     squeeze: bool = False
     heads: int | None = None
     transposed: bool = False
+    join: int | None = None
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = list(shape)
@@ -114,9 +117,21 @@ class Family:
     # is ours (Qwen3-Next's conv1d: ours [C, K, 1], torch's [C, 1, K]); lazy, so shapes cost
     # nothing
     hub_layout: Callable[[str, Any], Any] | None = None
+    # The prefixes a checkpoint may store the language model's tensors under, the one
+    # hf_tensors and stored_in write first (Qwen3.5, Gemma-4: "model.language_model" in the
+    # multimodal checkpoint, "model" in a text-only one); export_hf writes a checkpoint's
+    # names back under its own
+    hf_prefixes: tuple[str, ...] = ()
     # Roles whose matrix gguf_arch's graph multiplies without LoRA: an adapter GGUF's pair for
     # one would load and never apply, so adapter export refuses it (deepseek2's MLA projections)
     gguf_no_lora: tuple[str, ...] = ()
+    # GGUF tensors the converter generates from the config, of none of ours (Gemma-4's
+    # rope_freqs): args -> [(GGUF name, float32 array)]
+    gguf_extra_tensors: Callable[[DecoderArgs], list[tuple[str, np.ndarray]]] | None = None
+    # role -> the role (one value per expert) by which gguf_arch's graph multiplies each
+    # expert's product with that matrix, and not its LoRA (llama.cpp's build_lora_mm_id w_s:
+    # Gemma-4's per-expert scale on ffn_down_exps): an adapter GGUF's B carries it instead
+    gguf_lora_scaled_by: dict[str, str] = field(default_factory=dict)
 
     def build(self, args: DecoderArgs) -> CausalLM:
         return build_decoder(args, self.name)

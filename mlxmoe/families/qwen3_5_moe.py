@@ -16,6 +16,8 @@ from ..errors import MlxMoeError
 from . import qwen3_next
 from .base import Family, GGUFPart
 
+# The multimodal checkpoint's, then a text-only one's
+PREFIXES = ("model.language_model", "model")
 # Never read: the vision tower and the multi-token-prediction layer
 SKIPPED_PREFIXES = ("model.visual.", "mtp.", "model.mtp.")
 # The multimodal RoPE's sections llama.cpp's qwen35moe requires, where config.json has none
@@ -73,7 +75,7 @@ FAMILY = Family(
     "qwen3_5_moe",
     ("qwen3_5_moe", "qwen3_5_moe_text"),
     "qwen35moe",
-    qwen3_next.hf_tensors(("model.language_model", "model"), False),
+    qwen3_next.hf_tensors(PREFIXES, False),
     args_from_config,
     qwen3_next.gguf_hparams,
     split_tensor=split_tensor,
@@ -81,4 +83,5 @@ FAMILY = Family(
     gguf_config_hparams=gguf_config_hparams,
     hub_layout=qwen3_next.hub_layout,
     gguf_names=qwen3_next.GGUF_NAMES,
+    hf_prefixes=PREFIXES,
 )

@@ -62,6 +62,9 @@ class TensorPlan:
     shape: tuple[int, ...]
     qtype: Q
     part: GGUFPart | None = None  # how the family makes it of ours, where not as it is
+    # where several of ours make it (GGUFPart.join): each (ours, part), in row order
+    joined: tuple[tuple[str, GGUFPart], ...] = ()
+    generated: np.ndarray | None = None  # the family's gguf_extra_tensors: of none of ours
 
 
 @dataclass
@@ -161,37 +164,52 @@ def write_hparams(writer: gguf.GGUFWriter, weights: MergedWeights, file_type: st
 def plan_tensors(weights: MergedWeights, file_type: str) -> list[TensorPlan]:
     args = weights.args
     n_experts = getattr(args, "num_experts", 0)
-    plans = []
+
+    def plan(ours: str, name: str, role: str, shape: tuple[int, ...], **kw) -> TensorPlan:
+        qtype = tensor_type(
+            name, role, shape, file_type, args.num_layers, n_experts, args.tie_word_embeddings
+        )
+        return TensorPlan(ours, name, shape, qtype, **kw)
+
+    extra = weights.family.gguf_extra_tensors
+    plans = [plan("", name, "", data.shape, generated=data) for name, data in (extra(args) if extra else [])]
+    joined: dict[str, list[tuple[str, GGUFPart]]] = {}
+    for ours, bid, part in gguf_parts_of(weights):
+        name = weights.family.gguf_name(part.role, bid)
+        if part.join is not None:
+            if name not in joined:
+                plans.append(plan(ours, name, part.role, (), part=part))  # shape and type below
+            joined.setdefault(name, []).append((ours, part))
+            continue
+        plans.append(plan(ours, name, part.role, part.shape(weights.shapes[ours]), part=part))
+    for i, p in enumerate(plans):
+        if p.gguf_name in joined:
+            members = tuple(sorted(joined[p.gguf_name], key=lambda m: m[1].join))
+            shapes = [m[1].shape(weights.shapes[m[0]]) for m in members]
+            shape = (*shapes[0][:-2], sum(s[-2] for s in shapes), shapes[0][-1])
+            plans[i] = plan(p.ours, p.gguf_name, p.part.role, shape, part=p.part, joined=members)
+    return plans
+
+
+def gguf_parts_of(weights: MergedWeights) -> list[tuple[str, int | None, GGUFPart]]:
+    """(ours, block, part) for every GGUF part of every tensor of ours."""
+    out = []
     for ours in weights.names():
         role, bid = weights.role(ours)
-        for part in weights.family.gguf_tensor_parts(role, args):
-            name = weights.family.gguf_name(part.role, bid)
-            shape = part.shape(weights.shapes[ours])
-            plans.append(
-                TensorPlan(
-                    ours,
-                    name,
-                    shape,
-                    tensor_type(
-                        name,
-                        part.role,
-                        shape,
-                        file_type,
-                        args.num_layers,
-                        n_experts,
-                        args.tie_word_embeddings,
-                    ),
-                    part,
-                )
-            )
-    return plans
+        out += [(ours, bid, part) for part in weights.family.gguf_tensor_parts(role, weights.args)]
+    return out
 
 
 def produce(weights: MergedWeights, plan: TensorPlan) -> np.ndarray:
     if plan.qtype == Q.MXFP4 and (published := weights.mxfp4_parts(plan.ours)) is not None:
         return mxfp4_from_hub(*published)  # as published: moved, not rounded again
-    data = weights.tensor(plan.ours)
-    if plan.part is not None:
+    if plan.generated is not None:
+        data = plan.generated
+    elif plan.joined:
+        data = np.concatenate([part.apply(weights.tensor(ours)) for ours, part in plan.joined], axis=-2)
+    else:
+        data = weights.tensor(plan.ours)
+    if plan.part is not None and not plan.joined:
         data = plan.part.apply(data)
     args = weights.args
     if weights.family.permute_qk:

@@ -146,7 +146,7 @@ class MergedWeights:
     def _index_stored(self, ckpt: Checkpoint) -> dict[str, list[TensorIn]]:
         """Ours -> the checkpoint tensors the family splits it from (family.stored_in:
         gpt-oss's fused gate_up_proj, or its MXFP4 blocks and scales)."""
-        patterns = [(compile_pattern(name), role) for role, name in self.family.stored_in.items()]
+        patterns = [(compile_pattern(ckpt.stored_in(role)), role) for role in self.family.stored_in]
         stored: dict[str, list[TensorIn]] = {}
         for file in ckpt.weight_files if patterns else ():
             for source in safetensors_header(file):
@@ -364,7 +364,7 @@ def export_hf(
         role, bid = weights.role(ours)
         shape = weights.shapes[ours]
         if role in weights.family.stored_in and weights.family.join_tensor is not None:
-            stored = weights.family.stored_in[role].format(bid=bid)
+            stored = weights.ckpt.stored_in(role).format(bid=bid)
             if stored not in joined:
                 joined[stored] = {}
                 tensors.append(stored)  # replaced below, once all its parts are known

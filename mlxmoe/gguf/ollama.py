@@ -11,7 +11,11 @@ answer without reasoning (``thinking.NON_THINKING``), as training and evaluation
 thinking model's template (Qwen3's empty think block) tells its format from plain ChatML; a
 format whose sidecar has ``thinking_probe`` must also render that with thinking allowed (Qwen3's
 thinking prompt is ``<|im_start|>assistant\n``, Qwen3.5's opens the think block). Templates that
-write today's date (gpt-oss's) render the probe on PROBE_DATE.
+write today's date (gpt-oss's) render the probe on PROBE_DATE. A sidecar's ``template_system``
+is the default system prompt its TEMPLATE writes itself where a conversation has none, dated the
+day Ollama prompts (Granite 3.3's, ``{date:%B %d, %Y}``): the format is a model's only where the
+model's template writes a default too, either that one (no SYSTEM then) or one without a date,
+which becomes SYSTEM (Granite 4.0's); a dated one in other words would need a TEMPLATE of its own.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ PROBE = (
 TEMPLATE_SOURCES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 BOS_MARK = "\ue000"  # a private-use character
 PROBE_DATE = datetime(2024, 6, 1)
+OTHER_DATE = datetime(2025, 11, 23)  # another day, month and year: tells a dated default apart
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # What Ollama's Modelfile parser accepts as a PARAMETER name (parser/parser.go).
 PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -77,9 +82,8 @@ def chat_formats() -> dict[str, dict[str, Any]]:
 
 def detect_chat_format(model_dir: str | Path) -> str:
     """The model's chat format: "mistral", "chatml", "qwen3" or "qwen3_5" (ChatML with think
-    blocks), "gpt-oss" (harmony), or "none" (plain completion) for a model without a chat
-    template. A template of no known family
-    is "none", with a warning."""
+    blocks), "gpt-oss" (harmony), "gemma4", "granite", or "none" (plain completion) for a model
+    without a chat template. A template of no known family is "none", with a warning."""
     name, _, problem = probe_chat_template(Path(model_dir))
     if problem:
         log.warning("%s; the Modelfile uses plain completion", problem)
@@ -121,13 +125,24 @@ def probe_chat_template(model_dir: Path) -> tuple[str, str | None, str | None]:
         if not thinking.endswith(spec.get("thinking_probe", "")):
             continue
         head = rendered[: len(rendered) - len(probe)]
-        if not head:
+        system = filled_in(spec.get("system_turn"), head) if head else None
+        if head and system is None:
+            continue
+        own = spec.get("template_system")
+        if own is None:
+            return name, system, None
+        # The TEMPLATE writes a system turn of its own where the conversation has none.
+        if system == own.format(date=PROBE_DATE):
             return name, None, None
-        system = filled_in(spec.get("system_turn"), head)
-        if system is not None:
+        if system is not None and undated(system, template, tokens):
             return name, system, None
     known = ", ".join(n for n, s in chat_formats().items() if "probe" in s)
     return PLAIN, None, f"{source}: chat template of no known family ({known})"
+
+
+def undated(system: str, template: str, tokens: dict[str, str]) -> bool:
+    """Whether the template writes its default system prompt the same on another day."""
+    return system in render_hf_template(template, list(PROBE), tokens, date=OTHER_DATE)
 
 
 def filled_in(pattern: str | None, text: str) -> str | None:
@@ -179,10 +194,14 @@ def read_model_json(path: Path) -> dict:
 
 
 def render_hf_template(
-    template: str, messages: list[dict], tokens: dict[str, str], thinking: bool = False
+    template: str,
+    messages: list[dict],
+    tokens: dict[str, str],
+    thinking: bool = False,
+    date: datetime = PROBE_DATE,
 ) -> str:
     """The template rendered with the jinja2 settings transformers' apply_chat_template uses,
-    on PROBE_DATE, with the generation prompt for an answer without reasoning (or, with
+    on ``date``, with the generation prompt for an answer without reasoning (or, with
     ``thinking``, with reasoning allowed)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -192,7 +211,7 @@ def render_hf_template(
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=raise_exception, strftime_now=PROBE_DATE.strftime)
+    env.globals.update(raise_exception=raise_exception, strftime_now=date.strftime)
     variables = {} if thinking else NON_THINKING
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=True, **variables, **tokens

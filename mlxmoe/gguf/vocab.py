@@ -7,7 +7,9 @@ code lives in ``conversion/base.py``), so llama.cpp splits text as if it had con
   its score and type (``_create_vocab_sentencepiece``), then the added tokens;
 - a byte-level BPE ``tokenizer.json`` -> ``"gpt2"``: tokens, types and merges
   (``get_vocab_base`` / ``_set_vocab_gpt2``) and the pre-tokenizer name, which llama.cpp can
-  only know by hashing the ids the tokenizer gives a fixed text (``get_vocab_base_pre``).
+  only know by hashing the ids the tokenizer gives a fixed text (``get_vocab_base_pre``);
+- for llama.cpp's ``gemma4`` arch, whatever the folder holds: ``tokenizer.json`` as
+  ``"gemma4"`` (Gemma4Model.set_vocab in ``conversion/gemma.py``).
 
 Special token ids, add_bos/add_eos, merges and the chat template come from gguf-py's
 ``SpecialVocab``, as in the converter; ``special_tokens_map.json``, ``generation_config.json``
@@ -68,6 +70,13 @@ KNOWN_PRE_TOKENIZERS = {
 }
 
 
+# Gemma-4's markers the converter makes user-defined, so that llama.cpp prints them and its
+# chat parser can read tool calls and thinking channels
+GEMMA4_VISIBLE_TOKENS = frozenset(
+    '<|channel> <channel|> <|tool_call> <tool_call|> <|tool_response> <tool_response|> <|"|>'.split()
+)
+
+
 class TokenizerError(MlxMoeError):
     """A tokenizer folder that cannot be written as llama.cpp metadata."""
 
@@ -86,12 +95,15 @@ class Vocab:
 def add_tokenizer(writer: gguf.GGUFWriter, model_folder: Path) -> str:
     """Write the tokenizer in ``model_folder`` as llama.cpp's ``tokenizer.ggml.*`` keys (and
     ``tokenizer.chat_template``) into ``writer``. Returns the ``tokenizer.ggml.model`` written:
-    ``"llama"`` (SentencePiece) or ``"gpt2"`` (byte-level BPE)."""
+    ``"llama"`` (SentencePiece), ``"gpt2"`` (byte-level BPE) or, for a ``gemma4`` writer,
+    ``"gemma4"`` (the converter's vocabulary for that arch, whatever the folder holds)."""
     folder = Path(model_folder)
     if not folder.is_dir():
         raise TokenizerError(f"{folder}: no such model folder")
     files = {name: read_json(folder / name) for name in JSON_FILES}
     vocab_size = model_vocab_size(files["config.json"], folder / "config.json")
+    if writer.arch == "gemma4":
+        return add_gemma4_tokenizer(writer, folder, vocab_size)
     if (folder / SENTENCEPIECE_FILE).is_file():  # the converter tries SentencePiece first, too
         vocab = sentencepiece_vocab(folder, files, vocab_size)
     elif (folder / TOKENIZER_FILE).is_file():
@@ -110,6 +122,45 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_folder: Path) -> str:
         writer.add_add_space_prefix(vocab.add_space_prefix)
     special_vocab(folder, files, vocab).add_to_gguf(writer, quiet=True)
     return vocab.model
+
+
+def add_gemma4_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int | None) -> str:
+    """The converter's Gemma4Model.set_vocab: tokenizer.json (a SentencePiece vocabulary as
+    byte-fallback BPE) read by gguf-py's LlamaHfVocab, every score -1000, Gemma-4's tool and
+    channel markers user-defined so that llama.cpp renders them, merges from SpecialVocab,
+    no pre-tokenizer name ("gemma4" implies its own)."""
+    path = folder / TOKENIZER_FILE
+    try:
+        vocab = gguf.LlamaHfVocab(folder)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise TokenizerError(
+            f"{path}: llama.cpp's gemma4 reads a byte-fallback BPE tokenizer.json ({exc})"
+        ) from exc
+    tokens, scores, types = [], [], []
+    for text, score, token_type in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(T.USER_DEFINED if text.decode() in GEMMA4_VISIBLE_TOKENS else token_type)
+    if vocab_size is not None and len(tokens) != vocab_size:
+        # the converter would cut the embedding to the tokenizer; llama.cpp needs both equal
+        raise TokenizerError(
+            f"{path}: {len(tokens)} tokens, config.json's vocab_size is {vocab_size}; "
+            "llama.cpp's gemma4 needs one embedding row per token"
+        )
+    writer.add_tokenizer_model("gemma4")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=True)
+    except ValueError as exc:
+        raise TokenizerError(f"{folder}: gguf-py cannot read its special tokens ({exc})") from exc
+    if not special.merges:
+        raise TokenizerError(f"{path}: a BPE tokenizer without merges")
+    special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(False)
+    writer.add_add_bos_token(True)
+    return "gemma4"
 
 
 def read_json(path: Path) -> dict:

@@ -10,6 +10,12 @@ The "dense" dispatch runs every expert on every token as one batched matmul and 
 the outputs by the routing (zero for experts a token did not choose): E/k times the work,
 the same result. It pays on MLX's CPU backend with a fast BLAS, where ``gather_mm`` makes
 one BLAS call per row (measurements: bench/README.md).
+
+The "grouped" dispatch sorts the rows by expert and runs one matmul per expert over its
+rows (``nn.grouped``): gather's work at the BLAS rate, float or quantized experts alike.
+It reads each layer's expert counts to the host, so a compiled step runs it as gather
+(``train.compile: false`` to use it), and "auto" never picks it: a whole training step
+peaked at 2-3x gather's memory (bench/README.md).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import mlx.nn as nn
 
 from ..config import MoEArgs
 from ..dtypes import gather_dtype, on_cpu
+from .grouped import expert_counts, grouped_matmul, grouped_qmm
 from .mlp import GatedMLP
 
 # Below this many (token, expert) pairs sorting costs more than it saves.
 SORT_THRESHOLD = 64
-DISPATCHES = ("gather", "dense")
+DISPATCHES = ("gather", "dense", "grouped")
 # Below this many (token, expert) pairs, as in decoding, the dense dispatch stays gather:
 # a few rows are matrix-vector products bound by reading weights, and dense reads all E.
 DENSE_MIN_PAIRS = 64
@@ -131,6 +138,10 @@ class ExpertLinear(nn.Module):
         y = gather_matmul(x, self.weight.swapaxes(-1, -2), indices, sorted_indices)
         return with_expert_bias(self, y, indices)
 
+    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
+        """Rows x [N, in] sorted by expert (``experts`` [N], ``counts`` rows per expert)."""
+        return with_row_bias(self, grouped_matmul(x, self.weight, counts), experts)
+
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
 
@@ -142,6 +153,11 @@ def with_expert_bias(layer: nn.Module, y: mx.array, indices: mx.array | None) ->
         return y
     bias = layer.bias[:, None, :] if indices is None else mx.expand_dims(layer.bias[indices], -2)
     return y + bias.astype(y.dtype)
+
+
+def with_row_bias(layer: nn.Module, y: mx.array, experts: mx.array) -> mx.array:
+    """``y`` [N, out] plus each row's expert's bias (``experts`` [N]), if ``layer`` has one."""
+    return y + layer.bias[experts].astype(y.dtype) if "bias" in layer else y
 
 
 def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
@@ -187,6 +203,21 @@ class QuantizedExpertLinear(nn.Module):
             mode=self.mode,
             dtype=dtype,
         )
+
+    def dequantized_expert(self, e: int) -> mx.array:
+        """Expert ``e``'s weight [out, in], dequantized (float32 for mxfp4, as above)."""
+        return mx.dequantize(
+            self.weight[e],
+            self.scales[e],
+            self.biases[e] if "biases" in self else None,
+            self.group_size,
+            self.bits,
+            mode=self.mode,
+            dtype=None if self.mode == "affine" else mx.float32,
+        )
+
+    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
+        return with_row_bias(self, grouped_qmm(x, self, counts), experts)
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         if indices is None:
@@ -255,6 +286,18 @@ class SwitchExperts(nn.Module):
         y = self.down_proj(h, experts, do_sort)
         return self.combine(y, indices, restore)
 
+    def grouped(self, x: mx.array, indices: mx.array, num_experts: int) -> mx.array:
+        """Like calling the layer, each expert running over its rows at once (``nn.grouped``)."""
+        rows, experts, restore = sort_by_expert(mx.expand_dims(x, (-2, -3)), indices)
+        counts = expert_counts(experts, num_experts)
+        if counts is None:
+            return self(x, indices)
+        rows = rows.squeeze(-2)
+        gate = self.gate_proj.grouped(rows, counts, experts)
+        h = self.activation(gate, self.up_proj.grouped(rows, counts, experts))
+        y = self.down_proj.grouped(h, counts, experts)
+        return self.combine(mx.expand_dims(y, -2), indices, restore)
+
     def all_experts(self, x: mx.array) -> mx.array:
         """x [..., D] -> every expert's output [E, ..., D] (the dense dispatch)."""
         rows = x.reshape(1, -1, x.shape[-1])
@@ -302,7 +345,7 @@ class SparseMoE(nn.Module):
             self.shared_expert = GatedMLP(d, args.shared_expert_intermediate_size)
             if args.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d, 1, bias=False)
-        self.dispatch = "gather"  # or "dense": see the module docstring and set_dispatch
+        self.dispatch = "gather"  # or "dense", "grouped": see the module docstring and set_dispatch
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Returns (output, router logits [..., n_experts] in float32)."""
@@ -313,6 +356,9 @@ class SparseMoE(nn.Module):
             dense_weights = (weights[..., None] * chosen).sum(axis=-2)
             y = self.experts.all_experts(x)
             y = (y * mx.moveaxis(dense_weights, -1, 0)[..., None].astype(y.dtype)).sum(axis=0)
+        elif self.dispatch == "grouped" and indices.size >= SORT_THRESHOLD:
+            y = self.experts.grouped(x, indices, logits.shape[-1])
+            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         else:
             y = self.experts(x, indices)
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
@@ -340,7 +386,7 @@ def dense_pays(num_experts: int, top_k: int, expert_values: int) -> bool:
 def choose_dispatch(
     setting: str, num_experts: int, top_k: int, float_experts: bool, fast_cpu: bool, expert_values: int = 0
 ) -> str:
-    """The dispatch ``setting`` (auto, gather or dense) means for such MoE layers
+    """The dispatch ``setting`` (auto or one of ``DISPATCHES``) means for such MoE layers
     (``expert_values``: hidden size x expert FFN size).
 
     ``auto``: dense on MLX's CPU backend with a fast BLAS (``fast_cpu``), for float experts
@@ -349,7 +395,7 @@ def choose_dispatch(
     else (Metal's gather kernels are fast; the bundled CPU BLAS runs gather_mm at the dense
     rate, so dense would only add work)."""
     if setting not in ("auto", *DISPATCHES):
-        raise ValueError(f"MoE dispatch must be auto, gather or dense, got {setting!r}")
+        raise ValueError(f"MoE dispatch must be auto, {', '.join(DISPATCHES)}, got {setting!r}")
     if setting == "dense" and not float_experts:
         raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
     if setting == "auto":

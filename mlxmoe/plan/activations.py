@@ -11,27 +11,15 @@ import mlx.core as mx
 from ..config import MoEArgs
 from ..losses import ce_chunk_rows
 from ..model import CausalLM
+from ..nn.gemma4_block import Gemma4Args
 from ..nn.moe import DENSE_MIN_PAIRS
+from .mixers import MAKE_QKV, READ_THE_INPUT, Shape, latent_kept, linear_attention_kept, pow2_at_least
 
-ANSWER_MULTIPLE = 64  # train.step.answer_positions pads the answer positions to this
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One micro-batch: ``answer_tokens`` positions get logits (None: every position)."""
-
-    batch: int
-    seq_len: int
-    answer_tokens: int | None = None
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-    @property
-    def logit_rows(self) -> int:
-        n = self.tokens if self.answer_tokens is None else self.answer_tokens
-        return max(ANSWER_MULTIPLE, -(-n // ANSWER_MULTIPLE) * ANSWER_MULTIPLE)
+# [chunk, V] arrays (in the model's dtype) the soft-capped head adds to each loss chunk
+# (measured, Gemma-4)
+SOFTCAP_ARRAYS = 1
+# [T, F] arrays a gelu_approx(gate) * up block keeps (measured, Gemma-4's MLP and experts)
+GELU_ARRAYS = 6
 
 
 @dataclass
@@ -89,7 +77,8 @@ def activations(
         targets = by_layer.get(i, set())
         if not grad and not targets:
             continue
-        saved = _layer_kept(args, layer, targets, grad, shape, (a, f), rank, compiled, dispatch)
+        kept_by = _gemma4_layer_kept if isinstance(args, Gemma4Args) else _layer_kept
+        saved = kept_by(args, i, layer, targets, grad, shape, (a, f), rank, compiled, dispatch)
         if checkpoint:
             # mx.checkpoint keeps the layer's input (and its outputs: the router logits the
             # losses read); the rest is recomputed during this layer's backward.
@@ -120,6 +109,8 @@ def activations(
     chunks = -(-rows // chunk_rows)
     in_flight = chunks if chunks <= 2 else 2.5
     chunk_bytes = min(rows, chunk_rows) * vocab * (4 * 4 + (2 * a if a < 4 else 0))
+    if getattr(args, "final_logit_softcapping", None):  # Gemma-4: cap * tanh(logits / cap)
+        chunk_bytes += min(rows, chunk_rows) * vocab * SOFTCAP_ARRAYS * a
     loss_working = int(in_flight * chunk_bytes) + 8 * T * D * f
     if checkpoint:
         # MLX evaluates the chunked loss beside the top layer's recomputation (measured: the
@@ -128,7 +119,10 @@ def activations(
         # expert adapted, bench/memory_plan.py's steps (float32 and bfloat16, four families)
         # recompute after the loss: the sum over-predicts those by up to the smaller term.
         top = max(out.working.values(), default=0)
-        out.working = {"cross-entropy + the largest layer, recomputed": loss_working + top}
+        both = loss_working + top
+        if isinstance(args, Gemma4Args):  # measured: the larger and 0.36-0.73 of the smaller
+            both = max(loss_working, top) + min(loss_working, top) // 2
+        out.working = {"cross-entropy + the largest layer, recomputed": both}
     else:
         out.working["cross-entropy backward"] = loss_working
     return out
@@ -136,6 +130,7 @@ def activations(
 
 def _layer_kept(
     args,
+    index: int,
     layer,
     targets: set[str],
     grad: bool,
@@ -158,10 +153,12 @@ def _layer_kept(
     if grad:
         kept["residual stream"] += T * D * f  # layer input, read by the input norm's gradient
     if "linear_attn" in layer:
-        kept.update(_linear_attention_kept(args.linear_attention, attn, grad, shape, a))
-    elif attn & {"q_proj", "k_proj", "v_proj"}:
+        kept.update(linear_attention_kept(args.linear_attention, attn, grad, shape, a))
+    elif attn & READ_THE_INPUT:
         kept["attention"] += T * D * a  # normed input, read by dA of the q/k/v LoRAs
-    if "linear_attn" not in layer and (grad or attn & {"q_proj", "k_proj", "v_proj"}):
+    if "linear_attn" not in layer and (grad or attn & MAKE_QKV):
+        if args.mla is not None:
+            kept.update(latent_kept(args.mla, attn, shape, widths))
         if args.qk_norm:
             kept["attention"] += T * (q_width + kv_width) * f  # q, k before their norms
         if args.clip_qkv is not None:
@@ -189,46 +186,6 @@ def _layer_kept(
         if "mlp.down_proj" in ffn:
             kept["feed-forward"] += T * inter * a
     return kept
-
-
-def _linear_attention_kept(d, adapted: set[str], grad: bool, shape: Shape, a: int) -> Counter:
-    """What a Gated DeltaNet layer (nn/gated_deltanet.py) keeps, by the arrays its backward
-    reads; the recurrence runs in float32 whatever the model's dtype. Per token, with H value
-    heads, C the chunk size, n = T / C chunks per sequence:
-
-    - in-projections: their normed input (the LoRAs' dA); z, the norm's gate, in float32;
-    - convolution: its float32 pre-activation, sigmoid (silu's gradient) and output, whose
-      views q, k and v are read by the L2 norms and v * beta, and one more float32 [T,
-      conv_dim] array that only the compiled step keeps (measured on one to three stacked
-      layers, either projection layout, float32 and bfloat16: without it 5% under);
-    - chunked delta rule, float32: q and k repeated to the value heads, k * beta, k * beta *
-      exp(decay), q * exp(decay), k's decay to the chunk's end, w, v * beta and v_new
-      ([T, H, Dk or Dv] each); [T, H, C] arrays: the pairwise decays, k_beta k^T, the
-      strictly lower system, q k^T, the masked attention, the block inversion's stacked
-      blocks, partial inverses and products (about C^2 + C^2 + C^2 / 2 a chunk) and the
-      inverse; the state entering every chunk [B, H, Dk, Dv];
-    - gated RMSNorm, float32: its input, the normed output, sigmoid(z) and silu(z);
-      out_proj's input in the model's dtype (its LoRA's dA)."""
-    T, D, C = shape.tokens, d.hidden_size, min(d.chunk_size, _pow2_at_least(shape.seq_len))
-    H, dk, dv = d.num_value_heads, d.key_head_dim, d.value_head_dim
-    kept: Counter = Counter()
-    inputs = adapted - {"out_proj"}
-    if inputs:
-        kept["linear attention"] += T * D * a
-    if grad or inputs:
-        kept["linear attention"] += T * (d.value_dim + 4 * d.conv_dim) * 4
-        kept["linear attention"] += T * H * (7 * dk + 2 * dv) * 4
-        kept["linear attention"] += int(T * H * C * 8.5) * 4
-        chunks = shape.batch * -(-shape.seq_len // C)
-        kept["linear attention"] += chunks * H * dk * dv * 4
-        kept["linear attention"] += 4 * T * d.value_dim * 4
-    if "out_proj" in adapted:
-        kept["linear attention"] += T * d.value_dim * a
-    return kept
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _router_kept(args: MoEArgs, T: int, compiled: bool, checkpoint: bool = False) -> int:
@@ -339,8 +296,13 @@ def _layer_backward_working(
         # The chunked delta rule's backward, float32 (measured on single layers: 12 [T, H, C]
         # arrays and 8 [T, H, Dk], within 15% over chunk sizes 32-128, 4-8 heads, Dk 32-64)
         d = args.linear_attention
-        C = min(d.chunk_size, _pow2_at_least(L))
+        C = min(d.chunk_size, pow2_at_least(L))
         attn = T * d.num_value_heads * (12 * C + 8 * d.key_head_dim) * 4
+    if isinstance(args, Gemma4Args):  # its widest heads, and the dense MLP's gradients too
+        attn = 2 * B * args.num_heads * L * L * a
+        dense = 2 * T * args.intermediate_size * a
+    else:
+        dense = 0
     if not layer.is_moe:
         return max(attn, 2 * T * args.intermediate_size * a)
     rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
@@ -353,4 +315,60 @@ def _layer_backward_working(
             for p in ("gate_proj", "up_proj", "down_proj")
         )
         ffn += cast * rows * F * (f + a)
-    return max(attn, ffn)
+    return max(attn, ffn + dense)
+
+
+def _gemma4_layer_kept(
+    args: Gemma4Args,
+    index: int,
+    layer,
+    targets: set[str],
+    grad: bool,
+    shape: Shape,
+    widths: tuple[int, int],
+    rank: int,
+    compiled: bool,
+    dispatch: str,
+) -> Counter:
+    """What a Gemma-4 layer (nn/gemma4_block.py) keeps: ``_layer_kept``'s attention terms at
+    this layer's head size and key-value heads, the float32 inputs of its eight RMSNorms
+    (every Gemma norm computes in float32, on any device), the dense GELU MLP, and the
+    experts (``_moe_kept``) beside it."""
+    a, f = widths
+    T, B, L, D = shape.tokens, shape.batch, shape.seq_len, args.hidden_size
+    q_width = args.num_heads * args.layer_head_dim(index)
+    kv_width = args.layer_kv_heads(index) * args.layer_head_dim(index)
+    values = kv_width if args.has_v_proj(index) else 0  # k_eq_v: the values are k_proj's output
+    kept: Counter = Counter()
+    attn = {t.split(".")[1] for t in targets if t.startswith("attn.")}
+    kept["LoRA"] += len(attn) * T * rank * a
+    if grad:
+        kept["residual stream"] += T * D * 4  # the input norm's float32 input
+    if attn & {"q_proj", "k_proj", "v_proj"}:
+        kept["attention"] += T * D * a
+    if grad or attn & {"q_proj", "k_proj", "v_proj"}:
+        kept["attention"] += T * (q_width + kv_width + values) * 4  # q, k, v into their norms
+        kept["attention"] += T * (q_width + 2 * kv_width) * a  # unfused attention's q, k, v
+        kept["attention scores"] += B * args.num_heads * L * L * a
+    if "o_proj" in attn:
+        kept["attention"] += T * q_width * a
+    grad = grad or bool(attn)
+    ffn = {t for t in targets if not t.startswith("attn.")}
+    dense = {t for t in ffn if t.startswith("mlp.")}
+    if not (grad or ffn):
+        return kept
+    # float32 inputs: the post-attention norm's, the residual's (pre-MLP norm and router),
+    # the experts' norm's, the two branch norms' and their sum's
+    kept["norms (float32 inputs)"] += 6 * T * D * 4
+    inter = args.intermediate_size
+    kept["LoRA"] += len(dense) * T * rank * a
+    kept["feed-forward"] += GELU_ARRAYS * T * inter * a
+    if dense & {"mlp.gate_proj", "mlp.up_proj"}:
+        kept["feed-forward"] += T * D * a
+    if "mlp.down_proj" in dense:
+        kept["feed-forward"] += T * inter * a
+    moe = _moe_kept(args, layer.moe.experts, ffn - dense, grad, shape, widths, rank, compiled, dispatch)
+    rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
+    moe["experts"] += (GELU_ARRAYS - 4) * rows * args.moe_intermediate_size * a
+    kept.update(moe)
+    return kept

@@ -105,6 +105,12 @@ def _kind(path: str, module) -> str:
         return "routers (float32)"
     if name == "shared_expert_gate":
         return "shared-expert gates"
+    if name.isdigit():  # a decoder layer's own array: Gemma-4's layer_scalar
+        return "layer scalars"
+    if name == "moe":  # Gemma-4's router input scale and per-expert scale
+        return "router scales (float32)"
+    if name == "rope":
+        return "rotary frequencies"
     if path == "embed_tokens":
         return "embeddings"
     if path == "lm_head":
@@ -142,6 +148,10 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
 DISPATCH_DETAIL = {
     "gather": "gather dispatch: each token's k experts",
     "dense": "dense dispatch: every expert on every token",
+    # bench/README.md: its per-layer host reads keep the forward's arrays, 1.5-3x gather's
+    # peak in a whole step; not modelled
+    "grouped": "grouped dispatch: one matmul per expert over its sorted rows (planned as gather; "
+    "measured up to 3x gather's peak, see bench/README.md)",
 }
 
 
@@ -185,7 +195,7 @@ def plan_training(
         dtype,
         recipe.lora.rank,
         t.grad_checkpoint,
-        t.compile,
+        t.compile and dispatch != "grouped",  # as train/loop.py compiles
         dispatch,
         device,
     )
