@@ -11,7 +11,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import hf_forward, make_hf_model, make_trainable_checkpoint, save, write_qa_data
+from tiny_models import (
+    hf_forward,
+    make_hf_model,
+    make_trainable_checkpoint,
+    save,
+    strategy_recipe,
+    write_qa_data,
+)
 
 import mlxmoe
 from mlxmoe.config import ConfigView
@@ -168,26 +175,6 @@ def deepseek(tmp_path_factory) -> tuple[Path, Path]:
     return make_trainable_checkpoint("deepseek_v2", root / "model"), write_qa_data(root / "data")
 
 
-def deepseek_recipe(model: Path, data: Path, strategy: str):
-    r = load_recipe(
-        None,
-        train=dict(
-            iters=12,
-            batch_size=4,
-            learning_rate=5e-3,
-            warmup=0,
-            quantize=0,
-            report_every=1,
-            val_every=0,
-            max_seq_len=48,
-            dtype="float32",
-        ),
-        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
-    )
-    r.model, r.data = str(model), str(data)
-    return r
-
-
 def test_attention_strategy_adapts_every_latent_attention_projection(deepseek):
     from mlxmoe.adapt import AdapterSpec, apply_adapters
 
@@ -206,7 +193,7 @@ def test_attention_strategy_adapts_every_latent_attention_projection(deepseek):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["attention", "experts", "shared", "experts+router", "all"])
 def test_loss_falls_for_every_strategy(deepseek, tmp_path, strategy):
-    result = train(deepseek_recipe(*deepseek, strategy), tmp_path, show_progress=False)
+    result = train(strategy_recipe(*deepseek, strategy), tmp_path, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     print(f"deepseek_v2 {strategy}: answer ce {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}")
     assert result.steps == 12
@@ -221,7 +208,7 @@ def test_loss_falls_for_every_strategy(deepseek, tmp_path, strategy):
 def test_qlora_in_bfloat16_over_4_bits_trains(deepseek, tmp_path):
     from mlxmoe.adapt.files import read_adapter_config
 
-    r = deepseek_recipe(*deepseek, "experts")  # latent attention and experts: the default
+    r = strategy_recipe(*deepseek, "experts")  # latent attention and experts: the default
     r.train.quantize, r.train.group_size, r.train.dtype = 4, 32, "bfloat16"
     train(r, tmp_path, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -100,12 +100,16 @@ class Exported:
         """The model with its adapter merged, as a Hugging Face folder: what the converter reads."""
         return export_hf(self.model, self.root / "merged", self.adapter)
 
+    def run_converter(self, folder: Path, outtype: str, out: Path) -> Path:
+        """llama.cpp's converter as this family's tests run it."""
+        from test_convert_parity import run_converter  # that module imports this one
+
+        return run_converter(folder, outtype, out)
+
     @cached_property
     def converted(self) -> tuple[gguf.GGUFReader, gguf.GGUFReader]:
         """(ours, the converter's) f16 GGUF, both from the same merged model."""
-        from test_convert_parity import run_converter  # that module imports this one
-
-        theirs = run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
+        theirs = self.run_converter(self.merged, "f16", self.root / "converter-f16.gguf")
         return gguf.GGUFReader(self.gguf["f16"]), gguf.GGUFReader(theirs)
 
     def llama_cpp(self, path: Path, lora: Path | None = None) -> np.ndarray:

@@ -16,14 +16,13 @@ import pytest
 import torch
 import transformers
 from mlx.utils import tree_flatten
-from tiny_models import GEMMA4_TINY, make_gemma4_model, make_tokenizer, save, write_qa_data
+from tiny_models import GEMMA4_TINY, make_gemma4_model, make_tokenizer, save, strategy_recipe, write_qa_data
 
 import mlxmoe
 from mlxmoe.adapt import AdapterSpec, apply_adapters
 from mlxmoe.config import ConfigView
 from mlxmoe.errors import CheckpointError, MlxMoeError
 from mlxmoe.families.gemma4 import FAMILY
-from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
 TOKENS = np.random.default_rng(7).integers(0, 96, size=(2, 21))
@@ -218,26 +217,6 @@ def gemma(tmp_path_factory) -> tuple[Path, Path]:
     return save(hf, folder), write_qa_data(root / "data")
 
 
-def gemma_recipe(model: Path, data: Path, strategy: str, iters: int = 10):
-    r = load_recipe(
-        None,
-        train=dict(
-            iters=iters,
-            batch_size=4,
-            learning_rate=5e-3,
-            warmup=0,
-            quantize=0,
-            report_every=1,
-            val_every=0,
-            max_seq_len=48,
-            dtype="float32",
-        ),
-        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
-    )
-    r.model, r.data = str(model), str(data)
-    return r
-
-
 def test_strategies_adapt_attention_experts_router_and_dense_mlp_and_refuse_shared(gemma):
     model, _ = mlxmoe.load(gemma[0], dtype=mx.float32)
     adapted = apply_adapters(model, AdapterSpec(strategy="attention", rank=4))
@@ -255,7 +234,7 @@ def _rows(folder: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["experts", "experts+router", "all"])
 def test_loss_falls_with_router_losses_and_monitor(gemma, tmp_path, strategy):
-    result = train(gemma_recipe(*gemma, strategy), tmp_path, show_progress=False)
+    result = train(strategy_recipe(*gemma, strategy, iters=10), tmp_path, show_progress=False)
     rows = _rows(tmp_path)
     print(f"gemma4 {strategy}: answer ce {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}")
     assert result.steps == 10
@@ -271,7 +250,7 @@ def test_qlora_over_4_bits_trains(gemma, tmp_path, dtype):
     """The Mac's configuration is bfloat16 over 4 bits: the experts run through gather_qmm."""
     from mlxmoe.adapt.files import read_adapter_config
 
-    r = gemma_recipe(*gemma, "all")
+    r = strategy_recipe(*gemma, "all", iters=10)
     r.train.quantize, r.train.group_size, r.train.dtype = 4, 32, dtype
     r.train.moe_dispatch = "gather"  # gather_qmm, as on a Mac
     train(r, tmp_path, show_progress=False)

@@ -33,13 +33,12 @@ from test_export import (
     assert_f16_gguf_computes_the_merged_model,
     assert_q8_0_gguf_agrees_on_top1,
 )
-from tiny_models import make_hf_model, make_trainable_checkpoint, save, write_qa_data
+from tiny_models import make_hf_model, make_trainable_checkpoint, save, strategy_recipe, write_qa_data
 
 import mlxmoe
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.gguf.merge import export_hf
-from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
 # Each module fixture trains an adapter and exports it: the fast loop leaves these out.
@@ -153,32 +152,12 @@ def granite(tmp_path_factory) -> tuple[Path, Path]:
     )
 
 
-def granite_recipe(model: Path, data: Path, strategy: str):
-    r = load_recipe(
-        None,
-        train=dict(
-            iters=12,
-            batch_size=4,
-            learning_rate=5e-3,
-            warmup=0,
-            quantize=0,
-            report_every=1,
-            val_every=0,
-            max_seq_len=48,
-            dtype="float32",
-        ),
-        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
-    )
-    r.model, r.data = str(model), str(data)
-    return r
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["attention", "experts", "experts+router", "all"])
 def test_loss_falls_for_every_strategy_that_applies(granite, tmp_path, strategy):
     import json
 
-    result = train(granite_recipe(*granite, strategy), tmp_path, show_progress=False)
+    result = train(strategy_recipe(*granite, strategy), tmp_path, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     print(f"granitemoe {strategy}: answer ce {rows[0]['ce']:.3f} -> {rows[-1]['ce']:.3f}")
     assert result.steps == 12
@@ -196,7 +175,7 @@ def test_qlora_in_bfloat16_over_4_bits_trains(granite, tmp_path):
 
     from mlxmoe.adapt.files import read_adapter_config
 
-    r = granite_recipe(*granite, "experts")
+    r = strategy_recipe(*granite, "experts")
     r.train.quantize, r.train.group_size, r.train.dtype = 4, 32, "bfloat16"
     train(r, tmp_path, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

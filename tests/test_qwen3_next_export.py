@@ -114,6 +114,9 @@ class HybridExported(Exported):
     def __init__(self, family: str, root: Path):
         super().__init__(family, root, make_model(family, root / "model"))
 
+    def run_converter(self, folder: Path, outtype: str, out: Path) -> Path:
+        return run_converter(folder, outtype, out)  # with --no-mtp
+
     def q8_0_rounded_mlx(self) -> np.ndarray:
         """Our float32 logits with the weights rounded as the q8_0 file stores them (every
         2-D matrix whose rows split into 32-blocks, but norms and routers), in the hub's

@@ -219,6 +219,30 @@ def write_qa_data(folder: Path, n_train: int = 48, n_valid: int = 8) -> Path:
     return folder
 
 
+def strategy_recipe(model: Path, data: Path, strategy: str, iters: int = 12):
+    """A float32 recipe that trains ``strategy`` (the router as LoRA where it adapts it) on a
+    tiny model for ``iters`` steps of 4 short samples: a loss that must fall."""
+    from mlxmoe.recipe import load_recipe
+
+    r = load_recipe(
+        None,
+        train=dict(
+            iters=iters,
+            batch_size=4,
+            learning_rate=5e-3,
+            warmup=0,
+            quantize=0,
+            report_every=1,
+            val_every=0,
+            max_seq_len=48,
+            dtype="float32",
+        ),
+        lora=dict(strategy=strategy, rank=4, router_mode="lora"),
+    )
+    r.model, r.data = str(model), str(data)
+    return r
+
+
 def train_tiny_adapter(model: Path, root: Path) -> Path:
     """Three LoRA steps on every projection (the router as LoRA too): an adapter that every
     export must carry. Returns its run folder, ``root / "adapter"``."""
