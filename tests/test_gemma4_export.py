@@ -44,6 +44,9 @@ from test_export import (
 from test_export import (
     test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf as assert_base_plus_adapter_is_merged,
 )
+from test_export import (
+    test_q4_k_m_gguf_loads_and_stays_within_the_perplexity_bound as assert_q4_k_m_within_the_perplexity_bound,
+)
 from tiny_models import CORPUS, make_gemma4_model
 
 from mlxmoe.config import ConfigView
@@ -200,6 +203,10 @@ def test_q8_0_gguf_in_llama_cpp_agrees_on_top1(gemma4_exported):
     assert_q8_0_gguf_agrees_on_top1(gemma4_exported)
 
 
+def test_q4_k_m_gguf_loads_and_stays_within_the_perplexity_bound(gemma4_exported):
+    assert_q4_k_m_within_the_perplexity_bound(gemma4_exported)
+
+
 def test_base_gguf_plus_adapter_gguf_equals_the_merged_gguf(gemma4_exported):
     """The experts' LoRA is written for ffn_gate_up_exps (the gate's and up's A stacked, their
     B block-diagonal), the down experts' B times the per-expert scale, which llama.cpp
@@ -323,3 +330,9 @@ def test_a_text_only_checkpoint_exports_under_its_own_names(tmp_path):
     export_gguf(folder, ours, "f16")
     theirs = run_converter(folder, "f16", tmp_path / "converter.gguf")
     assert_same_tensors(ours, theirs, "F16")
+    with open_gguf(ours, n_ctx=64) as llm:  # and llama.cpp loads it, computing transformers' top-1
+        from_llama_cpp = llama_cpp_logits(llm, tokens[0].tolist())
+    with torch.no_grad():
+        reference = hf(tokens).logits[0].numpy()
+    assert np.isfinite(from_llama_cpp).all()
+    assert (from_llama_cpp.argmax(-1) == reference.argmax(-1)).mean() >= 0.8

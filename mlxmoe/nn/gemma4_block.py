@@ -31,6 +31,7 @@ import numpy as np
 from ..config import MoEArgs
 from ..model import CausalLM
 from .attention import sliding_window_mask
+from .mlp import GatedMLP
 from .moe import DENSE_MIN_PAIRS, SORT_THRESHOLD, Router, SparseMoE, SwitchExperts
 from .norm import OffsetRMSNorm
 
@@ -138,17 +139,11 @@ class Gemma4Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
-class GeluMLP(nn.Module):
+class GeluMLP(GatedMLP):
     """down(gelu_tanh(gate(x)) * up(x)): Gemma's dense feed-forward."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+    def activation(self, gate: mx.array) -> mx.array:
+        return nn.gelu_approx(gate)
 
 
 class GeluExperts(SwitchExperts):
