@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_mlx_lm import make_data, mlx_lm_run, mlxmoe_run  # noqa: E402
+from train_vs_mlx_lm import in_fresh_process, make_data, mlx_lm_run, mlxmoe_run  # noqa: E402
 
 # mlx-lm's module names for the same targets as mlxmoe's "experts" strategy
 MLX_LM_KEYS = [
@@ -94,7 +94,7 @@ def main() -> None:
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model(tmp / "model", a)
+        model = in_fresh_process(make_model, tmp / "model", a)
         data = make_data(tmp / "data")
         ours = mlxmoe_run(model, data, tmp, a, env, a.dispatch)
         theirs = mlx_lm_run(model, data, tmp, a, env, keys=MLX_LM_KEYS)

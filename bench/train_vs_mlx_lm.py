@@ -7,7 +7,7 @@ mlxmoe also computes the load-balancing and z losses; mlx-lm computes neither.
 
     .venv/bin/python bench/train_vs_mlx_lm.py [--iters 30] [--hidden 256] ...
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
-        .venv/bin/python bench/train_vs_mlx_lm.py --quantize 4 --dispatch gather grouped:eager
+        .venv/bin/python bench/train_vs_mlx_lm.py --quantize 4 --dispatch gather grouped
 
 Prints tokens/s (steady state, from each tool's own reports), MFU and process max RSS, with
 the ratios mlxmoe / mlx-lm, one row per mlxmoe setting (``--dispatch``: each a
@@ -49,14 +49,15 @@ RUN_WITH_MAXRSS = (
 )
 
 
-def make_model(folder: Path, hidden: int, layers: int, experts: int, top_k: int) -> Path:
-    """A Qwen3-MoE with Mixtral's real 32000-token tokenizer, config in the hub's
-    transformers-4 spelling (mlx-lm 0.32 cannot read what transformers 5 writes)."""
+def make_model(folder: Path, hidden: int, layers: int, experts: int, top_k: int, tokenizer: str) -> Path:
+    """A Qwen3-MoE with a real tokenizer (Mixtral's 32000 tokens, or Qwen3's: vocabulary
+    151936), config in the hub's transformers-4 spelling (mlx-lm 0.32 cannot read what
+    transformers 5 writes)."""
     import torch
     import transformers
-    from assets import mixtral_tokenizer_folder
+    from assets import mixtral_tokenizer_folder, qwen3_tokenizer_folder
 
-    vocab = mixtral_tokenizer_folder(folder)
+    vocab = (qwen3_tokenizer_folder if tokenizer == "qwen3" else mixtral_tokenizer_folder)(folder)
     config = transformers.Qwen3MoeConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -94,6 +95,17 @@ def make_data(folder: Path, n: int = 400) -> Path:
     for split, part in (("train", rows), ("valid", rows[:16])):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     return folder
+
+
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a spawned interpreter. A child's max RSS on Linux starts at its
+    parent's peak (the exec keeps the parent's high-water mark): building the model with torch
+    here would set a floor under both tools' figures."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def run(module_args: list[str], env: dict[str, str]) -> tuple[str, int]:
@@ -264,6 +276,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=192)
     p.add_argument(
+        "--tokenizer", choices=["mixtral", "qwen3"], default="mixtral", help="vocab 32000 or 151936"
+    )
+    p.add_argument(
         "--quantize", type=int, default=0, metavar="BITS", help="QLoRA on mlx_lm.convert -q's model"
     )
     p.add_argument(
@@ -279,7 +294,9 @@ def main() -> None:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model(tmp / "model", a.hidden, a.layers, a.experts, a.top_k)
+        model = in_fresh_process(
+            make_model, tmp / "model", a.hidden, a.layers, a.experts, a.top_k, a.tokenizer
+        )
         if a.quantize:
             model = quantized_model(model, a.quantize, env)
         data = make_data(tmp / "data")
@@ -291,7 +308,8 @@ def main() -> None:
     blas = env.get("LD_PRELOAD", "") or "MLX's bundled BLAS"
     print(
         f"model: qwen3_moe hidden {a.hidden}, {a.layers} layers, {a.experts} experts top-{a.top_k}, "
-        f"vocab 32000, {f'{a.quantize}-bit' if a.quantize else 'float32'} base; LoRA r={a.rank} on "
+        f"vocab {151936 if a.tokenizer == 'qwen3' else 32000}, "
+        f"{f'{a.quantize}-bit' if a.quantize else 'float32'} base; LoRA r={a.rank} on "
         f"attention + experts; batch {a.batch}, seq <= {a.seq}; {a.iters} iters; BLAS: {blas}"
     )
     print(

@@ -100,7 +100,8 @@ class TrainConfig:
     save_every: int = 100
     nan_patience: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     # How MoE layers run their experts: gather (the chosen experts only), dense (every expert,
-    # weighted by the routing: faster on a CPU with a fast BLAS) or auto (see nn.moe).
+    # weighted by the routing), grouped (the chosen experts' rows in blocks of one expert) or
+    # auto (see nn.moe.choose_dispatch: gather on a GPU).
     moe_dispatch: str = "auto"
 
     def __post_init__(self):

@@ -242,3 +242,9 @@ def qwen3_tokenizer_with(
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def published_template(name: str) -> str:
+    """A chat template as its model publishes it (tests/fixtures/chat_templates), for models
+    whose template llama.cpp does not keep."""
+    return (FIXTURES / "chat_templates" / name).read_text(encoding="utf-8")

@@ -1,7 +1,7 @@
 """The grouped MoE dispatch (nn/grouped.py, ``train.moe_dispatch: grouped``): rows sorted by
-expert, one matmul per expert over its rows, weight gradients with ``mx.segmented_mm``,
-quantized experts dequantized one expert at a time. Checked against naive per-token loops and
-against the gather dispatch (test_moe_dispatch.py's helpers)."""
+expert and padded to blocks of one expert, one GEMM per block, weight gradients with
+``mx.segmented_mm``, quantized experts dequantized per use. Checked against naive per-token
+loops and against the gather dispatch (test_moe_dispatch.py's helpers)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from test_moe_dispatch import (
     routing,
 )
 
+from mlxmoe.nn.grouped import MIN_BLOCK, block_size, blocks_for
 from mlxmoe.nn.moe import SparseMoE, SwitchExperts
 
 
@@ -48,7 +49,7 @@ def test_grouped_dispatch_matches_a_per_token_loop_with_its_gradients(gather_cal
     params = layer.trainable_parameters()
     (grads, dx), (ref_grads, ref_dx) = (mx.grad(f, argnums=(0, 1))(params, x) for f in (loss, reference))
     mx.eval(grads, dx)
-    assert gather_calls == []  # no gather kernel, forward or backward
+    assert gather_calls and all(rows >= MIN_BLOCK for (*_, rows, _), _, _ in gather_calls), gather_calls
     np.testing.assert_allclose(np.array(dx), np.array(ref_dx), atol=1e-5, rtol=1e-4)
     for name in ("gate_proj", "up_proj", "down_proj"):
         g = np.array(grads[name]["weight"])
@@ -97,14 +98,42 @@ def test_grouped_dispatch_keeps_a_bfloat16_model_bfloat16():
     np.testing.assert_allclose(np.array(out.astype(mx.float32)), want, atol=2e-2, rtol=2e-2)
 
 
-def test_a_compiled_grouped_dispatch_runs_gather_as_its_shapes_cannot_follow_the_routing(gather_calls):
+def test_a_compiled_grouped_dispatch_runs_the_same_blocks(gather_calls):
+    """No shape follows the routing, so the dispatch compiles (a training step compiles)."""
     layer, x, indices = experts_layer(), mx.array(activations(MANY_TOKENS)), mx.array(routing(MANY_TOKENS))
     eager = layer.grouped(x, indices, EXPERTS)
-    assert gather_calls == []
+    mx.eval(eager)
+    eager_calls = list(gather_calls)
     # the routing is an input of the compiled function, as in a training step
     compiled = mx.compile(lambda x, indices: layer.grouped(x, indices, EXPERTS))(x, indices)
-    assert len(gather_calls) == 3
     np.testing.assert_allclose(np.array(compiled), np.array(eager), atol=1e-5, rtol=1e-5)
+    assert gather_calls[len(eager_calls) :] == eager_calls
+
+
+@pytest.mark.parametrize("tokens", [1, 7, MANY_TOKENS])
+def test_the_blocked_layout_holds_every_pair_once_and_each_block_one_expert(tokens):
+    indices = mx.array(routing(MANY_TOKENS))[:tokens]
+    blocks = blocks_for(indices, EXPERTS)
+    size, flat = blocks.size, np.array(indices).reshape(-1)
+    slots, sources, experts = (np.array(a) for a in (blocks.slots, blocks.sources, blocks.experts))
+    assert sorted(set(slots.tolist())) == sorted(slots.tolist())  # a row per pair
+    np.testing.assert_array_equal(sources[slots], np.arange(flat.size) // indices.shape[-1])
+    np.testing.assert_array_equal(experts[slots // size], flat)  # each pair in its expert's block
+    padding = np.setdiff1d(np.arange(sources.size), slots)
+    assert np.all(sources[padding] == tokens)  # the zero row
+    assert np.all(np.diff(experts.astype(int)) >= 0)
+    segments = np.array(blocks.segments)
+    for e in range(EXPERTS):
+        first, end = segments[e]
+        assert first % size == 0 and end % size == 0
+        assert end - first == -(-(flat == e).sum() // size) * size
+
+
+def test_block_size_grows_with_each_experts_share_of_rows():
+    assert block_size(64, 8) == MIN_BLOCK
+    assert block_size(4096, 32) == 32
+    assert block_size(1 << 20, 8) == 64
+    assert block_size(4096, 64) == 16
 
 
 def test_grouped_dispatch_runs_mxfp4_experts_with_their_biases_as_gather_does():

@@ -13,6 +13,7 @@ from tiny_models import make_hf_model, save
 
 import mlxmoe
 from mlxmoe.cli import main
+from mlxmoe.commands._ui import console
 from mlxmoe.info import model_info
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -52,15 +53,17 @@ def test_memory_equals_the_arrays_our_quantizer_produces(bits, tmp_path):
     assert model_info(folder).weight_bytes[bits] == actual
 
 
-def test_memory_of_a_scheme_equals_the_arrays_our_quantizer_produces(tmp_path):
+def test_memory_of_a_scheme_equals_the_arrays_our_quantizer_produces(tmp_path, monkeypatch):
     folder = save(make_hf_model("qwen2_moe"), tmp_path)
     scheme = "4,experts=3,shared_experts=2,attention=8,embeddings=none"
     model, _ = mlxmoe.load(folder, quantize=scheme, group_size=32, dtype=mx.bfloat16)
     actual = sum(prod(v.shape) * v.dtype.size for _, v in tree_flatten(model.parameters()))
     info = model_info(folder, group_size=32, quantize=scheme)
     assert info.scheme_bytes == actual < info.weight_bytes[16]
+    # the CLI's console took its width when first imported, whichever test that was
+    monkeypatch.setattr(console, "width", 200)
     result = CliRunner().invoke(
-        main, ["info", str(folder), "--group-size", "32", "--quantize", "4,experts=3"], env={"COLUMNS": "200"}
+        main, ["info", str(folder), "--group-size", "32", "--quantize", "4,experts=3"]
     )
     assert result.exit_code == 0 and "weights at 4-bit, experts 3-bit (group 32)" in result.output, (
         result.output

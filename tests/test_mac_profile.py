@@ -423,9 +423,10 @@ def test_a_dtype_that_is_not_a_model_dtype_is_refused_naming_the_key():
     assert resolve_dtype("auto", "gpu") == mx.bfloat16 and resolve_dtype("auto", "cpu") == mx.float32
 
 
-@pytest.mark.parametrize("dtype, expected", [("float32", "dense"), ("bfloat16", "gather")])
+@pytest.mark.parametrize("dtype, expected", [("float32", "dense"), ("bfloat16", "grouped")])
 def test_auto_dispatch_is_dense_only_for_float32_experts(qwen2_moe, monkeypatch, dtype, expected):
-    """A BLAS multiplies float32 only: dense would run bfloat16 experts in MLX's slow kernel."""
+    """A BLAS multiplies float32 only: dense would run bfloat16 experts in MLX's slow kernel;
+    the grouped dispatch computes them in float32 blocks."""
     monkeypatch.setattr("mlxmoe.nn.moe.on_cpu", lambda: True)
     monkeypatch.setattr("mlxmoe.blas.loaded_blas", lambda: "/usr/lib/libopenblas.so")
     monkeypatch.setattr("mlxmoe.nn.moe.dense_pays", lambda *args: True)  # tiny experts pay too

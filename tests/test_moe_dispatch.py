@@ -328,9 +328,9 @@ def test_dense_dispatch_equals_gather_with_expert_lora_and_a_shared_expert():
 
 @pytest.mark.skipif(
     mx.default_device() != mx.cpu,
-    reason="auto is dense only on MLX's CPU backend (test_platform simulates both)",
+    reason="auto is dense or grouped only on MLX's CPU backend (test_platform simulates both)",
 )
-def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float_experts(monkeypatch):
+def test_auto_dispatch_on_the_cpu_with_a_fast_blas_is_dense_for_large_float_experts_else_grouped(monkeypatch):
     from mlxmoe import blas
     from mlxmoe.nn.moe import set_dispatch
 
@@ -341,18 +341,23 @@ def test_auto_dispatch_is_dense_only_on_the_cpu_with_a_fast_blas_for_large_float
     assert set_dispatch(moe, "auto") == "gather" and moe.dispatch == "gather"
     monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
     assert set_dispatch(moe, "auto") == "dense" and moe.dispatch == "dense"
-    assert set_dispatch(SparseMoE(moe_args(True)), "auto") == "gather"  # 64 x 32: gather is fast
+    assert set_dispatch(SparseMoE(moe_args(True)), "auto") == "grouped"  # 64 x 32: too small for dense
     mid = moe_args(True)
     mid.moe_intermediate_size = 2048  # 64 x 2048: 512 KiB, dense pays at E/k 3, not at 4
     assert set_dispatch(SparseMoE(mid), "auto") == "dense"
     mid.num_experts = 8
-    assert set_dispatch(SparseMoE(mid), "auto") == "gather"
+    assert set_dispatch(SparseMoE(mid), "auto") == "grouped"
     many = moe_args(True)
     many.moe_intermediate_size = 16384
     many.num_experts, many.num_experts_per_tok = 64, 2  # 32x the work of gather: not worth it
-    assert set_dispatch(SparseMoE(many), "auto") == "gather"
+    assert set_dispatch(SparseMoE(many), "auto") == "grouped"
     quantized = SparseMoE(wide)
     nn.quantize(quantized.experts, group_size=GROUP, bits=4)
+    assert set_dispatch(quantized, "auto") == "grouped"
+    bfloat16 = SparseMoE(wide)
+    bfloat16.set_dtype(mx.bfloat16)  # a BLAS multiplies float32 only: dense never pays
+    assert set_dispatch(bfloat16, "auto") == "grouped"
+    monkeypatch.setattr(blas, "loaded_blas", lambda: "bundled")
     assert set_dispatch(quantized, "auto") == "gather"
     with pytest.raises(ValueError, match="needs float experts"):
         set_dispatch(quantized, "dense")

@@ -251,18 +251,23 @@ def test_mixtral_system_prompt_opens_the_first_user_turn_as_mistral_common_encod
     assert several.startswith(one) and several.count(SYSTEM["content"]) == 1
 
 
-@pytest.mark.parametrize("chat_format", ["chatml", "gpt-oss", "mistral", "qwen3", "qwen3_5"])
+@pytest.mark.parametrize(
+    "chat_format", ["chatml", "deepseek2", "gpt-oss", "granite", "granite-3.1", "mistral", "qwen3", "qwen3_5"]
+)
 @pytest.mark.slow
 def test_each_format_template_renders_the_probes_its_sidecar_detects_it_by(chat_format, go_program):
     """The probe is the Hugging Face template's rendering without thinking; gpt-oss's
     template has no such prompt (mlxmoe writes it: mlxmoe.harmony), so its probe is the
     template's own generation prompt, the TEMPLATE's with thinking at medium
-    (``probe_think``)."""
+    (``probe_think``). A TEMPLATE that writes a default system prompt (Granite's) writes it
+    first, on the day of the probe."""
     spec = chat_formats()[chat_format]
     think = spec.get("probe_think")
     date = PROBE_DATE.strftime("%Y-%m-%d")
     (probe,) = go_program(spec["template"], [ollama_chat_values(list(PROBE), None, think)], date)["prompts"]
-    assert probe == spec["probe"]
+    own = spec.get("template_system")
+    head = spec["system_turn"].format(system=own.format(date=PROBE_DATE)) if own else ""
+    assert probe == head + spec["probe"]
     if "thinking_probe" in spec:
         (thinking,) = go_program(spec["template"], [ollama_chat_values(list(PROBE), None, True)], date)[
             "prompts"
@@ -536,5 +541,16 @@ def test_an_installed_package_ships_the_templates_recipes_and_every_subpackage(t
     )
     assert json.loads(proc.stdout) == [
         str(target / "mlxmoe" / "templates"),
-        ["chatml", "gemma4", "gpt-oss", "granite", "mistral", "none", "qwen3", "qwen3_5"],
+        [
+            "chatml",
+            "deepseek2",
+            "gemma4",
+            "gpt-oss",
+            "granite",
+            "granite-3.1",
+            "mistral",
+            "none",
+            "qwen3",
+            "qwen3_5",
+        ],
     ]

@@ -21,6 +21,7 @@ from mlxmoe.config import ConfigView
 from mlxmoe.data import Batch
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.info import lazy_model
+from mlxmoe.nn.grouped import padded_rows
 from mlxmoe.nn.moe import set_dispatch
 from mlxmoe.plan.advice import GiB, budget, parse_size, suggestions, target, verdict
 from mlxmoe.plan.training import model_memory, plan_training, planned_dispatch
@@ -177,7 +178,7 @@ def _measured_step_peak(recipe) -> int:
     mx.default_device() != mx.cpu,
     reason="compares a plan for MLX's CPU backend with a step on the default device",
 )
-@pytest.mark.parametrize("dispatch", ["gather", "dense"])
+@pytest.mark.parametrize("dispatch", ["gather", "dense", "grouped"])
 def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
     recipe = load_recipe(
         RECIPES / "tiny-cpu-demo.yaml",
@@ -189,7 +190,7 @@ def test_planned_peak_is_within_10_percent_of_a_real_training_step(dispatch):
     assert plan.peak == pytest.approx(measured, rel=0.10), (plan.peak, measured)
 
 
-def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(monkeypatch):
+def test_auto_dispatch_on_a_fast_blas_cpu_is_dense_for_large_float_experts_else_grouped(monkeypatch):
     def dispatch(device="cpu", fast=True, quantize=0, cfg=TINY, setting="auto"):
         monkeypatch.setattr("mlxmoe.plan.training.fast_cpu_blas", lambda: fast)
         recipe = load_recipe(None, train={"quantize": quantize, "moe_dispatch": setting})
@@ -197,29 +198,31 @@ def test_auto_dispatch_is_dense_only_on_a_fast_blas_cpu_for_large_float_experts(
 
     wide = {**TINY, "moe_intermediate_size": 8192}  # 128 x 8192 experts: dense's size at E/k 4
     assert dispatch(cfg=wide) == "dense"
-    assert dispatch() == "gather"  # 128 x 128 experts: gather_mm runs them from cache
+    assert dispatch() == "grouped"  # 128 x 128 experts: too small for dense
     mid = {**TINY, "moe_intermediate_size": 1024}  # 128 x 1024: dense pays at E/k 3, not 4
-    assert dispatch(cfg=mid) == "gather" and dispatch(cfg={**mid, "num_experts": 6}) == "dense"
-    assert (
-        dispatch(cfg=wide, device="gpu")
-        == dispatch(cfg=wide, fast=False)
-        == dispatch(cfg=wide, quantize=4)
-        == "gather"
-    )
+    assert dispatch(cfg=mid) == "grouped" and dispatch(cfg={**mid, "num_experts": 6}) == "dense"
+    assert dispatch(cfg=wide, device="gpu") == dispatch(cfg=wide, fast=False) == "gather"
+    assert dispatch(cfg=wide, quantize=4) == "grouped"
     many = {**wide, "num_experts": 32}  # 16 experts per choice
-    assert dispatch(cfg=many) == "gather" and dispatch(cfg=many, setting="dense") == "dense"
+    assert dispatch(cfg=many) == "grouped" and dispatch(cfg=many, setting="dense") == "dense"
     assert dispatch(fast=False, setting="dense") == "dense"
     with pytest.raises(MlxMoeError, match="float experts"):
         dispatch(quantize=4, setting="dense")
 
 
-def test_dense_plan_keeps_every_experts_activations_and_says_so():
-    recipe = load_recipe(None, train={"quantize": 0, "batch_size": 2, "max_seq_len": 256})
+def _tiny_cpu_plans(quantize: int, *dispatches: str) -> tuple[dict, dict]:
+    """A plan of a batch of 2 x 256 tokens on the CPU, by dispatch, and its expert activations."""
+    recipe = load_recipe(None, train={"quantize": quantize, "batch_size": 2, "max_seq_len": 256})
     plans = {}
-    for d in ("gather", "dense"):
+    for d in dispatches:
         recipe.train.moe_dispatch = d
         plans[d] = plan_training(ConfigView(TINY), recipe, "cpu")
     experts = {d: {i.name: i.bytes for i in p.items}["activations: experts"] for d, p in plans.items()}
+    return plans, experts
+
+
+def test_dense_plan_keeps_every_experts_activations_and_says_so():
+    plans, experts = _tiny_cpu_plans(0, "gather", "dense")
     choices = TINY["num_experts"] // TINY["num_experts_per_tok"]
     assert experts["dense"] == choices * experts["gather"]
     dispatch_line = {
@@ -383,15 +386,13 @@ def test_the_mxfp4_export_is_planned_for_gpt_oss_and_refused_for_other_families(
     assert "mxfp4 is for gpt-oss's experts; mixtral is exported as" in " ".join(refused.output.split())
 
 
-def test_plan_names_the_grouped_dispatch_and_says_its_memory_is_not_modelled(tmp_path):
-    recipe = load_recipe(None, train={"moe_dispatch": "grouped", "quantize": 4})
-    cfg = ConfigView(json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text()))
-    assert plan_training(cfg, recipe, device="cpu").dispatch == "grouped"
+def test_grouped_plan_counts_the_experts_padded_rows(tmp_path):
+    _, experts = _tiny_cpu_plans(4, "gather", "grouped")
+    pairs = 2 * 256 * TINY["num_experts_per_tok"]
+    assert experts["grouped"] * pairs == experts["gather"] * padded_rows(pairs, TINY["num_experts"])
     (tmp_path / "r.yaml").write_text("train:\n  moe_dispatch: grouped\n")
     result = CliRunner().invoke(
         main, ["plan", str(CONFIGS / "qwen3-30b-a3b.json"), "--recipe", str(tmp_path / "r.yaml")]
     )
     assert result.exit_code == 0, result.output
-    assert "grouped dispatch" in " ".join(result.output.split()) and "3x gather" in " ".join(
-        result.output.split()
-    )
+    assert "grouped dispatch" in " ".join(result.output.split())

@@ -89,12 +89,15 @@ SETTINGS = [
     # hidden 96: group 64 leaves attention, embeddings, head and gate/up experts float
     setting("olmoe D96", OLMOE, strategy="experts+router", **MAC),
     setting("qwen3_5_moe", QWEN3_5, **MAC),
+    # the grouped dispatch: padded rows, quantized experts dequantized per product
+    setting("qwen3_moe", QWEN3, dispatch="grouped", **MAC),
+    setting("mixtral", MIXTRAL, group=128, dispatch="grouped", **MAC),
 ]
 
 
 def _id(s: dict) -> str:
     ckpt = "ckpt" if s["checkpoint"] else "no-ckpt"
-    return f"{s['name']}-{s['strategy']}-group{s['group']}-{ckpt}"
+    return f"{s['name']}-{s['strategy']}-group{s['group']}-{ckpt}-{s['dispatch']}"
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from click.testing import CliRunner
 
@@ -194,8 +195,11 @@ def test_auto_dispatch_is_gather_on_a_gpu_even_with_a_fast_blas(monkeypatch):
     monkeypatch.setattr(blas, "loaded_blas", lambda: "/usr/lib/libopenblas.so.0")
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
     assert set_dispatch(moe, "auto") == "dense"
+    quantized = SparseMoE(wide)
+    nn.quantize(quantized.experts, group_size=64, bits=4)
+    assert set_dispatch(quantized, "auto") == "grouped"
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert set_dispatch(moe, "auto") == "gather"
+    assert set_dispatch(moe, "auto") == set_dispatch(quantized, "auto") == "gather"  # a Mac
 
 
 def test_a_cpu_plan_assumes_dense_only_on_linux_where_openblas_is_preloaded(monkeypatch):

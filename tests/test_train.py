@@ -364,3 +364,23 @@ def test_a_model_folder_without_a_tokenizer_is_refused(qwen2_moe, data, tmp_path
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(MlxMoeError, match=f"^{re.escape(str(bare))}: the model folder ships no tokenizer"):
         train(recipe(bare, data, iters=1), tmp_path / "out", show_progress=False)
+
+
+@pytest.mark.parametrize("mac", [False, True], ids=["float32", "bfloat16-over-4-bit"])
+@pytest.mark.slow
+def test_a_compiled_step_trains_the_same_under_the_grouped_dispatch_as_under_gather(
+    qwen2_moe, data, tmp_path, mac
+):
+    """The grouped dispatch's shapes do not follow the routing, so the step compiles with it;
+    the Mac's configuration (bfloat16 over a 4-bit base) runs it on the CPU too."""
+    mac_settings = dict(dtype="bfloat16", quantize=4, group_size=32) if mac else {}
+    losses = {}
+    for dispatch in ("gather", "grouped"):
+        r = recipe(
+            qwen2_moe, data, iters=4, report_every=1, val_every=0, moe_dispatch=dispatch, **mac_settings
+        )
+        assert r.train.compile
+        train(r, tmp_path / dispatch, show_progress=False)
+        losses[dispatch] = [row["loss"] for row in metrics(tmp_path / dispatch)]
+    assert len(losses["grouped"]) == 4 and losses["grouped"][-1] < losses["grouped"][0]
+    np.testing.assert_allclose(losses["grouped"], losses["gather"], rtol=2e-2 if mac else 1e-4)

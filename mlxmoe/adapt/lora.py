@@ -17,7 +17,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..nn.grouped import grouped_matmul
+from ..nn.grouped import Blocks, block_matmul
 from ..nn.moe import ExpertLinear, QuantizedExpertLinear, Router, gather_matmul
 
 
@@ -82,10 +82,10 @@ class LoRAExperts(nn.Module):
             z = gather_matmul(h, b, indices, sorted_indices)
         return y + self.scale * z
 
-    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
-        """The grouped dispatch (``nn.grouped``): rows sorted by expert."""
-        y = self.base.grouped(x, counts, experts)
-        z = grouped_matmul(grouped_matmul(self.dropout(x), self.lora_a, counts), self.lora_b, counts)
+    def grouped(self, x: mx.array, blocks: Blocks) -> mx.array:
+        """The grouped dispatch (``nn.grouped``): rows in the blocked layout."""
+        y = self.base.grouped(x, blocks)
+        z = block_matmul(block_matmul(self.dropout(x), self.lora_a, blocks), self.lora_b, blocks)
         return y + self.scale * z
 
     def delta(self) -> mx.array:

@@ -12,10 +12,12 @@ thinking model's template (Qwen3's empty think block) tells its format from plai
 format whose sidecar has ``thinking_probe`` must also render that with thinking allowed (Qwen3's
 thinking prompt is ``<|im_start|>assistant\n``, Qwen3.5's opens the think block). Templates that
 write today's date (gpt-oss's) render the probe on PROBE_DATE. A sidecar's ``template_system``
-is the default system prompt its TEMPLATE writes itself where a conversation has none, dated the
-day Ollama prompts (Granite 3.3's, ``{date:%B %d, %Y}``): the format is a model's only where the
-model's template writes a default too, either that one (no SYSTEM then) or one without a date,
-which becomes SYSTEM (Granite 4.0's); a dated one in other words would need a TEMPLATE of its own.
+names the default system prompts its TEMPLATE can write itself where a conversation has none,
+dated the day Ollama prompts (``{date:%B %d, %Y}``): each name is a format of its own, whose
+TEMPLATE is the .gotmpl with that text where it says ``template_system`` (Granite 3.3's default
+on one line, "granite"; Granite 3.1's on lines, "granite-3.1"). Such a format is a model's only
+where the model's template writes a default too, either that one (no SYSTEM then) or one without
+a date, which becomes SYSTEM (Granite 4.0's); a dated one in other words needs a name of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ BOS_MARK = "\ue000"  # a private-use character
 PROBE_DATE = datetime(2024, 6, 1)
 OTHER_DATE = datetime(2025, 11, 23)  # another day, month and year: tells a dated default apart
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# How a sidecar's template_system writes the day Ollama prompts (strftime_now('%B %d, %Y') in
+# the Hugging Face templates), the .gotmpl variable that spells currentDate so, and the comment
+# the default system prompt replaces.
+TODAY = "{date:%B %d, %Y}"
+GO_TODAY = "$today"
+DEFAULT_SYSTEM_MARK = "{{- /* template_system */ -}}"
 # What Ollama's Modelfile parser accepts as a PARAMETER name (parser/parser.go).
 PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -67,14 +75,32 @@ def templates_dir() -> Path:
 
 @cache
 def chat_formats() -> dict[str, dict[str, Any]]:
-    """Every format: its sidecar JSON plus ``template``, the .gotmpl text."""
+    """Every format: its sidecar JSON plus ``template``, the .gotmpl text. A sidecar's
+    ``template_system`` gives one format per name it holds, each with its dated default written
+    into the TEMPLATE (and as its own ``template_system``)."""
     formats = {}
     for path in sorted(templates_dir().glob("*.gotmpl")):
         spec = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         # A text file ends with a newline; text/template would print it after the last action.
-        spec["template"] = path.read_text(encoding="utf-8").removesuffix("\n")
-        formats[path.stem] = spec
+        template = path.read_text(encoding="utf-8").removesuffix("\n")
+        defaults = spec.get("template_system")
+        if defaults is None:
+            formats[path.stem] = {**spec, "template": template}
+            continue
+        for name, system in defaults.items():
+            filled = with_default_system(template, system, path)
+            formats[name] = {**spec, "template_system": system, "template": filled}
     return formats
+
+
+def with_default_system(template: str, system: str, path: Path) -> str:
+    """``template`` writing ``system`` at DEFAULT_SYSTEM_MARK, TODAY spelled from the TEMPLATE's
+    $today. A JSON string is a Go string literal, and print joins strings without spaces."""
+    pieces = system.split(TODAY)
+    if template.count(DEFAULT_SYSTEM_MARK) != 1 or any("{" in p or "}" in p for p in pieces):
+        raise MlxMoeError(f"{path}: a template_system needs one {DEFAULT_SYSTEM_MARK} and dates as {TODAY}")
+    literals = f" {GO_TODAY} ".join(json.dumps(p, ensure_ascii=False) for p in pieces)
+    return template.replace(DEFAULT_SYSTEM_MARK, f"{{{{- print {literals} -}}}}")
 
 
 # --- which format a model uses ------------------------------------------------------------
@@ -82,8 +108,9 @@ def chat_formats() -> dict[str, dict[str, Any]]:
 
 def detect_chat_format(model_dir: str | Path) -> str:
     """The model's chat format: "mistral", "chatml", "qwen3" or "qwen3_5" (ChatML with think
-    blocks), "gpt-oss" (harmony), "gemma4", "granite", or "none" (plain completion) for a model
-    without a chat template. A template of no known family is "none", with a warning."""
+    blocks), "gpt-oss" (harmony), "gemma4", "granite" or "granite-3.1", "deepseek2", or "none"
+    (plain completion) for a model without a chat template. A template of no known family is
+    "none", with a warning."""
     name, _, problem = probe_chat_template(Path(model_dir))
     if problem:
         log.warning("%s; the Modelfile uses plain completion", problem)

@@ -1,100 +1,147 @@
-"""The grouped MoE dispatch: rows sorted by expert, one matmul per expert over its rows.
+"""The grouped MoE dispatch: rows sorted by expert and cut into blocks of one expert each.
 
 MLX's CPU ``gather_mm`` / ``gather_qmm`` make one BLAS call per row (a matrix-vector
-product each); once rows are sorted by expert, each expert's rows are one contiguous slice
-and one GEMM. The slice bounds must be Python ints, so the per-expert counts are read back
-to the host once per layer call (MLX runs eagerly under ``value_and_grad``: one sync per
-layer). The products are custom functions with their own gradients: left to autodiff, the
-gradient of each slice would be a full-size zero array per expert (E times the rows' size).
+product each) in the usual MoE layout. Here each expert's rows are padded to a whole number
+of blocks of ``size`` rows, so that one ``gather_mm`` over [blocks, size, in] makes one GEMM
+of ``size`` rows per block. Every shape depends on the number of rows and experts only, never
+on the routing: nothing is read back to the host, so the dispatch compiles, and a training
+step keeps gather's memory (reading the routing to the host inside ``value_and_grad`` kept
+arrays alive that one evaluation of the step frees: bench/README.md). The price is padding,
+at most ``size - 1`` rows per expert.
 
-Weight gradients come from ``mx.segmented_mm`` (x^T dy, the row dimension cut into the
-experts' segments); nothing is computed for weights nobody asks a gradient of (MLX is lazy).
-Quantized experts are dequantized one expert's slab at a time, then multiplied by BLAS.
-Measurements: bench/README.md.
+The products are custom functions: the input gradient is the same block GEMM against the
+weight, weight gradients come from ``mx.segmented_mm`` over each expert's padded rows (the
+padding rows are zero), and nothing is computed for weights nobody asks a gradient of.
+Quantized experts are dequantized in the forward pass and again in the backward pass, rather
+than keep a float copy of every layer's experts alive in between.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import mlx.core as mx
 
 from ..dtypes import gather_dtype
 
-
-def expert_counts(experts: mx.array, num_experts: int) -> tuple[int, ...] | None:
-    """How many rows each expert has, read to the host (``experts`` [N] sorted); None inside
-    ``mx.compile``, which cannot read arrays while tracing: shapes there must not depend on
-    the routing, so a compiled step runs the gather dispatch instead."""
-    counts = (experts[:, None] == mx.arange(num_experts, dtype=experts.dtype)).sum(axis=0)
-    try:
-        return tuple(counts.tolist())
-    except ValueError:  # "[eval] Attempting to eval an array during function transformations"
-        return None
+# Rows per block: the GEMM rate rises with the rows a call gets, the padding (memory the
+# backward pass keeps) with the block. Measured on 2 cores with OpenBLAS (bench/README.md).
+MIN_BLOCK, MAX_BLOCK = 16, 64
 
 
-def _bounds(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every expert with rows."""
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            out.append((e, start, start + n))
-        start += n
-    return out
+class Blocks(NamedTuple):
+    """Where the (token, expert) pairs of one MoE layer call sit in the blocked layout."""
+
+    slots: mx.array  # [pairs]: the padded row of each pair, pairs in token order
+    sources: mx.array  # [blocks * size]: the token each padded row reads; tokens for padding
+    experts: mx.array  # [blocks]: each block's expert, ascending (uint32)
+    segments: mx.array  # [E, 2]: each expert's padded rows [first, end) (uint32)
+    size: int
 
 
-def _per_expert(x: mx.array, bounds, product) -> mx.array:
-    parts = [product(x[s:t], e) for e, s, t in bounds]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+def block_size(pairs: int, num_experts: int) -> int:
+    """A quarter of an expert's mean share of rows, as a power of two within [MIN_BLOCK,
+    MAX_BLOCK]: padding of at most a quarter of the rows, an eighth on average."""
+    size = MIN_BLOCK
+    while size < MAX_BLOCK and 8 * size <= pairs // num_experts:
+        size *= 2
+    return size
 
 
-def _segments(counts: tuple[int, ...]) -> mx.array:
-    ends = mx.cumsum(mx.array(counts, dtype=mx.uint32))
-    return mx.stack([ends - mx.array(counts, dtype=mx.uint32), ends], axis=-1)
+def padded_rows(pairs: int, num_experts: int, size: int | None = None) -> int:
+    """Rows of the blocked layout for ``pairs`` (token, expert) pairs: room for every expert
+    to end in a partial block, whatever the routing."""
+    size = size or block_size(pairs, num_experts)
+    return -(-(pairs + num_experts * (size - 1)) // size) * size
 
 
-def grouped_matmul(x: mx.array, w: mx.array, counts: tuple[int, ...]) -> mx.array:
-    """Rows ``x`` [N, in] sorted by expert times their expert's ``w`` [E, out, in] transposed
-    -> [N, out] in ``x``'s dtype, computed in the dtype ``gather_mm`` would use (float32 on
-    the CPU). ``w`` is taken as stored: slicing an expert out of a transposed view runs at
-    half the rate (bench/README.md)."""
-    compute = gather_dtype(x.dtype)
-    bounds = _bounds(counts)
-    if not bounds:
-        return mx.zeros((0, w.shape[-2]), dtype=x.dtype)
+def blocks_for(indices: mx.array, num_experts: int, size: int | None = None) -> Blocks:
+    """The blocked layout for ``indices`` [..., k] (each token's experts)."""
+    k = indices.shape[-1]
+    flat = indices.flatten().astype(mx.int32)
+    pairs = flat.size
+    size = size or block_size(pairs, num_experts)
+    blocks = padded_rows(pairs, num_experts, size) // size
+    counts = (flat[:, None] == mx.arange(num_experts, dtype=mx.int32)).sum(axis=0).astype(mx.int32)
+    padded = -(-counts // size) * size
+    padded_end = mx.cumsum(padded)
+    padded_start = padded_end - padded
+    order = mx.argsort(flat)
+    sorted_experts = flat[order]
+    # a pair's place among its expert's rows, then its row in the padded layout
+    rank = mx.arange(pairs, dtype=mx.int32) - (mx.cumsum(counts) - counts)[sorted_experts]
+    slot_sorted = padded_start[sorted_experts] + rank
+    slots = mx.zeros((pairs,), mx.int32).at[order].add(slot_sorted)
+    tokens = pairs // k
+    sources = mx.full((blocks * size,), tokens, mx.int32).at[slot_sorted].add(order // k - tokens)
+    first_rows = mx.arange(blocks, dtype=mx.int32) * size
+    experts = (padded_end[None, :] <= first_rows[:, None]).sum(axis=1)  # unused blocks: past E - 1
+    experts = mx.minimum(experts, num_experts - 1).astype(mx.uint32)
+    segments = mx.stack([padded_start, padded_end], axis=-1).astype(mx.uint32)
+    return Blocks(slots, sources, experts, segments, size)
+
+
+def to_blocks(x: mx.array, blocks: Blocks) -> mx.array:
+    """Tokens ``x`` [..., D] -> their rows in the blocked layout [blocks, size, D]."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = mx.concatenate([rows, mx.zeros((1, rows.shape[-1]), rows.dtype)])  # the padding's row
+    return rows[blocks.sources].reshape(-1, blocks.size, rows.shape[-1])
+
+
+def from_blocks(y: mx.array, blocks: Blocks, indices_shape: tuple[int, ...]) -> mx.array:
+    """Blocked rows ``y`` [blocks, size, D] -> each pair's row [..., k, D]."""
+    return y.reshape(-1, y.shape[-1])[blocks.slots].reshape(*indices_shape, y.shape[-1])
+
+
+def block_matmul(xb: mx.array, w: mx.array, blocks: Blocks) -> mx.array:
+    """Blocked rows ``xb`` [blocks, size, in] times their expert's ``w`` [E, out, in]
+    transposed -> [blocks, size, out] in ``xb``'s dtype, computed in the dtype ``gather_mm``
+    would use (float32 on the CPU). The casts happen inside the product: what its gradient
+    keeps is ``xb`` as given, not a float32 copy (nor the float32 output)."""
+    compute = gather_dtype(xb.dtype)
 
     @mx.custom_function
-    def product(x, w):
-        return _per_expert(x, bounds, lambda rows, e: rows @ w[e].T)
+    def product(xb, w, experts, segments):
+        y = mx.gather_mm(
+            xb.astype(compute), w.astype(compute).swapaxes(-1, -2), rhs_indices=experts, sorted_indices=True
+        )
+        return y.astype(xb.dtype)
 
     @product.vjp
     def product_vjp(primals, cotangent, _output):
-        x, w = primals
-        dx = _per_expert(cotangent, bounds, lambda rows, e: rows @ w[e])
-        dw = mx.segmented_mm(cotangent.T, x, _segments(counts))
-        return dx, dw.astype(w.dtype)
+        xb, w, experts, segments = primals
+        dy = cotangent.astype(compute)
+        dx = mx.gather_mm(dy, w.astype(compute), rhs_indices=experts, sorted_indices=True)
+        rows = dy.shape[0] * dy.shape[1]
+        dw = mx.segmented_mm(dy.reshape(rows, -1).T, xb.astype(compute).reshape(rows, -1), segments)
+        return dx.astype(xb.dtype), dw.astype(w.dtype), mx.zeros_like(experts), mx.zeros_like(segments)
 
-    y = product(x.astype(compute), w.astype(compute))
-    return y.astype(x.dtype)
+    return product(xb, w, blocks.experts, blocks.segments)
 
 
-def grouped_qmm(x: mx.array, layer, counts: tuple[int, ...]) -> mx.array:
-    """Rows ``x`` [N, in] sorted by expert times their expert's quantized weight
-    (``layer``: a frozen QuantizedExpertLinear) -> [N, out]; gradient w.r.t. ``x`` only.
-    The backward pass dequantizes again rather than keep every expert's float slab alive
-    until then (a float copy of the quantized experts)."""
-    bounds = _bounds(counts)
-    if not bounds:
-        return mx.zeros((0, layer.weight.shape[-2]), dtype=x.dtype)
-    compute = gather_dtype(x.dtype)
+def block_qmm(xb: mx.array, layer, blocks: Blocks) -> mx.array:
+    """Blocked rows ``xb`` times their expert's quantized weight (``layer``: a frozen
+    QuantizedExpertLinear) -> [blocks, size, out] in ``xb``'s dtype; gradient w.r.t.
+    ``xb`` only. MLX's CPU quantized kernels run at a few GFLOP/s, so the experts are
+    dequantized and multiplied by BLAS (bench/README.md)."""
+    compute = gather_dtype(xb.dtype)
 
-    def slab(e: int) -> mx.array:
-        return layer.dequantized_expert(e).astype(compute)
+    def weight(after: mx.array) -> mx.array:
+        return layer.dequantized_weight(after).astype(compute)
 
     @mx.custom_function
-    def product(x):
-        return _per_expert(x, bounds, lambda rows, e: rows @ slab(e).T)
+    def product(xb, experts):
+        y = mx.gather_mm(
+            xb.astype(compute), weight(xb).swapaxes(-1, -2), rhs_indices=experts, sorted_indices=True
+        )
+        return y.astype(xb.dtype)
 
     @product.vjp
-    def product_vjp(_primals, cotangent, _output):
-        return (_per_expert(cotangent, bounds, lambda rows, e: rows @ slab(e)),)
+    def product_vjp(primals, cotangent, _output):
+        xb, experts = primals
+        dx = mx.gather_mm(
+            cotangent.astype(compute), weight(cotangent), rhs_indices=experts, sorted_indices=True
+        )
+        return dx.astype(xb.dtype), mx.zeros_like(experts)
 
-    return product(x.astype(compute)).astype(x.dtype)
+    return product(xb, blocks.experts)

@@ -11,11 +11,9 @@ the outputs by the routing (zero for experts a token did not choose): E/k times 
 the same result. It pays on MLX's CPU backend with a fast BLAS, where ``gather_mm`` makes
 one BLAS call per row (measurements: bench/README.md).
 
-The "grouped" dispatch sorts the rows by expert and runs one matmul per expert over its
-rows (``nn.grouped``): gather's work at the BLAS rate, float or quantized experts alike.
-It reads each layer's expert counts to the host, so a compiled step runs it as gather
-(``train.compile: false`` to use it), and "auto" never picks it: a whole training step
-peaked at 2-3x gather's memory (bench/README.md).
+The "grouped" dispatch sorts the rows by expert and pads each expert's rows to blocks, one
+GEMM per block (``nn.grouped``): gather's work plus the padding, at the BLAS rate, float or
+quantized experts alike, with shapes that do not follow the routing (it compiles).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import mlx.nn as nn
 
 from ..config import MoEArgs
 from ..dtypes import gather_dtype, on_cpu
-from .grouped import expert_counts, grouped_matmul, grouped_qmm
+from .grouped import Blocks, block_matmul, block_qmm, blocks_for, from_blocks, to_blocks
 from .mlp import GatedMLP
 
 # Below this many (token, expert) pairs sorting costs more than it saves.
@@ -138,9 +136,9 @@ class ExpertLinear(nn.Module):
         y = gather_matmul(x, self.weight.swapaxes(-1, -2), indices, sorted_indices)
         return with_expert_bias(self, y, indices)
 
-    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
-        """Rows x [N, in] sorted by expert (``experts`` [N], ``counts`` rows per expert)."""
-        return with_row_bias(self, grouped_matmul(x, self.weight, counts), experts)
+    def grouped(self, x: mx.array, blocks: Blocks) -> mx.array:
+        """Rows in the blocked layout (``nn.grouped``), x [blocks, size, in]."""
+        return with_block_bias(self, block_matmul(x, self.weight, blocks), blocks)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
@@ -155,9 +153,9 @@ def with_expert_bias(layer: nn.Module, y: mx.array, indices: mx.array | None) ->
     return y + bias.astype(y.dtype)
 
 
-def with_row_bias(layer: nn.Module, y: mx.array, experts: mx.array) -> mx.array:
-    """``y`` [N, out] plus each row's expert's bias (``experts`` [N]), if ``layer`` has one."""
-    return y + layer.bias[experts].astype(y.dtype) if "bias" in layer else y
+def with_block_bias(layer: nn.Module, y: mx.array, blocks: Blocks) -> mx.array:
+    """``y`` [blocks, size, out] plus each block's expert's bias, if ``layer`` has one."""
+    return y + layer.bias[blocks.experts][:, None, :].astype(y.dtype) if "bias" in layer else y
 
 
 def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
@@ -191,11 +189,15 @@ class QuantizedExpertLinear(nn.Module):
     def from_float(cls, layer: ExpertLinear, group_size: int, bits: int, mode: str = "affine"):
         return cls(layer.weight, group_size, bits, mode, layer.get("bias"))
 
-    def dequantized_weight(self) -> mx.array:
+    def dequantized_weight(self, after: mx.array | None = None) -> mx.array:
+        """The float weight [E, out, in]. ``after``: an array to compute it after: it depends
+        on parameters only, so MLX may otherwise compute it at the start of an evaluation and
+        hold it until its product runs (every layer's at once, in a training step)."""
+        weight = self.weight if after is None else mx.depends(self.weight, after)
         # mxfp4's scales are uint8 exponents: ask for float32, which holds its values exactly
         dtype = None if self.mode == "affine" else mx.float32
         return mx.dequantize(
-            self.weight,
+            weight,
             self.scales,
             self.get("biases"),
             self.group_size,
@@ -204,20 +206,8 @@ class QuantizedExpertLinear(nn.Module):
             dtype=dtype,
         )
 
-    def dequantized_expert(self, e: int) -> mx.array:
-        """Expert ``e``'s weight [out, in], dequantized (float32 for mxfp4, as above)."""
-        return mx.dequantize(
-            self.weight[e],
-            self.scales[e],
-            self.biases[e] if "biases" in self else None,
-            self.group_size,
-            self.bits,
-            mode=self.mode,
-            dtype=None if self.mode == "affine" else mx.float32,
-        )
-
-    def grouped(self, x: mx.array, counts: tuple[int, ...], experts: mx.array) -> mx.array:
-        return with_row_bias(self, grouped_qmm(x, self, counts), experts)
+    def grouped(self, x: mx.array, blocks: Blocks) -> mx.array:
+        return with_block_bias(self, block_qmm(x, self, blocks), blocks)
 
     def __call__(self, x: mx.array, indices: mx.array | None, sorted_indices: bool = False) -> mx.array:
         if indices is None:
@@ -287,16 +277,11 @@ class SwitchExperts(nn.Module):
         return self.combine(y, indices, restore)
 
     def grouped(self, x: mx.array, indices: mx.array, num_experts: int) -> mx.array:
-        """Like calling the layer, each expert running over its rows at once (``nn.grouped``)."""
-        rows, experts, restore = sort_by_expert(mx.expand_dims(x, (-2, -3)), indices)
-        counts = expert_counts(experts, num_experts)
-        if counts is None:
-            return self(x, indices)
-        rows = rows.squeeze(-2)
-        gate = self.gate_proj.grouped(rows, counts, experts)
-        h = self.activation(gate, self.up_proj.grouped(rows, counts, experts))
-        y = self.down_proj.grouped(h, counts, experts)
-        return self.combine(mx.expand_dims(y, -2), indices, restore)
+        """Like calling the layer, each expert's rows run in blocks (``nn.grouped``)."""
+        blocks = blocks_for(indices, num_experts)
+        rows = to_blocks(x, blocks)
+        h = self.activation(self.gate_proj.grouped(rows, blocks), self.up_proj.grouped(rows, blocks))
+        return from_blocks(self.down_proj.grouped(h, blocks), blocks, indices.shape)
 
     def all_experts(self, x: mx.array) -> mx.array:
         """x [..., D] -> every expert's output [E, ..., D] (the dense dispatch)."""
@@ -384,23 +369,32 @@ def dense_pays(num_experts: int, top_k: int, expert_values: int) -> bool:
 
 
 def choose_dispatch(
-    setting: str, num_experts: int, top_k: int, float_experts: bool, fast_cpu: bool, expert_values: int = 0
+    setting: str,
+    num_experts: int,
+    top_k: int,
+    float_experts: bool,
+    fast_cpu: bool,
+    expert_values: int = 0,
+    float32: bool = True,
 ) -> str:
     """The dispatch ``setting`` (auto or one of ``DISPATCHES``) means for such MoE layers
-    (``expert_values``: hidden size x expert FFN size).
+    (``float_experts``: not quantized; ``fast_cpu``: MLX's CPU backend with a fast BLAS;
+    ``expert_values``: hidden size x expert FFN size; ``float32``: the model's dtype).
 
-    ``auto``: dense on MLX's CPU backend with a fast BLAS (``fast_cpu``), for float experts
-    whose matrices are too large for gather_mm's cache-bound rate at their E/k
-    (``dense_pays``); gather everywhere
-    else (Metal's gather kernels are fast; the bundled CPU BLAS runs gather_mm at the dense
-    rate, so dense would only add work)."""
+    ``auto`` on MLX's CPU backend with a fast BLAS: dense for float32 experts whose matrices
+    are too large for gather_mm's cache-bound rate at their E/k (``dense_pays``), else grouped
+    (one GEMM per block of one expert's rows, where gather_mm and gather_qmm make one call per
+    row). Gather everywhere else: Metal's gather kernels are fast, and the bundled CPU BLAS
+    runs a GEMM no faster than gather_mm's rows (bench/README.md)."""
     if setting not in ("auto", *DISPATCHES):
         raise ValueError(f"MoE dispatch must be auto, {', '.join(DISPATCHES)}, got {setting!r}")
     if setting == "dense" and not float_experts:
         raise ValueError("the dense MoE dispatch needs float experts (this model is quantized)")
     if setting == "auto":
-        dense = float_experts and fast_cpu and dense_pays(num_experts, top_k, expert_values)
-        return "dense" if dense else "gather"
+        if not fast_cpu:
+            return "gather"
+        dense = float_experts and float32 and dense_pays(num_experts, top_k, expert_values)
+        return "dense" if dense else "grouped"
     return setting
 
 
@@ -414,20 +408,16 @@ def set_dispatch(model: nn.Module, setting: str = "auto") -> str:
         choose_dispatch(setting, 1, 1, True, False)  # still refuses a bad setting
         return "gather"
     float_experts = all(not isinstance(_base(m.experts.gate_proj), QuantizedExpertLinear) for m in layers)
-    # A BLAS multiplies float32 only; MLX's own CPU kernels for 16-bit floats are far slower,
-    # so dense never pays there (bench/README.md).
-    fast_cpu = (
-        on_cpu()
-        and loaded_blas() != "bundled"
-        and all(_base(m.experts.up_proj).weight.dtype == mx.float32 for m in layers)
-    )
     setting = choose_dispatch(
         setting,
         max(m.router.weight.shape[0] for m in layers),
         min(m.router.top_k for m in layers),
         float_experts,
-        fast_cpu,
+        on_cpu() and loaded_blas() != "bundled",
         min(_base(m.experts.up_proj).weight[0].size for m in layers),
+        # A BLAS multiplies float32 only; MLX's own CPU kernels for 16-bit floats are far
+        # slower, so dense never pays on 16-bit experts (bench/README.md).
+        all(_base(m.experts.up_proj).weight.dtype == mx.float32 for m in layers),
     )
     for m in layers:
         m.dispatch = setting

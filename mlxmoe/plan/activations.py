@@ -12,6 +12,7 @@ from ..config import MoEArgs
 from ..losses import ce_chunk_rows
 from ..model import CausalLM
 from ..nn.gemma4_block import Gemma4Args
+from ..nn.grouped import padded_rows
 from ..nn.moe import DENSE_MIN_PAIRS
 from .mixers import MAKE_QKV, READ_THE_INPUT, Shape, latent_kept, linear_attention_kept, pow2_at_least
 
@@ -237,11 +238,13 @@ def _moe_kept(
         # int32 permutations the gathers' gradients scatter with.
         # The expert LoRAs read gather_mm's operands: on the CPU, float32 copies (one for
         # gate and up: mx.compile merges the two identical casts).
-        rows = T * k
+        # The grouped dispatch (nn.grouped) runs the same on its padded rows, gathered back
+        # to the pairs' [T*k, D].
+        rows = expert_rows(args, T, dispatch)
         if experts & {"gate_proj", "up_proj"}:
             kept["MoE dispatch"] += rows * D * f
         if grad or router_trained:
-            kept["MoE dispatch"] += rows * D * a
+            kept["MoE dispatch"] += T * k * D * a
         kept["MoE dispatch"] += 4 * rows * 4
         # gather_mm's input gradient reads the float experts' weights, cast per call
         needs_dx = {
@@ -268,6 +271,15 @@ def _moe_kept(
         if "down_proj" in shared:
             kept["feed-forward"] += T * s_inter * a
     return kept
+
+
+def expert_rows(args: MoEArgs, tokens: int, dispatch: str) -> int:
+    """Rows the experts run on: each token's k (gather), every expert on every token (dense),
+    or the k padded to the grouped dispatch's blocks."""
+    E, k = args.num_experts, args.num_experts_per_tok
+    if dispatch == "dense":
+        return E * tokens
+    return padded_rows(tokens * k, E) if dispatch == "grouped" else tokens * k
 
 
 def _float_values(experts) -> int:
@@ -305,10 +317,21 @@ def _layer_backward_working(
         dense = 0
     if not layer.is_moe:
         return max(attn, 2 * T * args.intermediate_size * a)
-    rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
+    rows = expert_rows(args, T, dispatch)
     F = args.moe_intermediate_size
     lora = sum(f"moe.experts.{p}" in targets for p in ("gate_proj", "up_proj"))
     ffn = 4 * rows * F * a + (4 + lora) * rows * args.hidden_size * a
+    if dispatch == "grouped":
+        # quantized experts are dequantized whole for each product, one projection at a time
+        quantized = [
+            p
+            for p in ("gate_proj", "up_proj", "down_proj")
+            if not _float_values(getattr(layer.moe.experts, p))
+        ]
+        if quantized:
+            ffn += args.num_experts * F * args.hidden_size * f
+    if dispatch == "grouped" and f != a:  # every product runs gather_mm, quantized or not
+        ffn += 3 * rows * F * (f + a)
     if dispatch == "gather" and f != a:
         cast = sum(
             f"moe.experts.{p}" in targets or _float_values(getattr(layer.moe.experts, p)) > 0
@@ -368,7 +391,7 @@ def _gemma4_layer_kept(
     if "mlp.down_proj" in dense:
         kept["feed-forward"] += T * inter * a
     moe = _moe_kept(args, layer.moe.experts, ffn - dense, grad, shape, widths, rank, compiled, dispatch)
-    rows = T * (args.num_experts if dispatch == "dense" else args.num_experts_per_tok)
+    rows = expert_rows(args, T, dispatch)
     moe["experts"] += (GELU_ARRAYS - 4) * rows * args.moe_intermediate_size * a
     kept.update(moe)
     return kept

@@ -127,9 +127,10 @@ def fast_cpu_blas() -> bool:
 
 def planned_dispatch(args, train: TrainConfig, device: str) -> str:
     """The MoE dispatch ``nn.moe.set_dispatch`` will choose for ``train.moe_dispatch`` when
-    the run trains on ``device``, assuming it is this machine: ``auto`` is dense only on
-    MLX's CPU backend with a fast BLAS (on Linux, the library ``mlxmoe train`` preloads),
-    for float experts whose size and E/k ``nn.moe.dense_pays`` accepts."""
+    the run trains on ``device``, assuming it is this machine: ``auto`` is gather except on
+    MLX's CPU backend with a fast BLAS (on Linux, the library ``mlxmoe train`` preloads):
+    dense there for float32 experts whose size and E/k ``nn.moe.dense_pays`` accepts, else
+    grouped."""
     moe = isinstance(args, MoEArgs) and bool(args.moe_layers)
     try:
         choice = choose_dispatch(
@@ -137,8 +138,9 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
             args.num_experts if moe else 1,
             args.num_experts_per_tok if moe else 1,
             float_experts=not train.quantization.bits_for("ffn_up_exps") or not moe,
-            fast_cpu=device == "cpu" and fast_cpu_blas() and resolve_dtype(train.dtype, device) == mx.float32,
+            fast_cpu=device == "cpu" and fast_cpu_blas(),
             expert_values=args.hidden_size * args.moe_intermediate_size if moe else 0,
+            float32=resolve_dtype(train.dtype, device) == mx.float32,
         )
     except ValueError as exc:
         raise MlxMoeError(f"train.moe_dispatch: {exc}") from exc
@@ -148,10 +150,7 @@ def planned_dispatch(args, train: TrainConfig, device: str) -> str:
 DISPATCH_DETAIL = {
     "gather": "gather dispatch: each token's k experts",
     "dense": "dense dispatch: every expert on every token",
-    # bench/README.md: its per-layer host reads keep the forward's arrays, 1.5-3x gather's
-    # peak in a whole step; not modelled
-    "grouped": "grouped dispatch: one matmul per expert over its sorted rows (planned as gather; "
-    "measured up to 3x gather's peak, see bench/README.md)",
+    "grouped": "grouped dispatch: each expert's rows in blocks of one expert",
 }
 
 
@@ -195,7 +194,7 @@ def plan_training(
         dtype,
         recipe.lora.rank,
         t.grad_checkpoint,
-        t.compile and dispatch != "grouped",  # as train/loop.py compiles
+        t.compile,
         dispatch,
         device,
     )

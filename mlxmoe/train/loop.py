@@ -168,10 +168,7 @@ def train(
     schedule = BatchSchedule(train_set, cfg.batch_size, seed=cfg.seed)
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    # The grouped dispatch reads each layer's expert counts to the host, which a compiled
-    # step cannot: there it would silently run gather
-    compiled = cfg.compile and dispatch != "grouped"
-    stepper = Stepper(model, optimizer, recipe.loss, cfg.grad_clip, compiled, world)
+    stepper = Stepper(model, optimizer, recipe.loss, cfg.grad_clip, cfg.compile, world)
 
     monitor = None
     if model.moe_layers:
