@@ -81,6 +81,21 @@ def blocks_for(indices: mx.array, num_experts: int, size: int | None = None) -> 
     return Blocks(slots, sources, experts, segments, size)
 
 
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, whose gradient keeps gate and up only: autodiff would keep
+    sigmoid(gate) and silu(gate) as well, two more arrays of the padded rows."""
+    return gate * mx.sigmoid(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, _output):
+    gate, up = primals
+    sigmoid = mx.sigmoid(gate)
+    silu = gate * sigmoid
+    return cotangent * up * (sigmoid + silu * (1 - sigmoid)), cotangent * silu
+
+
 def to_blocks(x: mx.array, blocks: Blocks) -> mx.array:
     """Tokens ``x`` [..., D] -> their rows in the blocked layout [blocks, size, D]."""
     rows = x.reshape(-1, x.shape[-1])

@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from ..config import MoEArgs
 from ..dtypes import gather_dtype, on_cpu
-from .grouped import Blocks, block_matmul, block_qmm, blocks_for, from_blocks, to_blocks
+from .grouped import Blocks, block_matmul, block_qmm, blocks_for, from_blocks, swiglu, to_blocks
 from .mlp import GatedMLP
 
 # Below this many (token, expert) pairs sorting costs more than it saves.
@@ -280,7 +280,9 @@ class SwitchExperts(nn.Module):
         """Like calling the layer, each expert's rows run in blocks (``nn.grouped``)."""
         blocks = blocks_for(indices, num_experts)
         rows = to_blocks(x, blocks)
-        h = self.activation(self.gate_proj.grouped(rows, blocks), self.up_proj.grouped(rows, blocks))
+        plain = type(self).activation is SwitchExperts.activation and self.swiglu_limit is None
+        activation = swiglu if plain else self.activation
+        h = activation(self.gate_proj.grouped(rows, blocks), self.up_proj.grouped(rows, blocks))
         return from_blocks(self.down_proj.grouped(h, blocks), blocks, indices.shape)
 
     def all_experts(self, x: mx.array) -> mx.array:
