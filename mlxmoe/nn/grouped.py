@@ -5,15 +5,16 @@ product each) in the usual MoE layout. Here each expert's rows are padded to a w
 of blocks of ``size`` rows, so that one ``gather_mm`` over [blocks, size, in] makes one GEMM
 of ``size`` rows per block. Every shape depends on the number of rows and experts only, never
 on the routing: nothing is read back to the host, so the dispatch compiles, and a training
-step keeps gather's memory (reading the routing to the host inside ``value_and_grad`` kept
-arrays alive that one evaluation of the step frees: bench/README.md). The price is padding,
-at most ``size - 1`` rows per expert.
+step stays near gather's memory (reading the routing to the host inside ``value_and_grad``
+kept arrays alive that one evaluation of the step frees: bench/README.md). The price is
+padding, at most ``size - 1`` rows per expert, which the backward pass keeps too.
 
 The products are custom functions: the input gradient is the same block GEMM against the
 weight, weight gradients come from ``mx.segmented_mm`` over each expert's padded rows (the
 padding rows are zero), and nothing is computed for weights nobody asks a gradient of.
 Quantized experts are dequantized in the forward pass and again in the backward pass, rather
-than keep a float copy of every layer's experts alive in between.
+than keep a float copy of every layer's experts alive in between, each after its product's
+input exists (``QuantizedExpertLinear.dequantized_weight``'s ``after``).
 """
 
 from __future__ import annotations
