@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared helpers
-from step_memory import setting  # noqa: E402
+from step_memory import prepared_step, setting  # noqa: E402
 
 
 def config(a: argparse.Namespace) -> dict:
@@ -50,56 +50,25 @@ def config(a: argparse.Namespace) -> dict:
 def run_steps(s: dict, steps: int, compiled: bool, block: int | None) -> dict:
     """In this process: ``steps`` training steps of setting ``s``."""
     import mlx.core as mx
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx.utils import tree_flatten, tree_unflatten
-    from step_memory import recipe_for
 
-    from mlxmoe.adapt import apply_adapters
-    from mlxmoe.checkpoint import role_is_router
-    from mlxmoe.config import ConfigView
-    from mlxmoe.data import Batch
-    from mlxmoe.dtypes import resolve_dtype
-    from mlxmoe.info import lazy_model
     from mlxmoe.nn import grouped
-    from mlxmoe.nn.moe import set_dispatch
-    from mlxmoe.quantize import quantize_model
-    from mlxmoe.train.step import Stepper
 
     if block:
         grouped.MIN_BLOCK = grouped.MAX_BLOCK = block
-    recipe = recipe_for(s)
-    t = recipe.train
-    mx.random.seed(0)
-    model = lazy_model(ConfigView(s["config"]))
-    dtype = resolve_dtype(t.dtype)
-    params = tree_flatten(model.parameters())
-    cast = [(k, v.astype(mx.float32 if role_is_router(k) else dtype)) for k, v in params]
-    model.update(tree_unflatten(cast))
-    if t.quantize:
-        quantize_model(model, t.quantize, t.group_size)
-    apply_adapters(model, recipe.lora)
-    dispatch = set_dispatch(model, t.moe_dispatch)
-    model.train()
-    optimizer = optim.AdamW(learning_rate=1e-4)
-    optimizer.init(model.trainable_parameters())
-    mx.eval(model.parameters(), optimizer.state)
-    stepper = Stepper(model, optimizer, recipe.loss, t.grad_clip, compiled)
-    shape = (t.batch_size, t.max_seq_len)
-    rng = np.random.default_rng(0)
-    tokens = [mx.array(rng.integers(0, model.args.vocab_size, shape, dtype=np.int32)) for _ in range(2)]
-    n = shape[0] * shape[1]
-    batch = Batch(tokens[0], tokens[1], mx.ones(shape), mx.ones(shape), n, n)
-    mx.eval(batch.inputs, batch.targets, batch.loss_mask, batch.token_mask)
+    model, stepper, batches = prepared_step(s, compiled)
     seconds, peak = [], 0
     for _ in range(steps):
         mx.reset_peak_memory()
         start = time.perf_counter()
-        stepper.step([batch])
-        mx.eval(model.parameters(), optimizer.state)
+        stepper.step(batches)
+        mx.eval(model.parameters())
         seconds.append(round(time.perf_counter() - start, 2))
         peak = peak or mx.get_peak_memory()
-    return {"dispatch": dispatch, "seconds": seconds, "mlx_peak_gb": round(peak / 1e9, 3)}
+    return {
+        "dispatch": model.layers[model.moe_layers[0]].moe.dispatch,
+        "seconds": seconds,
+        "mlx_peak_gb": round(peak / 1e9, 3),
+    }
 
 
 def main() -> None:

@@ -96,9 +96,11 @@ def _rss_now_and_peak() -> tuple[int, int]:
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 
-def measure(s: dict) -> dict:
-    """Peak memory of one real training step, in this process (a fresh one: see
-    ``measure_fresh``)."""
+def prepared_step(s: dict, compiled: bool | None = None):
+    """(model, Stepper, micro-batches) of one training step of setting ``s``, built as
+    ``mlxmoe train`` builds them: a model from the config (random weights, cast and quantized
+    as ``mlxmoe.load`` does), the recipe's adapters and dispatch, AdamW; ``compiled``
+    overrides the recipe's train.compile."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -114,14 +116,8 @@ def measure(s: dict) -> dict:
     from mlxmoe.quantize import quantize_model
     from mlxmoe.train.step import Stepper
 
-    if s.get("device") == "cpu":
-        mx.set_default_device(mx.cpu)
     recipe = recipe_for(s)
     t = recipe.train
-    rss = CLEAR_REFS.exists()
-    if rss:
-        CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
-        rss_before, _ = _rss_now_and_peak()
     mx.random.seed(0)
     model = lazy_model(ConfigView(s["config"]))
     dtype = resolve_dtype(t.dtype)
@@ -143,7 +139,7 @@ def measure(s: dict) -> dict:
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
-    stepper = Stepper(model, optimizer, recipe.loss, t.grad_clip, t.compile)
+    stepper = Stepper(model, optimizer, recipe.loss, t.grad_clip, t.compile if compiled is None else compiled)
     rng = np.random.default_rng(0)
     shape = (t.batch_size, t.max_seq_len)
     vocab = model.args.vocab_size  # Qwen3.5's sits in text_config
@@ -159,6 +155,21 @@ def measure(s: dict) -> dict:
         for _ in range(t.grad_accum)
     ]
     mx.eval([(b.inputs, b.targets, b.loss_mask, b.token_mask) for b in batches])
+    return model, stepper, batches
+
+
+def measure(s: dict) -> dict:
+    """Peak memory of one real training step, in this process (a fresh one: see
+    ``measure_fresh``)."""
+    import mlx.core as mx
+
+    if s.get("device") == "cpu":
+        mx.set_default_device(mx.cpu)
+    rss = CLEAR_REFS.exists()
+    if rss:
+        CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
+        rss_before, _ = _rss_now_and_peak()
+    _, stepper, batches = prepared_step(s)
     mx.reset_peak_memory()
     stepper.step(batches)  # the first step (compiled, optimizer state written) peaks as later ones
     out = {"mlx_peak": mx.get_peak_memory(), "rss_rise": None}

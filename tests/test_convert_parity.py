@@ -22,11 +22,10 @@ import gguf
 import numpy as np
 import pytest
 from test_export import FAMILIES, make_model
-from tiny_models import write_qa_data
+from tiny_models import strategy_recipe, write_qa_data
 
 from mlxmoe.gguf.export import export_gguf
 from mlxmoe.gguf.merge import export_hf
-from mlxmoe.recipe import load_recipe
 from mlxmoe.train import train
 
 LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
@@ -56,21 +55,7 @@ class Converted:
     def __init__(self, family: str, root: Path):
         self.family = family
         model = make_model(family, root / "model")
-        r = load_recipe(
-            None,
-            train=dict(
-                iters=1,
-                batch_size=4,
-                learning_rate=5e-3,
-                warmup=0,
-                quantize=0,
-                report_every=1,
-                val_every=0,
-                max_seq_len=48,
-            ),
-            lora=dict(strategy="all", router_mode="lora", rank=4),
-        )
-        r.model, r.data = str(model), str(write_qa_data(root / "data", n_train=8, n_valid=4))
+        r = strategy_recipe(model, write_qa_data(root / "data", n_train=8, n_valid=4), "all", iters=1)
         train(r, root / "adapter", show_progress=False)
         merged = export_hf(model, root / "merged", root / "adapter")
         assert not list(merged.glob("*.py")) and "auto_map" not in json.loads(
